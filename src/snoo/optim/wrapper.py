@@ -1,0 +1,303 @@
+"""What every wrapper of this package shares.
+
+A wrapper is a real :class:`torch.optim.Optimizer` that owns an *inner* optimizer and adds an algorithm around its
+steps (SNOO's outer loop, a Nesterov lookahead, ...). This module holds the machinery that does not depend on the
+algorithm:
+
+- ``param_groups`` *are* the inner optimizer's group dicts (the same objects), so an LR scheduler built on the wrapper
+  or on the inner optimizer moves the same ``lr``. The wrapper's own hyperparameters are added to each group under
+  names of their own (``outer_lr``, ...), so a schedule or a user can move them per group too.
+- ``train()`` / ``eval()``: in eval mode the parameters hold the wrapper's evaluation weights (SNOO's slow weights);
+  the training point is kept and put back exactly by ``train()``. ``step()`` refuses to run in eval mode.
+- One ``state_dict`` layout: the inner optimizer's state dict, with the wrapper's per-parameter tensors added to
+  ``state[i]`` under ``"<prefix>.<name>"`` keys (keyed by parameter position, like torch's optimizers) and its
+  scalars (step count, mode, ...) under a top-level ``"<prefix>"`` entry. Wrappers stack, each with its own prefix.
+- Per-parameter state is created lazily at the first ``step()`` that sees the parameter (so weights loaded into the
+  model after the optimizer was built are the ones the algorithm starts from), in float32 for bf16/fp16 parameters,
+  optionally on another device (``state_device``, e.g. host memory while the model is on a GPU).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype a wrapper keeps its state in: float32 for bf16/fp16 parameters, else the parameter's own."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+def bucket_by_device_and_dtype(
+    params: list[torch.Tensor], states: list[dict[str, torch.Tensor]], key: str
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+    """Split parallel lists of parameters and their states into runs that ``torch._foreach_*`` can take at once:
+    same parameter device and dtype, same device and dtype of ``state[key]``."""
+    buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+    for p, st in zip(params, states):
+        s = st[key]
+        bucket = buckets.setdefault((p.device, p.dtype, s.device, s.dtype), ([], []))
+        bucket[0].append(p)
+        bucket[1].append(st)
+    yield from buckets.values()
+
+
+def synchronize_for_host(tensors: list[torch.Tensor]) -> None:
+    """Wait for non-blocking copies from an accelerator to host memory to land before the host reads them."""
+    device = tensors[0].device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class Wrapper(Optimizer):
+    """Base class of the optimizers that wrap another optimizer. Subclasses set :attr:`state_prefix` and implement
+    :meth:`_init_param_state`, :meth:`_after_inner_step` and :meth:`_evaluation_weights`."""
+
+    #: Prefix of this wrapper's keys in ``state_dict()``; two wrappers with the same prefix cannot be stacked.
+    state_prefix: ClassVar[str]
+    #: Name under which ``eval()`` keeps the training point of each parameter while the evaluation weights are in.
+    train_point: ClassVar[str] = "fast"
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        defaults: dict[str, Any],
+        *,
+        state_device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(inner, Optimizer):
+            raise TypeError(
+                f"inner must be a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())), "
+                f"got {type(inner).__name__}"
+            )
+        nested = inner
+        while isinstance(nested, Wrapper):
+            if nested.state_prefix == self.state_prefix:
+                raise TypeError(
+                    f"{type(self).__name__} cannot wrap {type(nested).__name__}: both keep their hyperparameters "
+                    f"and state under '{self.state_prefix}', so a scheduler or a checkpoint could not tell the "
+                    f"two outer loops apart. Use one {type(self).__name__} around the inner optimizer."
+                )
+            nested = nested.inner
+        # checked before any group is touched, so that a refused wrapper leaves the inner optimizer as it was
+        self._check_group(defaults)
+        self.inner = inner
+        self.training = True
+        self.state_device = None if state_device is None else torch.device(state_device)
+        self._own_defaults = dict(defaults)
+        self._inner_steps = 0
+        # Optimizer.__init__ calls add_param_group for each of the inner's groups, which only adds our keys.
+        super().__init__(inner.param_groups, {**inner.defaults, **defaults})
+
+    # -- the inner optimizer's groups are ours -------------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        # Optimizer.__init__ assigns an empty list before adding the groups, which here already live in the inner.
+        if groups:
+            self.inner.param_groups = groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not any(param_group is g for g in self.inner.param_groups):
+            self.inner.add_param_group(param_group)
+            param_group = self.inner.param_groups[-1]
+        for name, default in self._own_defaults.items():
+            param_group.setdefault(name, default)
+        self._check_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError for a group whose wrapper hyperparameters are out of range."""
+
+    def _new_state(self, param: torch.Tensor, source: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh copy of ``source`` as state of ``param``: on ``state_device`` (the parameter's own if unset),
+        pinned when that is host memory behind an accelerator, so copies to and from it can be asynchronous."""
+        device = self.state_device or param.device
+        out = torch.empty(
+            param.shape,
+            dtype=param.dtype if dtype is None else dtype,
+            device=device,
+            pin_memory=device.type == "cpu" and param.device.type != "cpu",
+        )
+        return out.copy_(source.detach(), non_blocking=True)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    # -- stepping ---------------------------------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Take one step of the inner optimizer (with ``closure`` if given), then this wrapper's own update."""
+        if not self.training:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called in eval mode: the parameters hold the evaluation "
+                f"weights. Call .train() before training again."
+            )
+        missing = [p for p in self._params() if p.requires_grad and p not in self.state]
+        if missing:
+            with torch.no_grad():
+                for p in missing:
+                    self.state[p] = self._init_param_state(p)
+        loss = self.inner.step(closure) if closure is not None else self.inner.step()
+        self._inner_steps += 1
+        with torch.no_grad():
+            self._after_inner_step()
+        return loss
+
+    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state of a parameter seen for the first time, before the inner optimizer moves it."""
+        raise NotImplementedError
+
+    def _after_inner_step(self) -> None:
+        """This wrapper's own update, run under no_grad after each inner step (``self._inner_steps`` counts them)."""
+        raise NotImplementedError
+
+    # -- evaluation weights -----------------------------------------------------------------------------------------
+
+    def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weights ``eval()`` puts into ``param``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval(self) -> Wrapper:
+        """Put the evaluation weights into the parameters, keeping the training point to restore. Idempotent."""
+        if self.training:
+            params = list(self.state)
+            if params:
+                for p in params:
+                    self.state[p][self.train_point] = self._new_state(p, p)
+                evaluation = [self._evaluation_weights(p, self.state[p]) for p in params]
+                torch._foreach_copy_(params, evaluation, non_blocking=True)
+            self.training = False
+        return self
+
+    @torch.no_grad()
+    def train(self) -> Wrapper:
+        """Put back exactly the training point that ``eval()`` kept. Idempotent."""
+        if not self.training:
+            params = [p for p in self.state if self.train_point in self.state[p]]
+            if params:
+                kept = [self.state[p].pop(self.train_point) for p in params]
+                torch._foreach_copy_(params, kept, non_blocking=True)
+            self.training = True
+        return self
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+
+    def _extra_state(self, index: dict[torch.Tensor, int]) -> dict[str, Any]:
+        """Scalars saved under ``state_dict()[state_prefix]``; subclasses extend it."""
+        return {"inner_steps": self._inner_steps, "training": self.training}
+
+    def _load_extra_state(self, extra: dict[str, Any], params: list[torch.Tensor]) -> Callable[[], None]:
+        """Validate ``extra`` (from :meth:`_extra_state`) and return a function that applies it."""
+        for name, kind in (("inner_steps", int), ("training", bool)):
+            if not isinstance(extra.get(name), kind):
+                raise ValueError(f"state_dict['{self.state_prefix}']['{name}'] must be a {kind.__name__}")
+
+        def apply() -> None:
+            self._inner_steps = extra["inner_steps"]
+            self.training = extra["training"]
+
+        return apply
+
+    def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
+        """The per-parameter state tensors this wrapper may hold for ``param``, with their dtypes."""
+        return {self.train_point: param.dtype}
+
+    def state_dict(self) -> dict[str, Any]:
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        saved = self.inner.state_dict()
+        index = {p: i for i, p in enumerate(self._params())}
+        state = dict(saved["state"])
+        for p, own in self.state.items():
+            i = index[p]
+            entry = dict(state.get(i, {}))  # a copy: the inner's dict is its live state
+            entry.update({f"{self.state_prefix}.{name}": value for name, value in own.items()})
+            state[i] = entry
+        saved = {**saved, "state": state, self.state_prefix: self._extra_state(index)}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, saved)
+            if result is not None:
+                saved = result
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}.load_state_dict expects a dict from {name}.state_dict()")
+        if self.state_prefix not in state_dict:
+            raise ValueError(
+                f"this state dict has no '{self.state_prefix}' entry, so it was not saved by {name} (a state dict "
+                f"of the inner optimizer alone belongs in {name}.inner.load_state_dict)"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {g} has {len(saved['params'])} parameters in the state dict and "
+                    f"{len(group['params'])} in this optimizer"
+                )
+        params = self._params()
+        prefix = self.state_prefix + "."
+        inner_state: dict[Any, dict[str, Any]] = {}
+        own: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for key, entry in state_dict["state"].items():
+            i = int(key)
+            if not 0 <= i < len(params):
+                raise ValueError(f"the state dict has state for parameter {i}, this optimizer has {len(params)}")
+            rest = {k: v for k, v in entry.items() if not k.startswith(prefix)}
+            if rest:
+                inner_state[key] = rest
+            mine = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
+            if mine:
+                own[params[i]] = self._load_param_state(i, params[i], mine)
+        apply_extra = self._load_extra_state(state_dict[self.state_prefix], params)
+        inner_dict = {k: v for k, v in state_dict.items() if k != self.state_prefix}
+        self.inner.load_state_dict({**inner_dict, "state": inner_state})
+        self.state = defaultdict(dict, own)
+        apply_extra()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_param_state(self, i: int, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dtypes = self._state_dtypes(param)
+        loaded = {}
+        for name, value in saved.items():
+            where = f"state of parameter {i}: '{self.state_prefix}.{name}'"
+            if name not in dtypes:
+                raise ValueError(f"{where} is not state that {type(self).__name__} keeps ({sorted(dtypes)})")
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise ValueError(f"{where} must be a floating-point tensor, got {type(value).__name__}")
+            if value.shape != param.shape:
+                raise ValueError(f"{where} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            loaded[name] = self._new_state(param, value, dtypes[name])
+        return loaded
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; a wrapper also needs its inner.
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        own = ", ".join(f"{k}={v}" for k, v in self._own_defaults.items())
+        return f"{type(self).__name__}({own})\n  around " + repr(self.inner).replace("\n", "\n  ")

@@ -1,0 +1,159 @@
+"""Checkpoints of SNOO: bit-exact resume in a fresh process at any step, and clear errors for a state that does not
+fit. Run as a script, this file is the fresh process: it loads a checkpoint and finishes the run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import snoo
+
+STEPS, K = 23, 5
+
+
+class Net(torch.nn.Module):
+    """A small model with a parameter that gets a gradient only every third step (like a rarely picked expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        self.rare = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        out = self.body(x)
+        return out + self.rare if t % 3 == 0 else out
+
+
+def build() -> tuple[Net, snoo.SNOO, torch.optim.lr_scheduler.LRScheduler]:
+    model = Net()
+    opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K, lr=0.6, momentum=0.7, track_norms=True)
+    return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
+
+
+def run(model: Net, opt: snoo.SNOO, sched, start: int, stop: int) -> None:
+    for t in range(start + 1, stop + 1):
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        (model(x, t) - y).square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+def save(path: Path, model: Net, opt: snoo.SNOO, sched, step: int) -> None:
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, path)
+
+
+def resume_and_finish(checkpoint: Path, out: Path) -> None:
+    model, opt, sched = build()
+    saved = torch.load(checkpoint, weights_only=True)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    opt.train()  # a checkpoint saved in eval mode holds the slow weights in the model; train() brings back the fast
+    run(model, opt, sched, saved["step"], STEPS)
+    torch.save([p.detach() for p in model.parameters()], out)
+
+
+@pytest.mark.parametrize("cut, in_eval", [(7, False), (10, False), (13, True), (1, False)])
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path, cut, in_eval):
+    model, opt, sched = build()
+    run(model, opt, sched, 0, STEPS)
+    expected = [p.detach() for p in model.parameters()]
+
+    model, opt, sched = build()
+    run(model, opt, sched, 0, cut)
+    if in_eval:
+        opt.eval()
+    save(tmp_path / "ckpt.pt", model, opt, sched, cut)
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path / "ckpt.pt"), str(tmp_path / "final.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    got = torch.load(tmp_path / "final.pt", weights_only=True)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_layout_is_keyed_by_position_and_does_not_alias_the_inner_state():
+    model, opt, sched = build()
+    run(model, opt, sched, 0, 10)
+    assert opt.state_dict()["snoo"]["touched"] == []  # right after an outer step
+    run(model, opt, sched, 10, 11)  # step 11 gives `rare` (position 0: own parameters come first) no gradient
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "snoo"}
+    assert sd["snoo"] == {"inner_steps": 11, "training": True, "k": K, "touched": [1, 2, 3, 4]}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "snoo.slow", "snoo.momentum"}
+    assert sd["param_groups"][0]["outer_lr"] == 0.6 and sd["param_groups"][0]["params"] == [0, 1, 2, 3, 4]
+    assert all(not any(k.startswith("snoo.") for k in s) for s in opt.inner.state.values())
+
+
+def test_load_restores_the_mode_and_keeps_state_in_float32_for_bf16(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    opt = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    for _ in range(3):
+        model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()
+    torch.save(opt.state_dict(), tmp_path / "o.pt")
+    fresh = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    fresh.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
+    assert not fresh.training
+    with pytest.raises(RuntimeError, match="eval mode"):
+        fresh.step()
+    assert all(s["slow"].dtype == torch.float32 and s["fast"].dtype == torch.bfloat16 for s in fresh.state.values())
+
+
+def test_a_state_that_does_not_fit_is_refused_with_what_does_not_match():
+    model, opt, sched = build()
+    run(model, opt, sched, 0, 6)
+    good = opt.state_dict()
+
+    plain = torch.optim.AdamW(Net().parameters())
+    with pytest.raises(ValueError, match="no 'snoo' entry"):
+        opt.load_state_dict(plain.state_dict())
+
+    other = torch.nn.Linear(6, 5)
+    other_opt = snoo.SNOO(torch.optim.AdamW(other.parameters()), k=K)
+    with pytest.raises(ValueError, match="2 parameters in the state dict and 5"):
+        build()[1].load_state_dict(other_opt.state_dict() | {"state": {}})
+
+    bad_shape = {**good, "state": {**good["state"], 0: {**good["state"][0], "snoo.slow": torch.zeros(2, 2)}}}
+    target = build()[1]
+    with pytest.raises(ValueError, match=r"parameter 0: 'snoo.slow' has shape \(2, 2\)"):
+        target.load_state_dict(bad_shape)
+    assert len(target.inner.state) == 0 and len(target.state) == 0, "a refused state must change nothing"
+
+    unknown = {**good, "state": {**good["state"], 1: {**good["state"][1], "snoo.velocity": torch.zeros(16)}}}
+    with pytest.raises(ValueError, match=r"'snoo\.velocity' is not state"):
+        build()[1].load_state_dict(unknown)
+
+    with pytest.raises(ValueError, match=r"k=5.*k=7"):
+        snoo.SNOO(torch.optim.AdamW(Net().parameters()), k=7).load_state_dict(good)
+
+    with pytest.raises(ValueError, match="expects a dict"):
+        opt.load_state_dict([1, 2])
+
+
+def test_deepcopy_keeps_the_inner_optimizer():
+    import copy
+
+    model, opt, sched = build()
+    run(model, opt, sched, 0, 3)
+    clone = copy.deepcopy(opt)
+    assert isinstance(clone.inner, torch.optim.AdamW) and clone.param_groups is clone.inner.param_groups
+    assert clone.state_dict()["snoo"] == opt.state_dict()["snoo"]
+
+
+if __name__ == "__main__":
+    resume_and_finish(Path(sys.argv[1]), Path(sys.argv[2]))
