@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from snoo.optim.wrapper import Wrapper, bucket_by_device_and_dtype, state_dtype, synchronize_for_host
+from snoo.optim.schedules import Coefficient, value_at
+from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
 
 class SNOO(Wrapper):
@@ -39,8 +40,12 @@ class SNOO(Wrapper):
         inner: the optimizer taking the K inner steps (AdamW, SGD, ``torch.optim.Muon``, :class:`snoo.SCALE`, ...).
             Its ``param_groups`` are this optimizer's: an LR scheduler on either moves the same inner ``lr``.
         k: inner steps per outer step, :math:`K`.
-        lr: outer learning rate :math:`\eta`, stored in each group as ``"outer_lr"``.
-        momentum: outer momentum :math:`\mu \in [0, 1)`, stored in each group as ``"outer_momentum"``.
+        lr: outer learning rate :math:`\eta`, stored in each group as ``"outer_lr"``. A number, or a schedule
+            ``n -> eta`` (:mod:`snoo.optim.schedules`) evaluated at the *inner* step ``n = jK`` at which outer step
+            ``j`` fires: the same clock as the inner lr and every other coefficient of this package, so a schedule
+            written for a run of T steps does not change when K does.
+        momentum: outer momentum :math:`\mu \in [0, 1)`, stored in each group as ``"outer_momentum"``; a number or
+            a schedule, like ``lr``. A step whose momentum is 0 leaves the buffer as it is, like ``torch.optim.SGD``.
         nesterov: Nesterov (the paper) or heavy-ball momentum; stored in each group as ``"outer_nesterov"``.
         state_device: where the slow weights and momentum live. ``None``: beside each parameter. ``"cpu"`` with a
             model on a GPU: in pinned host memory, so the GPU holds no extra state; each outer step then copies the
@@ -72,8 +77,8 @@ class SNOO(Wrapper):
         self,
         inner: Optimizer,
         k: int = 20,
-        lr: float = 0.7,
-        momentum: float = 0.5,
+        lr: Coefficient = 0.7,
+        momentum: Coefficient = 0.5,
         nesterov: bool = True,
         *,
         state_device: torch.device | str | None = None,
@@ -97,11 +102,10 @@ class SNOO(Wrapper):
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        lr, momentum = group["outer_lr"], group["outer_momentum"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr (outer learning rate) must be a finite number > 0, got {lr!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum (outer momentum) must be in [0, 1), got {momentum!r}")
+        if not callable(group["outer_lr"]):
+            _check_outer_lr(group["outer_lr"])
+        if not callable(group["outer_momentum"]):
+            _check_outer_momentum(group["outer_momentum"])
 
     def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"slow": self._new_state(param, param, state_dtype(param))}
@@ -119,14 +123,21 @@ class SNOO(Wrapper):
         squares: dict[str, list[torch.Tensor]] = {"pseudo_grad": [], "momentum": [], "slow": []}
         for group in self.param_groups:
             params = [p for p in group["params"] if p in self._touched]
+            if not params:
+                continue
+            lr, momentum = group["outer_lr"], group["outer_momentum"]
+            if callable(lr) or callable(momentum):
+                where = f" (the value of its schedule at step {self._inner_steps})"
+                lr = _check_outer_lr(value_at(lr, self._inner_steps), where)
+                momentum = _check_outer_momentum(value_at(momentum, self._inner_steps), where)
             states = [self.state[p] for p in params]
             for bucket, bucket_states in bucket_by_device_and_dtype(params, states, "slow"):
                 norms = outer_step(
                     bucket,
                     [st["slow"] for st in bucket_states],
-                    self._momentum_buffers(bucket_states, group["outer_momentum"]),
-                    lr=group["outer_lr"],
-                    momentum=group["outer_momentum"],
+                    self._momentum_buffers(bucket_states, momentum),
+                    lr=lr,
+                    momentum=momentum,
                     nesterov=group["outer_nesterov"],
                     track_norms=self.track_norms,
                 )
@@ -170,6 +181,18 @@ class SNOO(Wrapper):
         return apply
 
 
+def _check_outer_lr(lr: Any, where: str = "") -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr (outer learning rate) must be a finite number > 0, got {lr!r}{where}")
+    return lr
+
+
+def _check_outer_momentum(momentum: Any, where: str = "") -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum (outer momentum) must be in [0, 1), got {momentum!r}{where}")
+    return momentum
+
+
 @torch.no_grad()
 def outer_step(
     params: list[torch.Tensor],
@@ -188,11 +211,9 @@ def outer_step(
     and may live on another device (host memory). Returns the squared l2 norms of :math:`s`, :math:`b` and the new
     :math:`w` when ``track_norms`` is set, else an empty dict.
     """
-    fast: list[torch.Tensor] = params
-    if slow[0].device != params[0].device:
-        fast = [p.to(slow[0].device, non_blocking=True) for p in params]  # pinned staging when leaving a GPU
-        synchronize_for_host(params)
-    same_kind = fast[0].dtype == slow[0].dtype
+    # the fast weights as state tensors: the parameters themselves, or float32 / host copies; a scratch either way,
+    # since p <- w overwrites the parameters at the end
+    fast = as_state_tensors(params, slow[0])
     squares: dict[str, torch.Tensor] = {}
 
     def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -202,15 +223,11 @@ def outer_step(
         if track_norms:
             squares["pseudo_grad"] = squared_norm(torch._foreach_sub(slow, fast))
         # w <- w + eta (p - w); lerp returns p exactly when eta == 1
-        torch._foreach_lerp_(slow, fast if same_kind else [f.to(slow[0].dtype) for f in fast], lr)
+        torch._foreach_lerp_(slow, fast, lr)
     else:
         assert momentum_buffers is not None
-        # neg_s = p - w = -s
-        if same_kind:  # the fast weights are overwritten by p <- w below (or are a host copy): a free scratch
-            neg_s = fast
-            torch._foreach_sub_(neg_s, slow)
-        else:
-            neg_s = torch._foreach_sub(fast, slow)
+        neg_s = fast  # neg_s = p - w = -s
+        torch._foreach_sub_(neg_s, slow)
         if track_norms:
             squares["pseudo_grad"] = squared_norm(neg_s)
         # b <- mu b + s

@@ -12,6 +12,13 @@ algorithm:
 - One ``state_dict`` layout: the inner optimizer's state dict, with the wrapper's per-parameter tensors added to
   ``state[i]`` under ``"<prefix>.<name>"`` keys (keyed by parameter position, like torch's optimizers) and its
   scalars (step count, mode, ...) under a top-level ``"<prefix>"`` entry. Wrappers stack, each with its own prefix.
+- A hyperparameter of the wrapper may be a number or a schedule ``n -> value`` (:mod:`snoo.optim.schedules`).
+  Schedules are not saved: ``state_dict()`` holds a placeholder that names them, and ``load_state_dict`` keeps the
+  schedule the loading optimizer was built with (and refuses a state saved with a schedule by one built without).
+- Wrappers stack, with one rule: a wrapper whose parameters hold a lookahead point between steps
+  (:attr:`Wrapper.holds_lookahead`: EMA-Nesterov, Nesterov) must be the outermost, because it takes every move of the
+  parameters it did not make itself for an update of its inner optimizer. ``eval()`` and ``train()`` go through the
+  whole stack: the parameters get the evaluation weights of the innermost wrapper.
 - Per-parameter state is created lazily at the first ``step()`` that sees the parameter (so weights loaded into the
   model after the optimizer was built are the ones the algorithm starts from), in float32 for bf16/fp16 parameters,
   optionally on another device (``state_device``, e.g. host memory while the model is on a GPU).
@@ -27,6 +34,9 @@ import torch
 from torch.optim import Optimizer
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: What ``state_dict()`` holds in place of a hyperparameter that is a schedule (a function is not saved).
+SCHEDULE_PLACEHOLDER = "<schedule, not saved>"
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -55,6 +65,17 @@ def synchronize_for_host(tensors: list[torch.Tensor]) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def as_state_tensors(params: list[torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
+    """The parameters as tensors of the device and dtype of the state tensor ``like``: the parameters themselves when
+    they already are, else copies (float32 for low-precision parameters, host copies for state in host memory)."""
+    if params[0].device == like.device and params[0].dtype == like.dtype:
+        return params
+    copies = [p.to(device=like.device, dtype=like.dtype, non_blocking=True) for p in params]
+    if like.device != params[0].device:
+        synchronize_for_host(params)
+    return copies
+
+
 class Wrapper(Optimizer):
     """Base class of the optimizers that wrap another optimizer. Subclasses set :attr:`state_prefix` and implement
     :meth:`_init_param_state`, :meth:`_after_inner_step` and :meth:`_evaluation_weights`."""
@@ -63,6 +84,10 @@ class Wrapper(Optimizer):
     state_prefix: ClassVar[str]
     #: Name under which ``eval()`` keeps the training point of each parameter while the evaluation weights are in.
     train_point: ClassVar[str] = "fast"
+    #: True when, between steps, the parameters hold a lookahead point that this wrapper derives from its own state
+    #: and expects to find where it left it. Such a wrapper cannot be wrapped: the outer wrapper would move the
+    #: parameters (SNOO's ``p = w``) and this one would count the move as an update of its inner optimizer.
+    holds_lookahead: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -83,6 +108,16 @@ class Wrapper(Optimizer):
                     f"{type(self).__name__} cannot wrap {type(nested).__name__}: both keep their hyperparameters "
                     f"and state under '{self.state_prefix}', so a scheduler or a checkpoint could not tell the "
                     f"two outer loops apart. Use one {type(self).__name__} around the inner optimizer."
+                )
+            if nested.holds_lookahead:
+                raise TypeError(
+                    f"{type(self).__name__} cannot wrap {type(nested).__name__}: between steps the parameters hold "
+                    f"{type(nested).__name__}'s lookahead point, not its iterate, so {type(self).__name__} would take "
+                    f"the lookahead point for the model, and {type(nested).__name__} would count every move "
+                    f"{type(self).__name__} makes to the parameters as an update of its own inner optimizer. Put "
+                    f"{type(nested).__name__} outermost instead, e.g. {type(nested).__name__}"
+                    f"({type(self).__name__}(AdamW(...))): it then treats {type(self).__name__}(AdamW) as its base "
+                    f"optimizer, exactly as its equations say."
                 )
             nested = nested.inner
         # checked before any group is touched, so that a refused wrapper leaves the inner optimizer as it was
@@ -150,6 +185,8 @@ class Wrapper(Optimizer):
             with torch.no_grad():
                 for p in missing:
                     self.state[p] = self._init_param_state(p)
+        with torch.no_grad():
+            self._before_inner_step()
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
         self._inner_steps += 1
         with torch.no_grad():
@@ -159,6 +196,10 @@ class Wrapper(Optimizer):
     def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state of a parameter seen for the first time, before the inner optimizer moves it."""
         raise NotImplementedError
+
+    def _before_inner_step(self) -> None:
+        """Run under no_grad before each inner step, once the state exists (checks that need the groups as a
+        scheduler left them, ...). Does nothing unless a subclass needs it."""
 
     def _after_inner_step(self) -> None:
         """This wrapper's own update, run under no_grad after each inner step (``self._inner_steps`` counts them)."""
@@ -172,7 +213,9 @@ class Wrapper(Optimizer):
 
     @torch.no_grad()
     def eval(self) -> Wrapper:
-        """Put the evaluation weights into the parameters, keeping the training point to restore. Idempotent."""
+        """Put the evaluation weights into the parameters, keeping the training point to restore. Idempotent.
+
+        An inner wrapper then does the same from there: the parameters end with the innermost evaluation weights."""
         if self.training:
             params = list(self.state)
             if params:
@@ -181,11 +224,15 @@ class Wrapper(Optimizer):
                 evaluation = [self._evaluation_weights(p, self.state[p]) for p in params]
                 torch._foreach_copy_(params, evaluation, non_blocking=True)
             self.training = False
+        if isinstance(self.inner, Wrapper):
+            self.inner.eval()
         return self
 
     @torch.no_grad()
     def train(self) -> Wrapper:
-        """Put back exactly the training point that ``eval()`` kept. Idempotent."""
+        """Put back exactly the training point that ``eval()`` kept (an inner wrapper's first). Idempotent."""
+        if isinstance(self.inner, Wrapper):
+            self.inner.train()
         if not self.training:
             params = [p for p in self.state if self.train_point in self.state[p]]
             if params:
@@ -227,12 +274,36 @@ class Wrapper(Optimizer):
             entry = dict(state.get(i, {}))  # a copy: the inner's dict is its live state
             entry.update({f"{self.state_prefix}.{name}": value for name, value in own.items()})
             state[i] = entry
-        saved = {**saved, "state": state, self.state_prefix: self._extra_state(index)}
+        groups = [{k: self._saved_hyperparameter(k, v) for k, v in group.items()} for group in saved["param_groups"]]
+        saved = {**saved, "state": state, "param_groups": groups, self.state_prefix: self._extra_state(index)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, saved)
             if result is not None:
                 saved = result
         return saved
+
+    def _saved_hyperparameter(self, name: str, value: Any) -> Any:
+        if name in self._own_defaults and callable(value):
+            return f"{SCHEDULE_PLACEHOLDER} {value!r}"
+        return value
+
+    def _schedules_to_keep(self, saved_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The schedules of this optimizer's groups that stand where ``saved_groups`` hold a placeholder."""
+        keep = []
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            kept = {}
+            for name in self._own_defaults:
+                value = saved.get(name)
+                if isinstance(value, str) and value.startswith(SCHEDULE_PLACEHOLDER):
+                    if not callable(group.get(name)):
+                        raise ValueError(
+                            f"parameter group {g} was saved with a schedule for '{name}' ({value}), which a state "
+                            f"dict cannot hold; this optimizer has {name}={group.get(name)!r}. Build it with the "
+                            f"same schedule to continue the run"
+                        )
+                    kept[name] = group[name]
+            keep.append(kept)
+        return keep
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -258,6 +329,7 @@ class Wrapper(Optimizer):
                     f"parameter group {g} has {len(saved['params'])} parameters in the state dict and "
                     f"{len(group['params'])} in this optimizer"
                 )
+        schedules = self._schedules_to_keep(saved_groups)
         params = self._params()
         prefix = self.state_prefix + "."
         inner_state: dict[Any, dict[str, Any]] = {}
@@ -275,6 +347,8 @@ class Wrapper(Optimizer):
         apply_extra = self._load_extra_state(state_dict[self.state_prefix], params)
         inner_dict = {k: v for k, v in state_dict.items() if k != self.state_prefix}
         self.inner.load_state_dict({**inner_dict, "state": inner_state})
+        for group, kept in zip(self.param_groups, schedules):
+            group.update(kept)
         self.state = defaultdict(dict, own)
         apply_extra()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -1,0 +1,7 @@
+"""``python -m snoo``: the lab's command line (see docs/lab.md)."""
+
+import sys
+
+from snoo.lab.cli import main
+
+sys.exit(main())

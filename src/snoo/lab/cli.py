@@ -1,0 +1,195 @@
+"""``snoo`` command line: train, compare, sweep, report. See docs/lab.md.
+
+Bad input (an unknown optimizer, key or preset, a bad value, missing or empty data) exits with status 2 and one
+line on stderr; a diverged run exits with status 1. ``SNOO_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from snoo import spec
+from snoo.lab import experiments
+from snoo.lab.train import Diverged, TrainConfig, make_config, train
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ImportError("--config needs Python 3.11+ or the `tomli` package: pip install tomli") from None
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, dict[str, Any]]:
+    """Defaults < preset < --config file < command-line flags. Returns the config and the file's other keys."""
+    file = _load_toml(args.config) if args.config else {}
+    extra = {k: file.pop(k) for k in ("optimizers", "grid") if k in file}
+    if "optimizer" in file:
+        file["optimizer"] = spec.from_config(file["optimizer"])
+    preset = args.preset or file.pop("preset", "small")
+    file.pop("preset", None)
+    flags: dict[str, Any] = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UsageError(f"--set {item!r}: expected key=value")
+        flags[key] = _value(value)
+    for key in ("data", "steps", "seed", "tokenizer", "unique_tokens", "schedule", "device"):
+        if getattr(args, key, None) is not None:
+            flags[key] = getattr(args, key)
+    if getattr(args, "optimizer", None):
+        flags["optimizer"] = args.optimizer
+    if args.tensorboard:
+        flags["tensorboard"] = True
+    if args.no_progress:
+        flags["progress"] = False
+    flags["out"] = args.out or file.pop("out", None) or out_default
+    return make_config(preset, **{**file, **flags}), extra
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="text file, directory or glob of text files, or .bin files (default: the stdlib)")
+    p.add_argument("--preset", help="tiny, small (default) or base")
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--seed", type=int, help="seed of the initial weights and the batch order (default 0)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default) or bpe (needs `tokenizers`)")
+    p.add_argument("--unique-tokens", type=int, help="train on only the first N tokens, for several epochs")
+    p.add_argument("--schedule", choices=("cosine", "wsd", "constant"), help="inner lr schedule (default cosine)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    p.add_argument("--config", help="TOML file with any of these settings (flags win)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. n_layer=6")
+    p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tb (needs `tensorboard`)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
+    p.add_argument("--seeds", type=int, default=1, help="seeds per optimizer (default 1)")
+    p.add_argument("--budgets", default=budgets, help=f"baseline budgets, multiples of --steps (default {budgets})")
+    p.add_argument("--tune-baseline", action="store_true", help="sweep the baseline lr first; use the best")
+    p.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
+
+
+def parser() -> argparse.ArgumentParser:
+    names = ", ".join(f"{n} ({e.kind})" for n, e in spec.NAMES.items())
+    p = _Parser(
+        prog="snoo",
+        description="Train small language models and measure what SNOO saves.",
+        epilog=f"SPEC: name[(key=value,...)][+name...], outermost first, e.g. adamw, snoo-adamw, "
+        f"'snoo(k=20,lr=0.7,momentum=0.5)+adamw(lr=2e-3)'. Names: {names}. See docs/lab.md.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train one model with one optimizer")
+    t.add_argument("--optimizer", help="a SPEC, e.g. adamw or 'snoo(k=20)+adamw' (default adamw)")
+    t.add_argument("--resume", action="store_true", help="continue from DIR/ckpt.pt")
+    _common(t)
+    c = sub.add_parser("compare", help="the baseline (first SPEC) at several budgets against the others")
+    c.add_argument("--optimizers", help="SPEC,SPEC,... the first is the baseline (default adamw,snoo-adamw)")
+    _common(c)
+    _experiment_flags(c, ",".join(f"{b:g}" for b in experiments.BUDGETS))
+    s = sub.add_parser("sweep", help="one SPEC over a grid of its keys, against its base optimizer")
+    s.add_argument("--optimizer", help="the SPEC to sweep (default snoo-adamw)")
+    s.add_argument("--grid", help="e.g. 'k=10,20,50 lr=0.3,0.5,0.7'; name.key picks a stage, e.g. adamw.lr=1e-3")
+    _common(s)
+    _experiment_flags(s, "1")
+    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare or sweep")
+    r.add_argument("dir")
+    return p
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        return [float(b) for b in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--budgets {text!r}: expected numbers like 1,1.5,2") from None
+
+
+def _finish(summary: dict, out: Path) -> None:
+    print((out / "summary.md").read_text(), end="")
+    plots = sorted(p.name for p in out.glob("*.png"))
+    print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {', '.join(plots)}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "report":
+        out = Path(args.dir)
+        _finish(experiments.summarize(out), out)
+        return 0
+    cfg, extra = _config(args, f"runs/{args.command}")
+    if args.command == "train":
+        result = train(cfg, resume=args.resume)
+        if result["status"] != "ok":
+            print(f"snoo: {result['message']}", file=sys.stderr)
+            return 1
+        print(
+            f"{result['spec']}: final val loss {result['final_val_loss']:.4f}, weight norm "
+            f"{result['weight_norm']:.2f}, {result['wall_time']:.1f}s; wrote {cfg.out}"
+        )
+        return 0
+    common = dict(
+        seeds=args.seeds, budgets=_budgets(args.budgets), tune_baseline=args.tune_baseline, resume=args.resume
+    )
+    if args.command == "compare":
+        listed = args.optimizers or extra.get("optimizers") or "adamw,snoo-adamw"
+        optimizers = spec.split_list(listed) if isinstance(listed, str) else [spec.from_config(o) for o in listed]
+        if len(optimizers) < 2:
+            raise UsageError("--optimizers needs at least two SPECs: the baseline first, then the others")
+        summary = experiments.run_experiment("compare", cfg, optimizers, **common)
+    else:
+        sweep_spec = args.optimizer or (cfg.optimizer if cfg.optimizer != TrainConfig.optimizer else "snoo-adamw")
+        grid_text = args.grid or extra.get("grid")
+        if not grid_text:
+            raise UsageError("sweep needs --grid, e.g. --grid 'k=10,20,50 lr=0.3,0.5,0.7'")
+        points = spec.grid(sweep_spec, grid_text)
+        grid = {o: settings for settings, o in points}
+        cfg = dataclasses.replace(cfg, optimizer=sweep_spec)
+        summary = experiments.run_experiment("sweep", cfg, [spec.base(sweep_spec), *grid], grid=grid, **common)
+    _finish(summary, Path(cfg.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except Diverged as e:  # an experiment with nothing left to compare against
+        print(f"snoo: {e}", file=sys.stderr)
+        return 1
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("SNOO_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"snoo: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

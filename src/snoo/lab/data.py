@@ -1,0 +1,157 @@
+"""Text corpora as token tensors, and deterministic batches drawn from them.
+
+The default corpus is the source of the running interpreter's standard library (``Lib/*.py``): a few MB of real
+text that every Python installation ships, so the lab needs no download. ``--data`` takes a text file, a
+directory or glob of text files, or nanoGPT's pre-tokenised ``.bin`` files (uint16). Tokens are bytes by default;
+``tokenizer="bpe"`` trains a byte-level BPE locally with the ``tokenizers`` library.
+
+Batches are a pure function of (seed, step): no RNG state to save, so a resumed run reads the same data.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BLOCK_BYTES = 1 << 16  # unit of the train/val split: every `val_every`-th block of the corpus is held out
+
+
+@dataclass
+class Corpus:
+    train: torch.Tensor  # token ids, 1-D: int64 from text, uint16 (memory-mapped) from .bin files
+    val: torch.Tensor
+    vocab_size: int
+    info: dict  # what produced these tokens: source, files, tokenizer, sha256, python version
+
+
+def default_corpus_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(stdlib.glob("*.py"))
+
+
+def _text_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+    if not files:
+        raise FileNotFoundError(f"--data {path!r}: no such file, directory or glob match")
+    return files
+
+
+def _read_bin(path: Path) -> torch.Tensor:
+    """uint16 token ids, memory-mapped: a 17 GB openwebtext train.bin is read only where batches fall."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():  # torch warns that the read-only map is not writable; it is never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.memmap(path, dtype=np.uint16, mode="r"))
+
+
+def _split(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out every n-th block of the corpus, so validation text comes from all over it, not only its end."""
+    every = max(2, round(1 / val_fraction))
+    blocks = list(torch.split(tokens, BLOCK_BYTES))
+    if len(blocks) < every:  # a small corpus: hold out its tail
+        cut = int(len(tokens) * (1 - val_fraction))
+        return tokens[:cut], tokens[cut:]
+    val = [b for i, b in enumerate(blocks) if i % every == every - 1]
+    train = [b for i, b in enumerate(blocks) if i % every != every - 1]
+    return torch.cat(train), torch.cat(val)
+
+
+def _bpe_encode(texts: list[str], vocab_size: int) -> tuple[torch.Tensor, int]:
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise ImportError(
+            "tokenizer 'bpe' needs the `tokenizers` package: pip install tokenizers (or use --tokenizer byte)"
+        ) from None
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    ids = [i for enc in tok.encode_batch(texts) for i in enc.ids]
+    return torch.tensor(ids, dtype=torch.int64), tok.get_vocab_size()
+
+
+def load_corpus(
+    data: str | None = None, tokenizer: str = "byte", bpe_vocab: int = 4096, val_fraction: float = 0.1
+) -> Corpus:
+    """Tokens of ``data`` (None: the standard library's source), split deterministically into train and val."""
+    if tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+    files = default_corpus_files() if data is None else _text_files(data)
+    info: dict = {
+        "source": "python-stdlib" if data is None else str(data),
+        "files": len(files),
+        "python": sys.version.split()[0],
+    }
+    bins = [f for f in files if f.suffix == ".bin"]
+    if bins:  # pre-tokenised; other files beside them (nanoGPT's meta.pkl, input.txt) are not read
+        by_name = {f.stem: f for f in bins}
+        if "train" in by_name and "val" in by_name:  # nanoGPT's prepare.py layout
+            train, val = _read_bin(by_name["train"]), _read_bin(by_name["val"])
+        else:
+            train, val = _split(torch.cat([_read_bin(f) for f in bins]), val_fraction)
+        largest = max(int(t.numpy().max()) for t in (train, val) if len(t))
+        vocab_size = 64 * -(-(largest + 1) // 64)  # round up to a multiple of 64
+        info["tokenizer"] = "pre-tokenised uint16"
+        info["files"] = len(bins)
+        digest = hashlib.sha256(memoryview(train.numpy()))
+        digest.update(memoryview(val.numpy()))
+    else:
+        raw = [f.read_bytes() for f in files]
+        digest = hashlib.sha256(b"".join(raw))
+        if tokenizer == "byte":
+            buf = bytearray(b"".join(raw))
+            tokens = torch.frombuffer(buf, dtype=torch.uint8).to(torch.int64) if buf else torch.empty(0)
+            vocab_size = 256
+        else:
+            tokens, vocab_size = _bpe_encode([r.decode("utf-8", errors="replace") for r in raw], bpe_vocab)
+        info["tokenizer"] = tokenizer if tokenizer == "byte" else f"bpe-{vocab_size}"
+        train, val = _split(tokens, val_fraction)
+    info["sha256"] = digest.hexdigest()[:16]
+    info["train_tokens"], info["val_tokens"] = len(train), len(val)
+    return Corpus(train=train, val=val, vocab_size=vocab_size, info=info)
+
+
+def check_size(corpus: Corpus, block_size: int, data: str | None) -> None:
+    for name, split in (("train", corpus.train), ("val", corpus.val)):
+        if len(split) <= block_size + 1:
+            raise ValueError(
+                f"--data {data!r}: the {name} split has {len(split)} tokens, fewer than one block of "
+                f"{block_size + 1}; give more text or a smaller preset"
+            )
+
+
+def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, seed: int, step: int):
+    """Batch number ``step`` of a run seeded ``seed``: random windows of ``tokens``, the same every time."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=gen)
+    offsets = torch.arange(block_size + 1)
+    window = tokens[starts[:, None] + offsets].long()
+    return window[:, :-1], window[:, 1:]
+
+
+def limit_unique(tokens: torch.Tensor, unique_tokens: int | None) -> torch.Tensor:
+    """The first ``unique_tokens`` of the train split: training then repeats it for several epochs."""
+    if unique_tokens is None:
+        return tokens
+    if unique_tokens <= 0:
+        raise ValueError(f"--unique-tokens must be positive, got {unique_tokens}")
+    return tokens[:unique_tokens]

@@ -1,0 +1,210 @@
+"""EMA-Nesterov: a Nesterov lookahead along an exponential moving average of the base optimizer's updates.
+
+Yau, Li, Glentis, Boreiko, Wai, Hong 2026, arXiv 2605.25395.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from snoo.optim.schedules import Coefficient, is_number, lr_ratio, value_at
+from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+
+
+class EMANesterov(Wrapper):
+    r"""EMA-Nesterov around any optimizer :math:`A`: gradients are taken at a lookahead point along an EMA of the
+    updates of the real iterate.
+
+    The wrapper keeps the real iterate :math:`x` and :math:`m`, an EMA of its updates; the parameters hold the
+    lookahead point :math:`y` where the next gradient is taken. With steps counted from 1:
+
+    .. math::
+
+        &\text{at the first step:}\quad x_1 = p,\quad m_1 = 0 \qquad (\text{so } y_1 = x_1) \\
+        &y_t = x_t + \beta_t m_t \\
+        &x_{t+1} = A_t(y_t) \qquad\text{(the inner optimizer's step, taken from } y_t) \\
+        &m_{t+1} = \gamma m_t + (1 - \gamma)(x_{t+1} - x_t)
+
+    After ``step()`` number :math:`t` the parameters hold :math:`y_{t+1}`, formed with :math:`\beta_{t+1}`: the
+    coefficient of a step is the one of the lookahead point at which that step's gradient is taken, so a schedule
+    for :math:`\beta` is a function ``n -> beta_n`` that the wrapper calls with ``n = t + 1`` right after step
+    ``t`` (:mod:`snoo.optim.schedules`). :math:`\gamma = 0` is classical Nesterov lookahead:
+    ``EMANesterov(SGD(lr), beta=mu, gamma=0)`` takes the same steps as ``SGD(lr, momentum=mu, nesterov=True)``, whose
+    parameters also hold the point where the gradient is taken (:math:`y`); its real iterate is
+    ``p + lr * mu * momentum_buffer``.
+
+    ``eval()`` puts :math:`x` into the parameters (evaluate, export, save the model then; the published code evaluates
+    and saves :math:`x` too); ``train()`` puts :math:`y` back exactly, and ``step()`` refuses to run in eval mode.
+
+    Args:
+        inner: the base optimizer :math:`A` (AdamW, SGD, ``torch.optim.Muon``, :class:`snoo.SCALE`, :class:`snoo.SNOO`
+            around any of them, ...). Its ``param_groups`` are this optimizer's.
+        beta: lookahead coefficient :math:`\beta \ge 0`: a number or a schedule ``n -> beta_n``; stored in each group
+            as ``"ema_beta"``.
+        gamma: EMA coefficient :math:`0 \le \gamma < 1`; stored in each group as ``"ema_gamma"``.
+        scale_by_lr: multiply :math:`\beta_n` by the group's ``lr / lr_peak`` (the paper's default; see
+            :func:`snoo.optim.schedules.follow_lr` for when the lr is read: right after step ``n - 1``, so with a torch
+            LR scheduler stepped after ``step()`` it is the lr of step ``n - 1``).
+        lr_peak: the lr that counts as 1 for ``scale_by_lr``; stored in each group as ``"ema_lr_peak"``. ``None``:
+            the group's ``"max_lr"`` or ``"initial_lr"``, which torch LR schedulers record.
+        warmup_steps: lookahead off (:math:`\beta_n = 0`) for steps ``n <= warmup_steps``; :math:`m` accumulates.
+        rest_steps: lookahead off for the last ``rest_steps`` steps of a run of ``total_steps`` (``n > total_steps -
+            rest_steps``, and any step after the run); :math:`m` accumulates. The parameters then hold :math:`x`
+            after the last step.
+        total_steps: the number of steps of the run; needed by ``rest_steps`` only.
+        state_device: where :math:`x` and :math:`m` live (``None``: beside each parameter). ``"cpu"`` with a model on
+            a GPU keeps them in pinned host memory at the cost of copying the parameters to the host and back at
+            every step: worth it only when GPU memory is what stops the run.
+
+    Defaults: ``beta=0.5, gamma=0.99`` are the published ones, with a constant :math:`\beta`, no warm-up and no
+    rest (the published runs also scale by the lr and rest at the end: pass ``scale_by_lr``, ``warmup_steps``,
+    ``rest_steps`` and ``total_steps`` for those).
+
+    Per-parameter details: memory is two parameter-sized tensors (:math:`x, m`), float32 for bf16/fp16 parameters. A
+    parameter with no gradient at a step (``p.grad is None`` after it: frozen, unused, an MoE expert nobody picked)
+    is left as it is: the inner optimizers of torch do not move it, and neither :math:`x`, :math:`m` nor the
+    lookahead point change, as if the step had not happened for it. The state of a parameter starts at the first
+    ``step()`` that sees it, from the value it has then.
+
+    Stacking: this wrapper must be the outermost (see :attr:`Wrapper.holds_lookahead`):
+    ``EMANesterov(SNOO(AdamW(...)))`` is EMA-Nesterov with ``SNOO(AdamW)`` as its base optimizer, and ``eval()`` then
+    gives SNOO's slow weights; ``SNOO(EMANesterov(...))`` raises ``TypeError``.
+    """
+
+    state_prefix = "ema_nesterov"
+    holds_lookahead = True
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        beta: Coefficient = 0.5,
+        gamma: float = 0.99,
+        *,
+        scale_by_lr: bool = False,
+        lr_peak: float | None = None,
+        warmup_steps: int = 0,
+        rest_steps: int = 0,
+        total_steps: int | None = None,
+        state_device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(scale_by_lr, bool):
+            raise TypeError(f"scale_by_lr must be a bool, got {scale_by_lr!r}")
+        for name, value in (("warmup_steps", warmup_steps), ("rest_steps", rest_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        if rest_steps and total_steps is None:
+            raise ValueError(
+                f"rest_steps={rest_steps} needs total_steps: the rest is the last rest_steps steps of the run"
+            )
+        if rest_steps and rest_steps > total_steps:  # type: ignore[operator]
+            raise ValueError(f"rest_steps ({rest_steps}) must be at most total_steps ({total_steps})")
+        self.scale_by_lr = scale_by_lr
+        self.warmup_steps = warmup_steps
+        self.rest_steps = rest_steps
+        self.total_steps = total_steps
+        super().__init__(
+            inner,
+            {"ema_beta": beta, "ema_gamma": gamma, "ema_lr_peak": lr_peak},
+            state_device=state_device,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        beta, gamma, peak = group["ema_beta"], group["ema_gamma"], group["ema_lr_peak"]
+        if not callable(beta):
+            _check_beta(beta)
+        if not is_number(gamma) or not 0 <= gamma < 1:
+            raise ValueError(f"gamma (EMA coefficient) must be in [0, 1), got {gamma!r}")
+        if peak is not None and (not is_number(peak) or not math.isfinite(peak) or peak <= 0):
+            raise ValueError(f"lr_peak must be a finite number > 0 or None, got {peak!r}")
+
+    def lookahead_coefficient(self, group: dict[str, Any], n: int) -> float:
+        """:math:`\\beta_n` of ``group``: the coefficient of the lookahead point where step ``n``'s gradient is
+        taken, with the warm-up, the rest and the lr scaling applied."""
+        if n <= self.warmup_steps:
+            return 0.0
+        if self.rest_steps and n > self.total_steps - self.rest_steps:  # type: ignore[operator]
+            return 0.0
+        beta = group["ema_beta"]
+        if callable(beta):
+            beta = _check_beta(value_at(beta, n), f" (the value of its schedule at step {n})")
+        if self.scale_by_lr:
+            beta = beta * lr_ratio(group, group["ema_lr_peak"])
+        return float(beta)
+
+    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = state_dtype(param)
+        iterate = self._new_state(param, param, dtype)  # x_1 = p
+        return {"iterate": iterate, "update_ema": torch.zeros_like(iterate)}  # m_1 = 0
+
+    def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
+        return {**super()._state_dtypes(param), "iterate": state_dtype(param), "update_ema": state_dtype(param)}
+
+    def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return state["iterate"]
+
+    def _before_inner_step(self) -> None:
+        if self.scale_by_lr:  # an unknown peak lr is an error before the inner optimizer moves anything
+            for group in self.param_groups:
+                lr_ratio(group, group["ema_lr_peak"])
+
+    def _after_inner_step(self) -> None:
+        next_step = self._inner_steps + 1
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p in self.state]
+            if not params:
+                continue
+            beta = self.lookahead_coefficient(group, next_step)
+            states = [self.state[p] for p in params]
+            for bucket, bucket_states in bucket_by_device_and_dtype(params, states, "iterate"):
+                ema_nesterov_update(
+                    bucket,
+                    [st["iterate"] for st in bucket_states],
+                    [st["update_ema"] for st in bucket_states],
+                    beta=beta,
+                    gamma=group["ema_gamma"],
+                )
+
+
+def _check_beta(beta: Any, where: str = "") -> float:
+    if not is_number(beta) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta (lookahead coefficient) must be a finite number >= 0, got {beta!r}{where}")
+    return beta
+
+
+@torch.no_grad()
+def ema_nesterov_update(
+    params: list[torch.Tensor],
+    iterates: list[torch.Tensor],
+    update_emas: list[torch.Tensor],
+    *,
+    beta: float,
+    gamma: float,
+) -> None:
+    r"""EMA-Nesterov's update after an inner step, over tensors that share device and dtype, in foreach passes.
+
+    On entry ``params`` hold :math:`x_{t+1} = A_t(y_t)`, ``iterates`` :math:`x_t`, ``update_emas`` :math:`m_t`; on
+    exit ``iterates`` hold :math:`x_{t+1}`, ``update_emas`` :math:`m_{t+1}` and ``params`` :math:`y_{t+1} = x_{t+1} +
+    \beta m_{t+1}` (``beta`` is :math:`\beta_{t+1}`). The state may be float32 for low-precision parameters and may
+    live on another device.
+    """
+    new_iterates = as_state_tensors(params, iterates[0])
+    # m_{t+1} = gamma m_t + (1 - gamma)(x_{t+1} - x_t), the old iterate serving as scratch for x_t - x_{t+1}
+    torch._foreach_sub_(iterates, new_iterates)
+    torch._foreach_mul_(update_emas, gamma)
+    torch._foreach_add_(update_emas, iterates, alpha=-(1 - gamma))
+    torch._foreach_copy_(iterates, new_iterates)
+    # y_{t+1} = x_{t+1} + beta_{t+1} m_{t+1}
+    if new_iterates is params:  # the parameters hold x_{t+1} already
+        if beta:
+            torch._foreach_add_(params, update_emas, alpha=beta)
+    else:
+        lookahead = torch._foreach_add(iterates, update_emas, alpha=beta) if beta else iterates
+        torch._foreach_copy_(params, lookahead, non_blocking=True)

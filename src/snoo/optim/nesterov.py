@@ -1,0 +1,179 @@
+"""Nesterov momentum for any optimizer, treated as a black box, with the next step's momentum.
+
+From the note "Fixes for Nesterov momentum in ML" (research.novelai.net/nesterov).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from snoo.optim.schedules import Coefficient, is_number, value_at
+from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+
+
+class Nesterov(Wrapper):
+    r"""Nesterov lookahead around any optimizer :math:`A`, used as a black box.
+
+    Let :math:`u_t` be the update :math:`A` applies when its gradient is taken at :math:`\phi_t`. The real iterate
+    :math:`\theta` follows :math:`A` and the parameters hold :math:`\phi`, the point where the next gradient is taken
+    (steps counted from 1):
+
+    .. math::
+
+        &\theta_1 = \phi_1 = p, \quad u_0 = 0 \\
+        &u_t = A_t(\phi_t) - \phi_t \qquad\text{(the inner optimizer's step from } \phi_t) \\
+        &\theta_{t+1} = (1 - \text{lr}_t\,\lambda)\,\theta_t + u_t \\
+        &\phi_{t+1} = \theta_{t+1} + \mu_{t+1} u_t
+
+    With :math:`\lambda = 0` that is :math:`\phi_{t+1} = \phi_t + (1 + \mu_{t+1}) u_t - \mu_t u_{t-1}` and
+    :math:`\theta_t = \phi_t - \mu_t u_{t-1}`. The lookahead after step :math:`t` uses the momentum of step
+    :math:`t + 1`: a schedule for :math:`\mu` is a function ``n -> mu_n`` (the coefficient of the lookahead point at
+    which step ``n``'s gradient is taken), called with ``n = t + 1`` right after step ``t``
+    (:mod:`snoo.optim.schedules`). With heavy-ball SGD as :math:`A` and the same constant :math:`\mu`,
+    ``Nesterov(SGD(lr, momentum=mu), momentum=mu)`` is ``SGD(lr, momentum=mu, nesterov=True)``. With Adam it is not
+    NAdam: NAdam puts the lookahead in Adam's numerator and divides it by the *new* denominator, so when the
+    denominator changes (a loss spike, a small ``beta2``) its lookahead and the retraction at the next step do not
+    cancel; here :math:`\theta` is exactly Adam's iterate, whatever the denominator does (docs/nesterov.md).
+
+    ``eval()`` puts :math:`\theta` into the parameters; ``train()`` puts :math:`\phi` back exactly, and ``step()``
+    refuses to run in eval mode.
+
+    Args:
+        inner: the optimizer :math:`A` (Adam, SGD with momentum, ``torch.optim.Muon``, :class:`snoo.SCALE`,
+            :class:`snoo.SNOO` around any of them, ...). Its ``param_groups`` are this optimizer's. For the forms
+            above, :math:`\mu` matches the inner's own momentum (Adam's ``beta1``, SGD's ``momentum``).
+        momentum: :math:`0 \le \mu < 1`, a number or a schedule ``n -> mu_n``; stored in each group as
+            ``"nesterov_momentum"``.
+        weight_decay: decoupled weight decay :math:`\lambda` on the real iterate, scaled by the group's ``lr`` like
+            AdamW's; stored in each group as ``"nesterov_weight_decay"``. The decay is not part of the lookahead.
+            Default 0: the wrapper changes nothing of what the inner optimizer does. An inner optimizer's own weight
+            decay acts on :math:`\phi`, the lookahead point, and is then extrapolated by the lookahead with the rest
+            of :math:`u`; the note puts decay on :math:`\theta` instead: give it here and set the inner's to 0
+            (giving both raises ``ValueError``).
+        state_device: where :math:`\theta` and the lookahead :math:`\phi - \theta` live (``None``: beside each
+            parameter). ``"cpu"`` with a model on a GPU keeps them in pinned host memory at the cost of copying the
+            parameters to the host and back at every step.
+
+    Per-parameter details: memory is two parameter-sized tensors, :math:`\theta` and the lookahead
+    :math:`\phi - \theta = \mu u` actually applied (so the retraction is exact even if ``"nesterov_momentum"`` is
+    changed by hand between steps), float32 for bf16/fp16 parameters. A parameter with no gradient at a step
+    (``p.grad is None`` after it) is left as it is: the inner optimizers of torch do not move it, and :math:`\theta`,
+    the lookahead and the parameter stay as they are, as if the step had not happened for it.
+
+    Stacking: this wrapper must be the outermost (see :attr:`Wrapper.holds_lookahead`):
+    ``Nesterov(SNOO(AdamW(...)))`` is Nesterov with ``SNOO(AdamW)`` as its black box; ``SNOO(Nesterov(...))`` raises
+    ``TypeError``.
+    """
+
+    state_prefix = "nesterov"
+    holds_lookahead = True
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        momentum: Coefficient = 0.9,
+        *,
+        weight_decay: float = 0.0,
+        state_device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            inner,
+            {"nesterov_momentum": momentum, "nesterov_weight_decay": weight_decay},
+            state_device=state_device,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        momentum, decay = group["nesterov_momentum"], group["nesterov_weight_decay"]
+        if not callable(momentum):
+            _check_momentum(momentum)
+        if not is_number(decay) or not math.isfinite(decay) or decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {decay!r}")
+        inner_decay = group.get("weight_decay", 0)
+        if decay and is_number(inner_decay) and inner_decay:
+            raise ValueError(
+                f"weight_decay={decay} is given to Nesterov while the inner optimizer's group has "
+                f"weight_decay={inner_decay}: the decay would act twice. Set the inner optimizer's to 0 (Nesterov "
+                f"applies it to the real iterate, where it belongs)"
+            )
+
+    def momentum_at(self, group: dict[str, Any], n: int) -> float:
+        """:math:`\\mu_n` of ``group``: the coefficient of the lookahead point where step ``n``'s gradient is taken."""
+        momentum = group["nesterov_momentum"]
+        if callable(momentum):
+            return _check_momentum(value_at(momentum, n), f" (the value of its schedule at step {n})")
+        return float(momentum)
+
+    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype = state_dtype(param)
+        iterate = self._new_state(param, param, dtype)  # theta_1 = p
+        return {"iterate": iterate, "lookahead": torch.zeros_like(iterate)}  # phi_1 - theta_1 = mu_1 u_0 = 0
+
+    def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
+        return {**super()._state_dtypes(param), "iterate": state_dtype(param), "lookahead": state_dtype(param)}
+
+    def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return state["iterate"]
+
+    def _after_inner_step(self) -> None:
+        next_step = self._inner_steps + 1
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p in self.state]
+            if not params:
+                continue
+            momentum = self.momentum_at(group, next_step)
+            decay = float(group["lr"]) * group["nesterov_weight_decay"] if group["nesterov_weight_decay"] else 0.0
+            states = [self.state[p] for p in params]
+            for bucket, bucket_states in bucket_by_device_and_dtype(params, states, "iterate"):
+                nesterov_update(
+                    bucket,
+                    [st["iterate"] for st in bucket_states],
+                    [st["lookahead"] for st in bucket_states],
+                    momentum=momentum,
+                    decay=decay,
+                )
+
+
+def _check_momentum(momentum: Any, where: str = "") -> float:
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}{where}")
+    return momentum
+
+
+@torch.no_grad()
+def nesterov_update(
+    params: list[torch.Tensor],
+    iterates: list[torch.Tensor],
+    lookaheads: list[torch.Tensor],
+    *,
+    momentum: float,
+    decay: float,
+) -> None:
+    r"""The black-box Nesterov update after an inner step, over tensors that share device and dtype, in foreach
+    passes.
+
+    On entry ``params`` hold :math:`\phi_t + u_t` (the inner step taken from :math:`\phi_t`), ``iterates``
+    :math:`\theta_t` and ``lookaheads`` :math:`d_t = \phi_t - \theta_t` as applied at the last step. On exit
+    ``iterates`` hold :math:`\theta_{t+1} = (1 - \text{decay})\theta_t + u_t`, ``lookaheads`` :math:`d_{t+1} =
+    \mu_{t+1} u_t` (``momentum`` is :math:`\mu_{t+1}`) and ``params`` :math:`\phi_{t+1} = \theta_{t+1} + d_{t+1}`.
+    The state may be float32 for low-precision parameters and may live on another device.
+    """
+    stepped = as_state_tensors(params, iterates[0])
+    # -u_t = phi_t - (phi_t + u_t), with phi_t = theta_t + d_t rounded as it was formed; d serves as scratch
+    torch._foreach_add_(lookaheads, iterates)
+    torch._foreach_sub_(lookaheads, stepped)
+    # theta_{t+1} = (1 - lr wd) theta_t + u_t
+    if decay:
+        torch._foreach_mul_(iterates, 1.0 - decay)
+    torch._foreach_sub_(iterates, lookaheads)
+    # d_{t+1} = mu_{t+1} u_t
+    torch._foreach_mul_(lookaheads, -momentum)
+    # phi_{t+1} = theta_{t+1} + d_{t+1}
+    if stepped is params:
+        torch._foreach_copy_(params, iterates)
+        torch._foreach_add_(params, lookaheads)
+    else:
+        torch._foreach_copy_(params, torch._foreach_add(iterates, lookaheads), non_blocking=True)

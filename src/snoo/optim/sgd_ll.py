@@ -1,0 +1,158 @@
+"""SGD-LL: momentum SGD at a very large learning rate, kept stable by clipping the head's rows and each update.
+
+Glentis, Yau, Li, Hong (2026).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from snoo.optim.groups import check_number, role_group
+from snoo.optim.scale import _pick_foreach
+
+__all__ = ["SGDLL", "sgd_ll_update"]
+
+ROW_NORM_FLOOR = 1e-8  # floor on ||d_r|| in the head's row clip
+RMS_FLOOR = 1e-9  # floor on rms(d) in the update clip
+
+
+class SGDLL(Optimizer):
+    r"""SGD-LL: EMA-momentum SGD whose update is clipped per head row and per tensor.
+
+    Needs role-tagged parameter groups (:func:`snoo.param_groups`); only the ``"head"`` role is treated apart.
+    With ``g`` the gradient and the group's ``lr``, ``beta`` (``momentum``), ``tau``, ``delta``:
+
+    .. code-block:: text
+
+        m = beta * m + (1 - beta) * g                     # every tensor; m starts at 0 and is stored unclipped
+        d = m
+        head only, each row r (token class):  d_r = d_r * min(1, delta / max(||d_r||_2, 1e-8))
+        every tensor:  d = d * min(1, tau / (lr * max(rms(d), 1e-9)))        # so that lr * rms(d) <= tau
+        p = p - lr * d
+
+    ``rms(d) = sqrt(mean(d^2))`` over the whole tensor. The clip makes ``tau`` the largest RMS change a step can
+    make to any tensor, which is what lets ``lr`` be 200-600 times what plain SGD tolerates. State: one buffer
+    per parameter.
+
+    Args:
+        params: role-tagged parameter groups; each group may set its own ``lr``, ``momentum``, ``tau``, ``delta``.
+        lr: learning rate (paper: 100 to 300, cosine to 0.1x).
+        momentum: EMA coefficient ``beta`` (paper: 0.9).
+        tau: largest RMS of ``lr * d`` for any tensor (paper: 5e-4).
+        delta: largest l2 norm of a head row of ``d`` (paper: 1e-3).
+        foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it when the parameters are on an
+            accelerator.
+
+    The paper trains without weight decay, and so does this optimizer (there is no ``weight_decay`` argument).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 100.0,
+        momentum: float = 0.9,
+        tau: float = 5e-4,
+        delta: float = 1e-3,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"SGDLL: foreach must be True, False or None, got {foreach!r}")
+        defaults = {"lr": lr, "momentum": momentum, "tau": tau, "delta": delta, "foreach": foreach}
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group, _ = role_group("SGDLL", param_group)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        _check_hyperparameters(group)
+        super().add_param_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("SGDLL does not support sparse gradients")
+            momentum_buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                momentum_buffers.append(state["momentum_buffer"])
+            sgd_ll_update(
+                params,
+                grads,
+                momentum_buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                tau=group["tau"],
+                delta=group["delta"] if group["role"] == "head" else None,
+                foreach=_pick_foreach(group["foreach"], params),
+            )
+        return loss
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    group["lr"] = check_number("SGDLL", "lr", group["lr"], low=0.0)
+    group["momentum"] = check_number("SGDLL", "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+    group["tau"] = check_number("SGDLL", "tau", group["tau"], low=0.0, low_open=True)
+    group["delta"] = check_number("SGDLL", "delta", group["delta"], low=0.0, low_open=True)
+
+
+def sgd_ll_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    tau: float,
+    delta: float | None,
+    foreach: bool = False,
+) -> None:
+    """SGD-LL's step for one group: momentum, head-row clip (when ``delta`` is given), update clip, descent.
+
+    The clip factor stays on the device (no host sync): ``p.addcmul_(d, min(1, tau / (lr * rms)), value=-lr)``.
+    """
+    assert len(momentum_buffers) == len(params)
+    # tau / lr: the bound on rms(d); no bound when lr == 0 (the step moves nothing then).
+    rms_limit = tau / lr if lr > 0 else math.inf
+    if foreach:
+        torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)  # m
+        directions = momentum_buffers if delta is None else [_clip_rows(m, delta) for m in momentum_buffers]
+        factors = torch._foreach_norm(directions)
+        torch._foreach_mul_(factors, [1.0 / math.sqrt(d.numel()) for d in directions])  # rms(d)
+        torch._foreach_clamp_min_(factors, RMS_FLOOR)
+        torch._foreach_reciprocal_(factors)
+        torch._foreach_mul_(factors, rms_limit)
+        torch._foreach_clamp_max_(factors, 1.0)
+        torch._foreach_addcmul_(params, directions, factors, value=-lr)
+        return
+    for i, p in enumerate(params):
+        m = momentum_buffers[i].lerp_(grads[i], 1 - momentum)
+        direction = m if delta is None else _clip_rows(m, delta)
+        factor = torch.linalg.vector_norm(direction).mul_(1.0 / math.sqrt(direction.numel()))
+        factor = factor.clamp_min_(RMS_FLOOR).reciprocal_().mul_(rms_limit).clamp_max_(1.0)
+        p.addcmul_(direction, factor, value=-lr)
+
+
+def _clip_rows(m: Tensor, delta: float) -> Tensor:
+    """``d_r = m_r * min(1, delta / max(||m_r||, 1e-8))`` for each row ``r`` (first dimension); ``m`` is kept."""
+    norms = torch.linalg.vector_norm(m, dim=tuple(range(1, m.ndim)), keepdim=True)
+    return m * norms.clamp_min_(ROW_NORM_FLOOR).reciprocal_().mul_(delta).clamp_max_(1.0)

@@ -1,0 +1,359 @@
+"""Name an optimizer, or a stack of wrappers around one, in a short string, and build it.
+
+Grammar (whitespace ignored, names lower case)::
+
+    SPEC   := STAGE ('+' STAGE)*          outermost first; the last stage is the base optimizer
+    STAGE  := NAME [ '(' KEY '=' VALUE (',' KEY '=' VALUE)* ')' ]
+    VALUE  := number | true | false
+
+``snoo-adamw`` is shorthand for ``snoo+adamw``. Examples::
+
+    adamw
+    adamw(lr=3e-3,weight_decay=0)
+    snoo-adamw
+    snoo(k=20,lr=0.7,momentum=0.5)+adamw(lr=3e-3)
+    snoo(k=50)+lookahead(k=5)+sgd(lr=0.5)
+
+Every key a stage leaves out takes the published default of that name (``NAMES[name].defaults``). Bad names, keys
+and values raise ``ValueError`` with one line that says what was wrong and what is allowed. A TOML file may give the
+same as a string or as a list of tables, outermost first: ``optimizer = [{name = "snoo", k = 20}, {name = "adamw"}]``
+(``from_config``).
+
+This module imports only torch and snoo, so config-driven trainers can use it without the lab.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import snoo
+
+Params = nn.Module | Iterable[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name of the grammar: a base optimizer (built from a model) or a wrapper (built around an optimizer)."""
+
+    name: str
+    kind: str  # "base" or "wrapper"
+    defaults: dict[str, Any]
+    make: Callable[..., torch.optim.Optimizer]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    given: dict[str, Any] = field(default_factory=dict)  # what the SPEC said, in its order
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**NAMES[self.name].defaults, **self.given}
+
+    def __str__(self) -> str:
+        if not self.given:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={_fmt(v)}' for k, v in self.given.items())})"
+
+
+def _fmt(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------- base optimizers
+
+
+def _decay_groups(params: Params, weight_decay: float) -> list[dict]:
+    """nanoGPT's split: weight decay on matrices (embeddings, linear weights), none on gains and biases."""
+    tensors = list(params.parameters() if isinstance(params, nn.Module) else params)
+    matrices = [p for p in tensors if p.requires_grad and p.dim() >= 2]
+    others = [p for p in tensors if p.requires_grad and p.dim() < 2]
+    return [
+        g
+        for g in ({"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0})
+        if g["params"]
+    ]
+
+
+def _adamw(params: Params, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
+    return torch.optim.AdamW(_decay_groups(params, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps)
+
+
+def _sgd(params: Params, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+    return torch.optim.SGD(_decay_groups(params, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def _grouped(cls: type) -> Callable[..., torch.optim.Optimizer]:
+    """SCALE, SGD-LL and Muon+AdamW treat the embedding, the head and hidden matrices differently: they need the
+    model, not a flat list of tensors."""
+
+    def make(params: Params, **kwargs: Any) -> torch.optim.Optimizer:
+        if not isinstance(params, nn.Module):
+            raise ValueError(f"optimizer {cls.__name__} needs the model (an nn.Module) to find its parameter roles")
+        head = next(
+            (m for m in (getattr(params, n, None) for n in ("lm_head", "head")) if isinstance(m, nn.Module)), None
+        )  # named, it may share its weight with the embedding (a tied head)
+        return cls(snoo.param_groups(params, head=head), **kwargs)
+
+    return make
+
+
+def _signature_defaults(cls: type, skip: tuple[str, ...]) -> dict[str, Any]:
+    """Keyword defaults of a constructor, the ones the grammar can set (numbers and booleans)."""
+    out = {}
+    for name, p in inspect.signature(cls).parameters.items():
+        if name in skip or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        if isinstance(p.default, (bool, int, float)):
+            out[name] = p.default
+    return out
+
+
+def _registry() -> dict[str, Entry]:
+    entries = [
+        # nanoGPT's AdamW; lr measured by the lab's lr sweep on the `small` preset (docs/lab.md)
+        Entry(
+            "adamw",
+            "base",
+            dict(lr=2e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
+            _adamw,
+            "torch.optim.AdamW; weight decay on matrices only",
+        ),
+        Entry("sgd", "base", dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0), _sgd, "torch.optim.SGD"),
+    ]
+    # the library's own inner optimizers, where this version of snoo has them
+    for name, attr in (("scale", "SCALE"), ("sgdll", "SGDLL"), ("muon", "MuonAdamW")):
+        cls = getattr(snoo, attr, None)
+        if cls is not None and hasattr(snoo, "param_groups"):
+            entries.append(
+                Entry(
+                    name,
+                    "base",
+                    _signature_defaults(cls, ("params", "groups")),
+                    _grouped(cls),
+                    f"snoo.{attr} over snoo.param_groups(model)",
+                )
+            )
+    # wrappers: everything after `inner` in the constructor; telemetry is the trainer's choice, not the SPEC's
+    for name, attr in (
+        ("snoo", "SNOO"),
+        ("lookahead", "Lookahead"),
+        ("ema_nesterov", "EMANesterov"),
+        ("nesterov", "Nesterov"),
+    ):
+        cls = getattr(snoo, attr, None)
+        if cls is not None:
+            entries.append(
+                Entry(name, "wrapper", _signature_defaults(cls, ("inner", "track_norms")), cls, f"snoo.{attr}")
+            )
+    return {e.name: e for e in entries}
+
+
+NAMES: dict[str, Entry] = _registry()
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_STAGE = re.compile(r"([a-z][a-z0-9_]*)(?:\((.*)\))?$")
+
+
+def _split_top(text: str, seps: str) -> list[str]:
+    """Split at separators outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise ValueError(f"unbalanced ')' in optimizer SPEC {text!r}")
+        if depth == 0 and ch in seps:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '(' in optimizer SPEC {text!r}")
+    return [*parts, text[start:]]
+
+
+def split_list(text: str) -> list[str]:
+    """``adamw,snoo(k=20,lr=0.7)+adamw`` -> two SPECs: commas inside parentheses belong to the SPEC."""
+    return [s for s in (p.strip() for p in _split_top(text, ",")) if s]
+
+
+def _check_value(name: str, key: str, value: Any) -> None:
+    ok = True
+    if key == "k":
+        ok = value >= 1
+    elif key in ("lr", "eps", "alpha", "tau", "delta") or key.endswith("_lr"):
+        ok = value > 0
+    elif "momentum" in key or key.startswith("beta") or key == "gamma":
+        ok = 0 <= value < 1
+    elif key == "weight_decay":
+        ok = value >= 0
+    if not ok:
+        raise ValueError(f"{name}: {key}={_fmt(value)} is out of range")
+
+
+def parse_value(name: str, key: str, text: str) -> Any:
+    """A value of the grammar, typed like the key's default (int, float or bool) and range-checked."""
+    default = NAMES[name].defaults[key]
+    text = text.strip().lower()
+    try:
+        if isinstance(default, bool):
+            if text not in ("true", "false"):
+                raise ValueError
+            value: Any = text == "true"
+        elif isinstance(default, int):
+            value = int(text)
+        else:
+            value = float(text)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"{name}: {key}={text!r} is not {kind}") from None
+    _check_value(name, key, value)
+    return value
+
+
+def _parse_stage(text: str) -> Stage:
+    m = _STAGE.match(text)
+    if not m:
+        raise ValueError(f"cannot read optimizer stage {text!r}: expected name or name(key=value,...)")
+    name, body = m.group(1), m.group(2)
+    if name not in NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(NAMES)}")
+    given: dict[str, Any] = {}
+    for item in filter(None, (body or "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{name}: expected key=value, got {item!r}")
+        if key not in NAMES[name].defaults:
+            raise ValueError(f"{name}: unknown key {key!r}; keys: {', '.join(NAMES[name].defaults)}")
+        if key in given:
+            raise ValueError(f"{name}: key {key!r} given twice")
+        given[key] = parse_value(name, key, value)
+    return Stage(name, given)
+
+
+def parse(spec: str) -> list[Stage]:
+    """A SPEC string -> its stages, outermost first, each validated."""
+    text = re.sub(r"\s+", "", spec).lower()
+    if not text:
+        raise ValueError("empty optimizer SPEC; try 'adamw' or 'snoo-adamw'")
+    stages = [_parse_stage(part) for part in _split_top(text, "+-")]
+    *wrappers, base = stages
+    if NAMES[base.name].kind != "base":
+        raise ValueError(f"SPEC {spec!r} must end with a base optimizer ({_names('base')}), not {base.name!r}")
+    for st in wrappers:
+        if NAMES[st.name].kind != "wrapper":
+            raise ValueError(
+                f"{st.name!r} is a base optimizer; only wrappers ({_names('wrapper')}) can stand "
+                f"before another stage in {spec!r}"
+            )
+    return stages
+
+
+def _names(kind: str) -> str:
+    return ", ".join(n for n, e in NAMES.items() if e.kind == kind)
+
+
+def canonical(spec: str | list[Stage]) -> str:
+    """The SPEC written the one standard way: ``snoo-adamw`` -> ``snoo+adamw``."""
+    return "+".join(map(str, parse(spec) if isinstance(spec, str) else spec))
+
+
+def resolved(spec: str | list[Stage]) -> list[dict[str, Any]]:
+    """Every stage with every hyperparameter, defaults filled in: what a result file should record."""
+    return [{"name": st.name, **st.params} for st in (parse(spec) if isinstance(spec, str) else spec)]
+
+
+def base(spec: str) -> str:
+    """The base optimizer alone, as the user set it: ``snoo(k=20)+adamw(lr=1e-3)`` -> ``adamw(lr=0.001)``."""
+    return str(parse(spec)[-1])
+
+
+def _locate(stages: list[Stage], address: str) -> tuple[int, str]:
+    """``key`` -> the outermost stage that has it; ``name.key`` -> the stage so named."""
+    name, _, key = address.rpartition(".")
+    for i, st in enumerate(stages):
+        if (not name or st.name == name) and key in st.params:
+            return i, key
+    raise ValueError(f"no stage of {canonical(stages)!r} has a key {address!r}")
+
+
+def override(spec: str, settings: Mapping[str, Any]) -> str:
+    """Set keys in a SPEC (addressed as in ``_locate``); values are strings of the grammar or numbers.
+
+    Returns the canonical SPEC.
+    """
+    stages = parse(spec)
+    for address, value in settings.items():
+        i, key = _locate(stages, address)
+        st = stages[i]
+        value = parse_value(st.name, key, value if isinstance(value, str) else _fmt(value))
+        stages[i] = Stage(st.name, {**st.given, key: value})
+    return canonical(stages)
+
+
+def grid(spec: str, text: str) -> list[tuple[dict[str, Any], str]]:
+    """``"k=10,20 lr=0.3,0.5"`` -> every combination as (typed settings, SPEC), the first key varying slowest."""
+    axes: dict[str, list[str]] = {}
+    for item in text.split():
+        key, eq, values = item.partition("=")
+        if not eq or not key or not values:
+            raise ValueError(f"--grid item {item!r}: expected key=v1,v2,...")
+        axes[key] = values.split(",")
+    if not axes:
+        raise ValueError("--grid is empty; e.g. --grid 'k=10,20,50 lr=0.3,0.5,0.7'")
+    out = []
+    for combo in itertools.product(*axes.values()):
+        new = override(spec, dict(zip(axes, combo)))
+        stages = parse(new)
+        typed = {}
+        for address in axes:
+            i, key = _locate(stages, address)
+            typed[address] = stages[i].params[key]
+        out.append((typed, new))
+    return out
+
+
+def from_config(value: Any) -> str:
+    """An optimizer from a config file: a SPEC string or a list of tables ``{name = ..., key = value}``."""
+    if isinstance(value, str):
+        return canonical(value)
+    if isinstance(value, list) and value and all(isinstance(t, Mapping) and "name" in t for t in value):
+        parts = []
+        for table in value:
+            keys = ",".join(f"{k}={_fmt(v)}" for k, v in table.items() if k != "name")
+            parts.append(f"{table['name']}({keys})" if keys else str(table["name"]))
+        return canonical("+".join(parts))
+    raise ValueError("config 'optimizer' must be a SPEC string or a list of tables with a 'name' each")
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build(spec: str | list[Stage], params: Params, *, track_norms: bool = False) -> torch.optim.Optimizer:
+    """Build the optimizer a SPEC names, over a model (preferred: weight decay and roles need it) or tensors.
+
+    ``track_norms`` asks the outermost wrapper that supports it to record its outer-step telemetry.
+    """
+    stages = parse(spec) if isinstance(spec, str) else spec
+    *wrappers, base_stage = stages
+    try:
+        opt = NAMES[base_stage.name].make(params, **base_stage.params)
+        for i, st in enumerate(reversed(wrappers)):
+            entry, extra = NAMES[st.name], {}
+            outermost = i == len(wrappers) - 1
+            if track_norms and outermost and "track_norms" in inspect.signature(entry.make).parameters:
+                extra["track_norms"] = True
+            opt = entry.make(opt, **st.params, **extra)
+    except (ValueError, TypeError) as e:  # a constructor's own check, e.g. a combination it refuses
+        raise ValueError(f"cannot build {canonical(stages)!r}: {str(e).splitlines()[0]}") from e
+    return opt

@@ -1,0 +1,445 @@
+"""The lab end to end on the `tiny` preset: data, model, train, resume, compare, sweep, report, the CLI."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from snoo import spec
+from snoo.lab import data, experiments, train
+from snoo.lab.cli import main
+from snoo.lab.model import GPT, ModelConfig
+
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2000))  # ~70 KB
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: a second intra-op thread only adds synchronisation, and costs a lot on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def tiny(out, corpus_file, **kw) -> train.TrainConfig:
+    return train.make_config("tiny", data=corpus_file, out=str(out), progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_default_corpus_is_the_stdlib_sorted_and_recorded():
+    files = data.default_corpus_files()
+    assert files == sorted(files) and any(f.name == "os.py" for f in files)
+    c = data.load_corpus()
+    assert c.vocab_size == 256 and len(c.train) > 1_000_000 and len(c.val) > 100_000
+    assert c.info["python"] == sys.version.split()[0] and len(c.info["sha256"]) == 16
+    assert data.load_corpus().info["sha256"] == c.info["sha256"]  # deterministic
+
+
+def test_text_file_dir_glob_and_split(tmp_path, corpus_file):
+    one = data.load_corpus(corpus_file)
+    assert one.vocab_size == 256
+    assert bytes(torch.cat([one.train, one.val]).to(torch.uint8).tolist()).decode() == TEXT  # byte tokens, all kept
+    (tmp_path / "a.txt").write_text(TEXT[:40_000])
+    (tmp_path / "b.txt").write_text(TEXT[40_000:])
+    for path in (str(tmp_path), str(tmp_path / "*.txt")):
+        c = data.load_corpus(path)
+        assert c.info["files"] == 2 and c.info["sha256"] == one.info["sha256"]  # same bytes, same hash
+
+
+def test_blockwise_split_holds_out_every_tenth_block():
+    tokens = torch.arange(30 * data.BLOCK_BYTES) % 256
+    train_t, val_t = data._split(tokens, 0.1)
+    assert len(val_t) == 3 * data.BLOCK_BYTES and len(train_t) == 27 * data.BLOCK_BYTES
+    assert torch.equal(val_t[: data.BLOCK_BYTES], tokens[9 * data.BLOCK_BYTES : 10 * data.BLOCK_BYTES])
+
+
+def test_bin_files_nanogpt_layout_and_single(tmp_path):
+    rng = np.random.default_rng(0)
+    train_ids = rng.integers(0, 50257, 5000, dtype=np.uint16)
+    val_ids = rng.integers(0, 50257, 800, dtype=np.uint16)
+    train_ids.tofile(tmp_path / "train.bin")
+    val_ids.tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.pkl").write_bytes(b"not tokens")  # nanoGPT keeps other files beside the .bin files
+    c = data.load_corpus(str(tmp_path))
+    assert torch.equal(c.train.long(), torch.from_numpy(train_ids.astype(np.int64)))
+    assert torch.equal(c.val.long(), torch.from_numpy(val_ids.astype(np.int64)))
+    x, _ = data.get_batch(c.train, 2, 16, seed=0, step=0)
+    assert x.dtype == torch.int64 and int(x.max()) < c.vocab_size
+    assert c.vocab_size % 64 == 0 and c.vocab_size > int(max(train_ids.max(), val_ids.max()))
+    single = data.load_corpus(str(tmp_path / "train.bin"))
+    assert len(single.train) + len(single.val) == 5000
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    tokens = torch.arange(10_000)
+    x, y = data.get_batch(tokens, 4, 16, seed=3, step=7)
+    x2, y2 = data.get_batch(tokens, 4, 16, seed=3, step=7)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the next tokens
+    assert not torch.equal(x, data.get_batch(tokens, 4, 16, seed=3, step=8)[0])
+    assert not torch.equal(x, data.get_batch(tokens, 4, 16, seed=4, step=7)[0])
+
+
+def test_unique_tokens_limits_the_train_split(tmp_path, corpus_file):
+    cfg = tiny(tmp_path, corpus_file, unique_tokens=500, steps=4)
+    assert train.train(cfg)["status"] == "ok"
+    assert len(data.limit_unique(torch.arange(10_000), 500)) == 500
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize(("flavour", "tie"), [("gpt", True), ("llama", False)])
+def test_model_flavours_forward_and_tying(flavour, tie):
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, flavour=flavour, tie_head=tie)
+    model = GPT(cfg)
+    x = torch.randint(64, (3, 16))
+    assert model(x).shape == (3, 16, 64)
+    loss = model(x, x)
+    assert abs(loss.item() - math.log(64)) < 0.2  # small init: close to uniform
+    assert (model.head.weight is model.embed.weight) == tie
+    assert (model.pos is None) == (flavour == "llama")
+    # causal: the logits at position t do not depend on tokens after t
+    y = x.clone()
+    y[:, 10:] = (y[:, 10:] + 1) % 64
+    assert torch.allclose(model(x)[:, :10], model(y)[:, :10], atol=1e-5)
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig(steps=100, warmup=0.1, min_lr=0.1)
+    f = [train.lr_schedule(cfg)(s) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[99] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+    wsd = train.TrainConfig(steps=100, warmup=0.1, schedule="wsd", decay=0.2)
+    g = [train.lr_schedule(wsd)(s) for s in range(100)]
+    assert g[50] == g[79] == 1.0 and g[80] == 1.0 and g[90] == pytest.approx(0.5) and g[99] == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_train_writes_metrics_and_result(tmp_path, corpus_file):
+    r = train.train(tiny(tmp_path, corpus_file, optimizer="snoo(k=5)+adamw"))
+    assert r["status"] == "ok" and r["steps"] == 40 and r["tokens"] == 40 * 8 * 32
+    metrics = train.read_metrics(tmp_path / "metrics.jsonl")
+    evals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 10, 20, 30, 40]
+    assert evals[-1]["val_loss"] == r["final_val_loss"] < evals[0]["val_loss"] - 0.5
+    logged = [m for m in metrics if "train_loss" in m]
+    assert all("lr" in m and "outer/pseudo_grad" in m for m in logged)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["corpus"]["sha256"] and config["optimizer"][0]["k"] == 5
+    assert json.loads((tmp_path / "result.json").read_text()) == r
+
+
+def test_eval_uses_the_optimizers_evaluation_weights(tmp_path, corpus_file):
+    # k=7 does not divide 40: at the end the fast weights are 5 steps past the slow ones
+    r = train.train(tiny(tmp_path, corpus_file, optimizer="snoo(k=7)+adamw"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    fast_norm = math.sqrt(sum(v.float().pow(2).sum().item() for k, v in ckpt["model"].items() if k != "head.weight"))
+    assert r["weight_norm"] != pytest.approx(fast_norm, rel=1e-6)
+
+
+def _state(path: Path):
+    ckpt = torch.load(path / "ckpt.pt", weights_only=False)
+    metrics = [{k: v for k, v in m.items() if k != "time"} for m in train.read_metrics(path / "metrics.jsonl")]
+    return ckpt, metrics
+
+
+def test_resume_is_bit_exact(tmp_path, corpus_file):
+    spec_ = "snoo(k=6)+adamw"  # 6 does not divide the checkpoint interval: resume lands mid outer step
+    whole = tiny(tmp_path / "whole", corpus_file, optimizer=spec_)
+    train.train(whole)
+
+    def interrupt(step, loss):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    cut = tiny(tmp_path / "cut", corpus_file, optimizer=spec_)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cut, callback=interrupt)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 20
+    train.train(cut, resume=True)
+
+    (a, ma), (b, mb) = _state(tmp_path / "whole"), _state(tmp_path / "cut")
+    assert a["step"] == b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert ma == mb  # every logged number, in order, with no duplicate from the resumed step
+    assert (
+        json.loads((tmp_path / "whole/result.json").read_text())["final_val_loss"]
+        == json.loads((tmp_path / "cut/result.json").read_text())["final_val_loss"]
+    )
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train._atomic_save({"step": 1}, path)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.os, "replace", crash)
+    with pytest.raises(OSError):
+        train._atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=False) == {"step": 1}  # the old checkpoint is whole
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_file, capsys):
+    out = tmp_path / "div"
+    code = main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--data",
+            corpus_file,
+            "--out",
+            str(out),
+            "--no-progress",
+            "--optimizer",
+            "sgd(lr=1e12,momentum=0)",
+            "--set",
+            "grad_clip=0",
+            "--set",
+            "ckpt_every=1",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "diverged" in err and len(err.splitlines()) == 1
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and result["final_val_loss"] is None
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------- experiments
+
+
+def test_compute_factor_math():
+    steps = [100, 125, 150, 200, 250]
+    losses = [3.0 - 0.5 * math.log(s) for s in steps]
+    a, b = experiments.fit_log_steps(steps, losses)
+    assert a == pytest.approx(3.0) and b == pytest.approx(-0.5)
+    # an optimizer reaching in 100 steps what the baseline reaches in 180 saves 1.8x
+    assert experiments.compute_factor(steps, losses, 100, 3.0 - 0.5 * math.log(180)) == pytest.approx(1.8)
+    assert experiments.compute_factor(steps, losses, 100, losses[0]) == pytest.approx(1.0)
+    assert experiments.compute_factor(steps, losses, 100, 3.0 - 0.5 * math.log(400)) == ">2.5"
+    assert experiments.compute_factor(steps, losses, 100, losses[0] + 0.1) == "<1"
+    assert experiments.compute_factor(steps, [2.0] * 5, 100, 1.9) is None  # baseline does not improve
+    assert experiments.compute_factor([100], [2.0], 100, 1.9) is None
+    metrics = [{"step": 0, "val_loss": 5}, {"step": 10, "train_loss": 1}, {"step": 20, "val_loss": 2.9}]
+    assert experiments.steps_to_target(metrics, 3.0) == 20 and experiments.steps_to_target(metrics, 1) is None
+
+
+def test_compare_summary_and_report(tmp_path, corpus_file, capsys):
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            "--preset",
+            "tiny",
+            "--data",
+            corpus_file,
+            "--steps",
+            "10",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+            "--optimizers",
+            "adamw,snoo(k=5)+adamw",
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "| snoo(k=5)+adamw |" in printed and "2 seeds" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["runs"]
+    assert len(runs) == 2 * (5 + 1)  # per seed: the baseline at 5 budgets, SNOO at 1x
+    assert {r["steps"] for r in runs if r["optimizer"] == "adamw"} == {10, 12, 15, 20, 25}
+    for r in runs:
+        assert {"optimizer", "seed", "steps", "final_val_loss", "weight_norm"} <= set(r)
+        assert r["final_val_loss"] > 0 and r["weight_norm"] > 0
+    assert set(summary["compute_factor"]) == {"adamw", "snoo(k=5)+adamw"}
+    assert summary["compute_factor"]["adamw"] == 1.0
+    factor = summary["compute_factor"]["snoo(k=5)+adamw"]
+    assert factor is None or isinstance(factor, (float, str))
+    assert summary["corpus"]["python"] == sys.version.split()[0]
+    # fairness: same seed -> same init, and one eval set -> the same loss at step 0 for every optimizer of a seed
+    first = {}
+    for r in runs:
+        m0 = train.read_metrics(out / "runs" / r["dir"] / "metrics.jsonl")[0]
+        first.setdefault(r["seed"], set()).add(m0["val_loss"])
+    assert all(len(v) == 1 for v in first.values()) and len(first) == 2
+    assert first[0] != first[1]  # another seed, another init
+    for name in ("val_loss.png", "weight_norm.png", "summary.md"):
+        assert (out / name).stat().st_size > 0
+
+    before = (out / "summary.json").read_text()
+    for name in ("summary.json", "summary.md", "val_loss.png", "weight_norm.png"):
+        (out / name).unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "summary.json").read_text() == before and (out / "val_loss.png").exists()
+
+
+def test_sweep_heatmap_and_resume_keeps_finished_runs(tmp_path, corpus_file, capsys):
+    out = tmp_path / "sw"
+    args = [
+        "sweep",
+        "--preset",
+        "tiny",
+        "--data",
+        corpus_file,
+        "--steps",
+        "8",
+        "--out",
+        str(out),
+        "--optimizer",
+        "snoo-adamw",
+        "--grid",
+        "k=2,4 lr=0.5,0.7",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 1 + 4 and len(summary["grid"]) == 4
+    assert summary["grid"]["snoo(k=4,lr=0.5)+adamw"] == {"k": 4, "lr": 0.5}
+    assert (out / "heatmap.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert capsys.readouterr().out.count("done before, kept") == 5
+
+
+def test_a_diverged_run_is_reported_not_fatal(tmp_path, corpus_file, capsys):
+    out = tmp_path / "d"
+    assert (
+        main(
+            [
+                "compare",
+                "--preset",
+                "tiny",
+                "--data",
+                corpus_file,
+                "--steps",
+                "6",
+                "--out",
+                str(out),
+                "--optimizers",
+                "adamw,sgd(lr=1e12,momentum=0)",
+                "--set",
+                "grad_clip=0",
+                "--budgets",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "| sgd(lr=1e+12,momentum=0) | diverged |" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["ok", "diverged"]
+    assert summary["compute_factor"]["sgd(lr=1e+12,momentum=0)"] is None
+
+
+def test_tune_baseline_uses_best_lr_for_everyone(tmp_path, corpus_file):
+    cfg = tiny(tmp_path, corpus_file, steps=6, eval_every=3)
+    summary = experiments.run_experiment(
+        "compare", cfg, ["adamw", "snoo(k=5)+adamw"], budgets=(1.0,), tune_baseline=True, say=lambda s: None
+    )
+    lr = summary["tuned_lr"]
+    assert lr in [spec.NAMES["adamw"].defaults["lr"] * f for f in experiments.TUNE_FACTORS]
+    assert all(f"adamw(lr={lr:g})" in r["optimizer"] for r in summary["runs"])
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["train", "--optimizer", "adamx"], "unknown optimizer 'adamx'"),
+        (["train", "--optimizer", "snoo(k=0)+adamw"], "k=0 is out of range"),
+        (["train", "--data", "/no/such/file.txt"], "no such file"),
+        (["train", "--data", "EMPTY"], "fewer than one block"),
+        (["train", "--preset", "huge"], "unknown preset 'huge'"),
+        (["train", "--set", "n_layers=3"], "unknown config key 'n_layers'"),
+        (["train", "--steps", "many"], "invalid int value"),
+        (["train", "--set", "steps=many"], "steps must be int"),
+        (["train", "--set", "tie_head=1"], "tie_head must be bool"),
+        (["compare", "--optimizers", "adamw"], "at least two"),
+        (["sweep", "--grid", "k=1,2 foo=3"], "has a key 'foo'"),
+        (["report", "/no/such/dir"], "experiment.json is missing"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    if args[0] != "report":
+        args += ["--preset", "tiny"] if "--preset" not in args else []
+        args += ["--out", str(tmp_path / "o"), "--no-progress"] if args[0] != "fly" else []
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snoo: error: ") and words in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "module", "words"),
+    [
+        (["--tokenizer", "bpe"], "tokenizers", "pip install tokenizers"),
+        (["--tensorboard"], "tensorboard", "pip install tensorboard"),
+    ],
+)
+def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsys, flag, module, words):
+    try:
+        __import__(module)
+        pytest.skip(f"{module} is installed")
+    except ImportError:
+        pass
+    args = ["train", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path), "--steps", "2", *flag]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_python_m_snoo_bad_input_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "snoo", "train", "--optimizer", "snoo(lr=zero)+adamw"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "snoo: error: snoo: lr='zero' is not a number\n"
+
+
+def test_toml_config(tmp_path, corpus_file):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'preset = "tiny"\ndata = "{corpus_file}"\nsteps = 8\nprogress = false\nschedule = "wsd"\n'
+        'optimizer = [{name = "snoo", k = 4}, {name = "adamw", lr = 2e-3}]\n'
+    )
+    out = tmp_path / "t"
+    assert main(["train", "--config", str(config), "--out", str(out), "--steps", "6"]) == 0  # flags win
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["optimizer"] == "snoo(k=4)+adamw(lr=0.002)"
+    assert saved["config"]["steps"] == 6 and saved["config"]["schedule"] == "wsd"

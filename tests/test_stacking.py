@@ -1,0 +1,175 @@
+"""Wrappers around wrappers: which stacks are refused and why, and EMA-Nesterov / Nesterov around SNOO against the
+equations. Run as a script, this file is the fresh process that resumes a checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import snoo
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, t: int) -> None:
+    g = torch.Generator().manual_seed(1000 + t)
+    dtype = next(model.parameters()).dtype
+    x, y = torch.randn(32, 6, generator=g).to(dtype), torch.randn(32, 3, generator=g).to(dtype)
+    (model(x) - y).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "outer, inner",
+    [
+        (snoo.SNOO, snoo.EMANesterov),
+        (snoo.SNOO, snoo.Nesterov),
+        (snoo.Lookahead, snoo.EMANesterov),
+        (snoo.Nesterov, snoo.EMANesterov),
+        (snoo.EMANesterov, snoo.Nesterov),
+    ],
+)
+def test_a_wrapper_whose_parameters_hold_a_lookahead_point_cannot_be_wrapped(outer, inner):
+    """SNOO(EMANesterov(A)) by the equations: SNOO's fast weights would be y = x + beta m instead of x (its pseudo-
+    gradient would carry EMA-Nesterov's lookahead and its own Nesterov would extrapolate it again), and at SNOO's reset
+    p = w the wrapper's x stays behind, so the jump w - x would enter m as if A had made it, and be extrapolated at
+    every following step. Both algorithms would silently change: refused, with the order that is exact."""
+    model = make_model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    middle = inner(adamw)
+    keys = set(adamw.param_groups[0])
+    with pytest.raises(TypeError, match=rf"lookahead point.*{inner.__name__}\({outer.__name__}\(AdamW"):
+        outer(middle)
+    assert set(adamw.param_groups[0]) == keys, "a refused wrapper leaves the groups as they were"
+
+
+def reference(steps: int, k: int, beta: float, gamma: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """EMA-Nesterov from its equations with the black box A = SNOO(AdamW) written from SNOO's equations, in float64.
+    Returns (y_{T+1}, SNOO's slow weights)."""
+    model = make_model(0, torch.float64)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    params = list(model.parameters())
+    slow, buf = params_of(model), [torch.zeros_like(p) for p in params]  # SNOO: w = p, b = 0
+    x, m = params_of(model), [torch.zeros_like(p) for p in params]  # EMA-Nesterov: x_1 = p, m_1 = 0
+    eta, mu = 0.7, 0.5
+    for t in range(1, steps + 1):
+        train_step(model, adamw, t)  # the parameters held y_t; AdamW steps from there
+        with torch.no_grad():
+            if t % k == 0:  # SNOO's outer step: the fast weights are AdamW's result
+                for i, p in enumerate(params):
+                    s = slow[i] - p
+                    buf[i] = mu * buf[i] + s
+                    slow[i] = slow[i] - eta * (s + mu * buf[i])
+                    p.copy_(slow[i])
+            for i, p in enumerate(params):  # now p = SNOO(AdamW)(y_t) = x_{t+1}
+                m[i] = gamma * m[i] + (1 - gamma) * (p - x[i])
+                x[i] = p.detach().clone()
+                p.copy_(x[i] + beta * m[i])
+    return params_of(model), slow
+
+
+@pytest.mark.parametrize("steps", [5, 6, 17])
+def test_ema_nesterov_around_snoo_is_ema_nesterov_with_snoo_as_its_base_optimizer(steps):
+    k, beta, gamma = 3, 0.5, 0.8
+    model = make_model(0, torch.float64)
+    inner = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=k, lr=0.7, momentum=0.5)
+    opt = snoo.EMANesterov(inner, beta=beta, gamma=gamma)
+    for t in range(1, steps + 1):
+        train_step(model, opt, t)
+    want_y, want_slow = reference(steps, k, beta, gamma)
+    for p, y, w in zip(model.parameters(), want_y, want_slow):
+        torch.testing.assert_close(p.detach(), y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(inner.state[p]["slow"], w, rtol=1e-12, atol=1e-12)
+    if steps % k == 0:  # right after an outer step, EMA-Nesterov's real iterate is SNOO's slow weights
+        assert all(torch.equal(opt.state[p]["iterate"], inner.state[p]["slow"]) for p in model.parameters())
+
+
+def test_eval_of_the_stack_gives_snoo_slow_weights_and_train_restores_the_lookahead_point():
+    model = make_model()
+    inner = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4)
+    opt = snoo.EMANesterov(inner, beta=0.5, gamma=0.9)
+    for t in range(1, 7):  # mid-cycle: y, x and w all differ
+        train_step(model, opt, t)
+    y = params_of(model)
+    opt.eval()
+    assert not inner.training
+    assert all(torch.equal(p, inner.state[p]["slow"]) for p in model.parameters())
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.step()
+    opt.train()
+    assert inner.training and all(torch.equal(p, q) for p, q in zip(model.parameters(), y))
+
+
+def test_nesterov_around_snoo_lowers_the_loss():
+    model = make_model()
+    opt = snoo.Nesterov(snoo.SNOO(torch.optim.Adam(model.parameters(), lr=1e-2), k=5), momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randn(64, 3, generator=g)
+    first = (model(x) - y).square().mean().item()
+    for _ in range(40):
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()
+    assert (model(x) - y).square().mean().item() < 0.8 * first
+
+
+# -- checkpoints of the stack ---------------------------------------------------------------------------------------
+
+STEPS = 14
+
+
+def build() -> tuple[torch.nn.Module, snoo.EMANesterov]:
+    model = make_model()
+    inner = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, lr=snoo.schedules.cosine(0.8, 0.4, STEPS))
+    return model, snoo.EMANesterov(inner, beta=0.5, gamma=0.9)
+
+
+def resume_and_finish(directory: Path) -> None:
+    for checkpoint in sorted(directory.glob("ckpt-*.pt")):
+        model, opt = build()
+        saved = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        opt.train()
+        for t in range(saved["step"] + 1, STEPS + 1):
+            train_step(model, opt, t)
+        torch.save(params_of(model), checkpoint.with_suffix(".final"))
+
+
+def test_the_stack_saves_and_resumes_bit_for_bit_in_a_fresh_process(tmp_path):
+    model, opt = build()
+    for t in range(1, STEPS + 1):
+        train_step(model, opt, t)
+    expected = params_of(model)
+    for cut, in_eval in [(4, False), (6, True), (9, False)]:
+        model, opt = build()
+        for t in range(1, cut + 1):
+            train_step(model, opt, t)
+        if in_eval:
+            opt.eval()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": cut}, tmp_path / f"ckpt-{cut}.pt")
+    sd = opt.state_dict()
+    assert {"snoo", "ema_nesterov"} <= set(sd)
+    assert {"snoo.slow", "snoo.momentum", "ema_nesterov.iterate", "ema_nesterov.update_ema"} <= set(sd["state"][0])
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for cut in (4, 6, 9):
+        got = torch.load(tmp_path / f"ckpt-{cut}.final", weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), cut
+
+
+if __name__ == "__main__":
+    resume_and_finish(Path(sys.argv[1]))
