@@ -12,33 +12,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import snoo
+from helpers import CountOps, batch, make_model, params_of, train_step
 from snoo import schedules
-
-
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
-
-
-def batch(t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + t)
-    return torch.randn(32, 6, generator=g).to(dtype), torch.randn(32, 3, generator=g).to(dtype)
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, t: int) -> float:
-    x, y = batch(t, next(model.parameters()).dtype)
-    loss = (model(x) - y).square().mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
-
-
-def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def reference(steps: int, mu, weight_decay: float, lr: float = 1e-2):
@@ -241,16 +218,6 @@ def test_low_precision_parameters_keep_float32_state(dtype):
         st_ = opt.state[p]
         assert st_["iterate"].dtype == st_["lookahead"].dtype == torch.float32
         assert torch.equal(p, (st_["iterate"] + st_["lookahead"]).to(dtype))
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_update_is_a_few_foreach_passes_whatever_the_number_of_tensors():

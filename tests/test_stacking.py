@@ -11,24 +11,7 @@ import pytest
 import torch
 
 import snoo
-
-
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, t: int) -> None:
-    g = torch.Generator().manual_seed(1000 + t)
-    dtype = next(model.parameters()).dtype
-    x, y = torch.randn(32, 6, generator=g).to(dtype), torch.randn(32, 3, generator=g).to(dtype)
-    (model(x) - y).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+from helpers import make_model, params_of, train_step
 
 
 @pytest.mark.parametrize(
