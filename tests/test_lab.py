@@ -152,13 +152,13 @@ def test_train_writes_metrics_and_result(tmp_path, corpus_file):
 def test_eval_uses_the_optimizers_evaluation_weights(tmp_path, corpus_file):
     # k=7 does not divide 40: at the end the fast weights are 5 steps past the slow ones
     r = train.train(tiny(tmp_path, corpus_file, optimizer="snoo(k=7)+adamw"))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     fast_norm = math.sqrt(sum(v.float().pow(2).sum().item() for k, v in ckpt["model"].items() if k != "head.weight"))
     assert r["weight_norm"] != pytest.approx(fast_norm, rel=1e-6)
 
 
 def _state(path: Path):
-    ckpt = torch.load(path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(path / "ckpt.pt", weights_only=True)
     metrics = [{k: v for k, v in m.items() if k != "time"} for m in train.read_metrics(path / "metrics.jsonl")]
     return ckpt, metrics
 
@@ -175,7 +175,7 @@ def test_resume_is_bit_exact(tmp_path, corpus_file):
     cut = tiny(tmp_path / "cut", corpus_file, optimizer=spec_)
     with pytest.raises(KeyboardInterrupt):
         train.train(cut, callback=interrupt)
-    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 20
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 20
     train.train(cut, resume=True)
 
     (a, ma), (b, mb) = _state(tmp_path / "whole"), _state(tmp_path / "cut")
@@ -199,7 +199,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(train.os, "replace", crash)
     with pytest.raises(OSError):
         train._atomic_save({"step": 2}, path)
-    assert torch.load(path, weights_only=False) == {"step": 1}  # the old checkpoint is whole
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the old checkpoint is whole
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_file, capsys):
@@ -226,7 +226,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_file, 
     assert code == 1 and "diverged" in err and len(err.splitlines()) == 1
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "diverged" and result["final_val_loss"] is None
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 

@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
     step, wall = 0, 0.0
     ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, wall = ckpt["step"], ckpt["wall"]
