@@ -1,6 +1,12 @@
-"""What several test files share: a small model, deterministic batches, a training step, and an op counter."""
+"""What several test files share: a small model, deterministic batches, a training step, an op counter, and the
+harness that resumes a run in a fresh process."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,3 +46,47 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+# -- resuming in a fresh process ----------------------------------------------------------------------------------
+# A test file that checks resume defines build() -> (model, optimizer, scheduler) and run(model, opt, sched, start,
+# stop), saves checkpoints with `save_checkpoints`, and ends with
+#     if __name__ == "__main__": resume_and_finish(Path(sys.argv[1]), build, run, STEPS)
+# so that running the file as a script is the fresh process that loads each checkpoint and finishes the run.
+
+Build = Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]
+Run = Callable[[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int, int], None]
+
+
+def save_checkpoints(directory: Path, build: Build, run: Run, cuts: list[tuple[int, bool]]) -> torch.optim.Optimizer:
+    """Train from scratch to each cut and save everything there (in eval mode where asked); returns the last
+    optimizer, for the caller to look at its state dict."""
+    for cut, in_eval in cuts:
+        model, opt, sched = build()
+        run(model, opt, sched, 0, cut)
+        if in_eval:
+            opt.eval()
+        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": cut}
+        torch.save(saved, directory / f"ckpt-{cut}.pt")
+    return opt
+
+
+def resume_and_finish(directory: Path, build: Build, run: Run, steps: int) -> None:
+    """Load each checkpoint into a freshly built model, optimizer and scheduler, finish the run, save the weights."""
+    for checkpoint in sorted(directory.glob("ckpt-*.pt")):
+        model, opt, sched = build()
+        saved = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        opt.train()  # a checkpoint saved in eval mode holds the evaluation weights in the model
+        run(model, opt, sched, saved["step"], steps)
+        torch.save(params_of(model), checkpoint.with_suffix(".final"))
+
+
+def assert_fresh_process_finishes_the_same(script: str, directory: Path, cuts: list[tuple[int, bool]], expected):
+    done = subprocess.run([sys.executable, script, str(directory)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for cut, _ in cuts:
+        got = torch.load(directory / f"ckpt-{cut}.final", weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), f"resumed at step {cut}"

@@ -4,7 +4,6 @@ this file is the fresh process that resumes a checkpoint."""
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snoo
-from helpers import CountOps, batch, make_model, params_of, train_step
+from helpers import (
+    CountOps,
+    assert_fresh_process_finishes_the_same,
+    batch,
+    make_model,
+    params_of,
+    resume_and_finish,
+    save_checkpoints,
+    train_step,
+)
 from snoo import schedules
 
 
@@ -346,37 +354,18 @@ def run(model, opt, sched, start: int, stop: int) -> None:
         opt.zero_grad()
 
 
-def resume_and_finish(directory: Path) -> None:
-    for checkpoint in sorted(directory.glob("ckpt-*.pt")):
-        model, opt, sched = build()
-        saved = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        opt.train()
-        run(model, opt, sched, saved["step"], STEPS)
-        torch.save(params_of(model), checkpoint.with_suffix(".final"))
+CUTS = [(1, False), (6, False), (9, True)]  # (step, saved in eval mode)
 
 
 def test_resume_in_a_fresh_process_is_bit_exact_with_a_schedule_and_in_eval_mode(tmp_path):
     model, opt, sched = build()
     run(model, opt, sched, 0, STEPS)
     expected = params_of(model)
-    for cut, in_eval in [(1, False), (6, False), (9, True)]:
-        model, opt, sched = build()
-        run(model, opt, sched, 0, cut)
-        if in_eval:
-            opt.eval()
-        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": cut}
-        torch.save(saved, tmp_path / f"ckpt-{cut}.pt")
+    opt = save_checkpoints(tmp_path, build, run, CUTS)
     sd = opt.state_dict()
     assert sd["param_groups"][0]["ema_beta"].startswith("<schedule, not saved> schedules.linear_warmup(")
     assert set(sd["state"][1]) >= {"ema_nesterov.iterate", "ema_nesterov.update_ema", "ema_nesterov.fast"}
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    for cut in (1, 6, 9):
-        got = torch.load(tmp_path / f"ckpt-{cut}.final", weights_only=True)
-        assert all(torch.equal(a, b) for a, b in zip(got, expected)), cut
+    assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 
 def test_a_state_saved_with_a_schedule_needs_the_schedule_to_load():
@@ -393,4 +382,4 @@ def test_a_state_saved_with_a_schedule_needs_the_schedule_to_load():
 
 
 if __name__ == "__main__":
-    resume_and_finish(Path(sys.argv[1]))
+    resume_and_finish(Path(sys.argv[1]), build, run, STEPS)

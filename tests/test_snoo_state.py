@@ -3,7 +3,6 @@ fit. Run as a script, this file is the fresh process: it loads a checkpoint and 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import snoo
+from helpers import assert_fresh_process_finishes_the_same, resume_and_finish, save_checkpoints
 
 STEPS, K = 23, 5
 
@@ -45,42 +45,17 @@ def run(model: Net, opt: snoo.SNOO, sched, start: int, stop: int) -> None:
         opt.zero_grad()
 
 
-def save(path: Path, model: Net, opt: snoo.SNOO, sched, step: int) -> None:
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, path)
+CUTS = [(1, False), (7, False), (10, False), (13, True), (19, False)]
+# (step, saved in eval mode): mid-cycle, right after an outer step, in eval mode, and at 19, where `rare` got its
+# gradient of this cycle (step 18) before the cut and none after it: only the saved state says it takes the outer step
 
 
-def resume_and_finish(checkpoint: Path, out: Path) -> None:
-    model, opt, sched = build()
-    saved = torch.load(checkpoint, weights_only=True)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    sched.load_state_dict(saved["sched"])
-    opt.train()  # a checkpoint saved in eval mode holds the slow weights in the model; train() brings back the fast
-    run(model, opt, sched, saved["step"], STEPS)
-    torch.save([p.detach() for p in model.parameters()], out)
-
-
-@pytest.mark.parametrize("cut, in_eval", [(7, False), (10, False), (13, True), (1, False)])
-def test_resume_in_a_fresh_process_is_bit_exact(tmp_path, cut, in_eval):
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     model, opt, sched = build()
     run(model, opt, sched, 0, STEPS)
     expected = [p.detach() for p in model.parameters()]
-
-    model, opt, sched = build()
-    run(model, opt, sched, 0, cut)
-    if in_eval:
-        opt.eval()
-    save(tmp_path / "ckpt.pt", model, opt, sched, cut)
-    done = subprocess.run(
-        [sys.executable, __file__, str(tmp_path / "ckpt.pt"), str(tmp_path / "final.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    got = torch.load(tmp_path / "final.pt", weights_only=True)
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
+    save_checkpoints(tmp_path, build, run, CUTS)
+    assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 
 def test_state_dict_layout_is_keyed_by_position_and_does_not_alias_the_inner_state():
@@ -156,4 +131,4 @@ def test_deepcopy_keeps_the_inner_optimizer():
 
 
 if __name__ == "__main__":
-    resume_and_finish(Path(sys.argv[1]), Path(sys.argv[2]))
+    resume_and_finish(Path(sys.argv[1]), build, run, STEPS)

@@ -3,7 +3,6 @@ equations. Run as a script, this file is the fresh process that resumes a checkp
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,14 @@ import pytest
 import torch
 
 import snoo
-from helpers import make_model, params_of, train_step
+from helpers import (
+    assert_fresh_process_finishes_the_same,
+    make_model,
+    params_of,
+    resume_and_finish,
+    save_checkpoints,
+    train_step,
+)
 
 
 @pytest.mark.parametrize(
@@ -114,45 +120,31 @@ def test_nesterov_around_snoo_lowers_the_loss():
 STEPS = 14
 
 
-def build() -> tuple[torch.nn.Module, snoo.EMANesterov]:
+def build() -> tuple[torch.nn.Module, snoo.EMANesterov, torch.optim.lr_scheduler.LRScheduler]:
     model = make_model()
     inner = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, lr=snoo.schedules.cosine(0.8, 0.4, STEPS))
-    return model, snoo.EMANesterov(inner, beta=0.5, gamma=0.9)
+    opt = snoo.EMANesterov(inner, beta=0.5, gamma=0.9)
+    return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
 
 
-def resume_and_finish(directory: Path) -> None:
-    for checkpoint in sorted(directory.glob("ckpt-*.pt")):
-        model, opt = build()
-        saved = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        opt.train()
-        for t in range(saved["step"] + 1, STEPS + 1):
-            train_step(model, opt, t)
-        torch.save(params_of(model), checkpoint.with_suffix(".final"))
+def run(model, opt, sched, start: int, stop: int) -> None:
+    for t in range(start + 1, stop + 1):
+        train_step(model, opt, t)
+        sched.step()
+
+
+CUTS = [(4, False), (6, True), (9, False)]  # (step, saved in eval mode)
 
 
 def test_the_stack_saves_and_resumes_bit_for_bit_in_a_fresh_process(tmp_path):
-    model, opt = build()
-    for t in range(1, STEPS + 1):
-        train_step(model, opt, t)
+    model, opt, sched = build()
+    run(model, opt, sched, 0, STEPS)
     expected = params_of(model)
-    for cut, in_eval in [(4, False), (6, True), (9, False)]:
-        model, opt = build()
-        for t in range(1, cut + 1):
-            train_step(model, opt, t)
-        if in_eval:
-            opt.eval()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": cut}, tmp_path / f"ckpt-{cut}.pt")
-    sd = opt.state_dict()
+    sd = save_checkpoints(tmp_path, build, run, CUTS).state_dict()
     assert {"snoo", "ema_nesterov"} <= set(sd)
     assert {"snoo.slow", "snoo.momentum", "ema_nesterov.iterate", "ema_nesterov.update_ema"} <= set(sd["state"][0])
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    for cut in (4, 6, 9):
-        got = torch.load(tmp_path / f"ckpt-{cut}.final", weights_only=True)
-        assert all(torch.equal(a, b) for a, b in zip(got, expected)), cut
+    assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 
 if __name__ == "__main__":
-    resume_and_finish(Path(sys.argv[1]))
+    resume_and_finish(Path(sys.argv[1]), build, run, STEPS)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.optim import AdamW, Muon, Optimizer
 
-from snoo.optim.groups import check_betas, check_number, role_group
+from snoo.optim.groups import check_betas, check_number, evaluate_closure, role_group
 
 __all__ = ["MuonAdamW"]
 
@@ -164,10 +164,7 @@ class MuonAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one Muon step on the matrices and one AdamW step on the rest."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for inner in (self._muon, self._adamw):
             if inner is not None:
                 inner.step()

@@ -8,17 +8,19 @@ Every group is a plain ``torch.optim`` parameter group (a dict with ``"params"``
   is treated as a matrix over its first dimension, ``w.view(w.shape[0], -1)``.
 - ``"vector"``: tensors with at most one dimension (norm gains, biases, scalars).
 
-The module also holds the argument checks that the three optimizers share.
+The module also holds the argument checks that the three optimizers share, and :class:`RoleOptimizer`, the base of
+SCALE and SGD-LL.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 __all__ = ["ROLES", "param_groups"]
 
@@ -210,3 +212,46 @@ def _tensors(params: Any) -> Iterable[Any]:
     if isinstance(params, torch.Tensor):
         return [params]
     return [p[1] if isinstance(p, tuple) else p for p in params]
+
+
+class RoleOptimizer(Optimizer):
+    """Base of the optimizers whose update depends on each group's ``"role"`` (SCALE, SGD-LL): groups are refused
+    without a role, each group's options are checked by :meth:`_check_hyperparameters`, and ``step`` walks the groups
+    through :meth:`_groups_with_grads`."""
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Validate (and normalise) the options of ``group``; raise ValueError/TypeError naming a bad one."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group, _ = role_group(type(self).__name__, param_group)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        self._check_hyperparameters(group)
+        super().add_param_group(group)
+
+    def _groups_with_grads(self) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """``(group, params, grads)`` for each group, over the parameters that have a gradient."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            yield group, params, grads
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The loss from ``closure`` (with gradients enabled), or None: the first thing a ``step(closure)`` does."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def pick_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
+    """``foreach`` as given, else True when every parameter is on an accelerator (on CPU the loop is as fast)."""
+    if foreach is not None:
+        return foreach
+    return all(p.device.type != "cpu" for p in params) and not torch.jit.is_scripting()

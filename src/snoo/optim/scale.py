@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from snoo.optim.groups import check_betas, check_number, role_group
+from snoo.optim.groups import RoleOptimizer, check_betas, check_number, evaluate_closure, pick_foreach
 
 __all__ = ["SCALE", "adamw_update", "scale_update"]
 
@@ -21,7 +20,7 @@ __all__ = ["SCALE", "adamw_update", "scale_update"]
 RMS_FLOOR = 1e-8
 
 
-class SCALE(Optimizer):
+class SCALE(RoleOptimizer):
     r"""SCALE: plain SGD with each weight's update normalised to unit RMS per output unit.
 
     Needs role-tagged parameter groups (:func:`snoo.param_groups`). With ``g`` the gradient, ``t`` the number of
@@ -78,28 +77,15 @@ class SCALE(Optimizer):
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group, _ = role_group("SCALE", param_group)
-        for name, default in self.defaults.items():
-            group.setdefault(name, default)
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_hyperparameters(group)
-        super().add_param_group(group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("SCALE does not support sparse gradients")
-            foreach = _pick_foreach(group["foreach"], params)
+        loss = evaluate_closure(closure)
+        for group, params, grads in self._groups_with_grads():
+            foreach = pick_foreach(group["foreach"], params)
             role = group["role"]
             if role == "vector":
                 states = [self._adam_state(p) for p in params]
@@ -155,12 +141,6 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     group["betas"] = check_betas("SCALE", "betas", group["betas"])
     group["eps"] = check_number("SCALE", "eps", group["eps"], low=0.0)
     group["weight_decay"] = check_number("SCALE", "weight_decay", group["weight_decay"], low=0.0)
-
-
-def _pick_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
-    if foreach is not None:
-        return foreach
-    return all(p.device.type != "cpu" for p in params) and not torch.jit.is_scripting()
 
 
 def scale_update(

@@ -11,10 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from snoo.optim.groups import check_number, role_group
-from snoo.optim.scale import _pick_foreach
+from snoo.optim.groups import RoleOptimizer, check_number, evaluate_closure, pick_foreach
 
 __all__ = ["SGDLL", "sgd_ll_update"]
 
@@ -22,7 +20,7 @@ ROW_NORM_FLOOR = 1e-8  # floor on ||d_r|| in the head's row clip
 RMS_FLOOR = 1e-9  # floor on rms(d) in the update clip
 
 
-class SGDLL(Optimizer):
+class SGDLL(RoleOptimizer):
     r"""SGD-LL: EMA-momentum SGD whose update is clipped per head row and per tensor.
 
     Needs role-tagged parameter groups (:func:`snoo.param_groups`); only the ``"head"`` role is treated apart.
@@ -68,27 +66,14 @@ class SGDLL(Optimizer):
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        group, _ = role_group("SGDLL", param_group)
-        for name, default in self.defaults.items():
-            group.setdefault(name, default)
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_hyperparameters(group)
-        super().add_param_group(group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("SGDLL does not support sparse gradients")
+        loss = evaluate_closure(closure)
+        for group, params, grads in self._groups_with_grads():
             momentum_buffers = []
             for p in params:
                 state = self.state[p]
@@ -103,7 +88,7 @@ class SGDLL(Optimizer):
                 momentum=group["momentum"],
                 tau=group["tau"],
                 delta=group["delta"] if group["role"] == "head" else None,
-                foreach=_pick_foreach(group["foreach"], params),
+                foreach=pick_foreach(group["foreach"], params),
             )
         return loss
 
