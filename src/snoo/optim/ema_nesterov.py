@@ -162,8 +162,7 @@ class EMANesterov(Wrapper):
             if not params:
                 continue
             beta = self.lookahead_coefficient(group, next_step)
-            states = [self.state[p] for p in params]
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, states, "iterate"):
+            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "iterate"):
                 ema_nesterov_update(
                     bucket,
                     [st["iterate"] for st in bucket_states],

@@ -230,6 +230,16 @@ class RoleOptimizer(Optimizer):
         self._check_hyperparameters(group)
         super().add_param_group(group)
 
+    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """Each parameter's ``"momentum_buffer"``, created as zeros the first time."""
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(state["momentum_buffer"])
+        return buffers
+
     def _groups_with_grads(self) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """``(group, params, grads)`` for each group, over the parameters that have a gradient."""
         for group in self.param_groups:

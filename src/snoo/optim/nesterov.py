@@ -126,8 +126,7 @@ class Nesterov(Wrapper):
                 continue
             momentum = self.momentum_at(group, next_step)
             decay = float(group["lr"]) * group["nesterov_weight_decay"] if group["nesterov_weight_decay"] else 0.0
-            states = [self.state[p] for p in params]
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, states, "iterate"):
+            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "iterate"):
                 nesterov_update(
                     bucket,
                     [st["iterate"] for st in bucket_states],

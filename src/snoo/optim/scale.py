@@ -106,14 +106,7 @@ class SCALE(RoleOptimizer):
                     foreach=foreach,
                 )
                 continue
-            momentum_buffers = None
-            if role == "head" and group["momentum"] > 0:
-                momentum_buffers = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    momentum_buffers.append(state["momentum_buffer"])
+            momentum_buffers = self._momentum_buffers(params) if role == "head" and group["momentum"] > 0 else None
             scale_update(
                 params,
                 grads,

@@ -74,16 +74,10 @@ class SGDLL(RoleOptimizer):
         """Take one step; ``closure`` re-evaluates the model and returns the loss."""
         loss = evaluate_closure(closure)
         for group, params, grads in self._groups_with_grads():
-            momentum_buffers = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                momentum_buffers.append(state["momentum_buffer"])
             sgd_ll_update(
                 params,
                 grads,
-                momentum_buffers,
+                self._momentum_buffers(params),
                 lr=group["lr"],
                 momentum=group["momentum"],
                 tau=group["tau"],

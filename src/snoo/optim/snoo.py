@@ -130,8 +130,7 @@ class SNOO(Wrapper):
                 where = f" (the value of its schedule at step {self._inner_steps})"
                 lr = _check_outer_lr(value_at(lr, self._inner_steps), where)
                 momentum = _check_outer_momentum(value_at(momentum, self._inner_steps), where)
-            states = [self.state[p] for p in params]
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, states, "slow"):
+            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "slow"):
                 norms = outer_step(
                     bucket,
                     [st["slow"] for st in bucket_states],

@@ -27,7 +27,7 @@ algorithm:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -45,12 +45,13 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 def bucket_by_device_and_dtype(
-    params: list[torch.Tensor], states: list[dict[str, torch.Tensor]], key: str
+    params: list[torch.Tensor], state: Mapping[torch.Tensor, dict[str, torch.Tensor]], key: str
 ) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
-    """Split parallel lists of parameters and their states into runs that ``torch._foreach_*`` can take at once:
-    same parameter device and dtype, same device and dtype of ``state[key]``."""
+    """Split ``params`` and their entries of ``state`` into runs that ``torch._foreach_*`` can take at once: same
+    parameter device and dtype, same device and dtype of ``state[p][key]``."""
     buckets: dict[tuple, tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
-    for p, st in zip(params, states):
+    for p in params:
+        st = state[p]
         s = st[key]
         bucket = buckets.setdefault((p.device, p.dtype, s.device, s.dtype), ([], []))
         bucket[0].append(p)
