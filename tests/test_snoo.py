@@ -392,6 +392,22 @@ def test_torch_compile_of_a_model_trained_under_snoo():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_compiled_step_runs_the_outer_loop_like_eager():
+    # Dynamo once dropped the wrapper's step counter, so the outer step never fired; the wrapper's step now runs eagerly
+    model, eager = make_model(), make_model()
+    opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=3)
+    eager_opt = snoo.SNOO(torch.optim.AdamW(eager.parameters(), lr=1e-2), k=3)
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    for t in range(1, 8):
+        for m, step in ((model, compiled_step), (eager, eager_opt.step)):
+            x, y = batch(t)
+            (m(x) - y).square().mean().backward()
+            step()
+            m.zero_grad()
+    assert opt.state_dict()["param_groups"][0]["snoo"]["inner_steps"] == 7
+    assert all(map(torch.equal, params_of(model), params_of(eager)))
+
+
 def test_state_device_keeps_state_there():
     model = make_model()
     opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=2, state_device="cpu")

@@ -61,11 +61,11 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
 def test_state_dict_layout_is_keyed_by_position_and_does_not_alias_the_inner_state():
     model, opt, sched = build()
     run(model, opt, sched, 0, 10)
-    assert opt.state_dict()["snoo"]["touched"] == []  # right after an outer step
+    assert opt.state_dict()["param_groups"][0]["snoo"]["touched"] == []  # right after an outer step
     run(model, opt, sched, 10, 11)  # step 11 gives `rare` (position 0: own parameters come first) no gradient
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups", "snoo"}
-    assert sd["snoo"] == {"inner_steps": 11, "training": True, "k": K, "touched": [1, 2, 3, 4]}
+    assert set(sd) == {"state", "param_groups"}  # all that torch.distributed.checkpoint keeps
+    assert sd["param_groups"][0]["snoo"] == {"inner_steps": 11, "training": True, "k": K, "touched": [1, 2, 3, 4]}
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "snoo.slow", "snoo.momentum"}
     assert sd["param_groups"][0]["outer_lr"] == 0.6 and sd["param_groups"][0]["params"] == [0, 1, 2, 3, 4]
     assert all(not any(k.startswith("snoo.") for k in s) for s in opt.inner.state.values())
@@ -120,6 +120,20 @@ def test_a_state_that_does_not_fit_is_refused_with_what_does_not_match():
         opt.load_state_dict([1, 2])
 
 
+def test_the_inner_optimizer_alone_loads_its_own_state_and_keeps_the_outer_settings():
+    model, opt, sched = build()
+    plain = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    plain.step()  # a state dict of AdamW alone, e.g. from before SNOO was added to the run
+    opt.param_groups[0]["outer_lr"] = 0.25  # set by hand before loading: must survive it
+    opt.inner.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["outer_lr"] == 0.25 and opt.param_groups[0]["outer_momentum"] == 0.7
+    assert opt.inner.state[model.rare]["step"] == 1
+    opt.zero_grad()
+    run(model, opt, sched, 0, K + 1)  # steps, and takes an outer step, with the loaded moments
+
+
 def test_deepcopy_keeps_the_inner_optimizer():
     import copy
 
@@ -127,7 +141,7 @@ def test_deepcopy_keeps_the_inner_optimizer():
     run(model, opt, sched, 0, 3)
     clone = copy.deepcopy(opt)
     assert isinstance(clone.inner, torch.optim.AdamW) and clone.param_groups is clone.inner.param_groups
-    assert clone.state_dict()["snoo"] == opt.state_dict()["snoo"]
+    assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
 
 
 if __name__ == "__main__":

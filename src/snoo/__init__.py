@@ -1,5 +1,6 @@
 """snoo: SNOO (Step-K Nesterov Outer Optimizer) and its relatives as drop-in ``torch.optim`` optimizers."""
 
+from snoo import distributed
 from snoo.optim import schedules
 from snoo.optim.combined import MuonAdamW
 from snoo.optim.ema_nesterov import EMANesterov
@@ -9,5 +10,16 @@ from snoo.optim.scale import SCALE
 from snoo.optim.sgd_ll import SGDLL
 from snoo.optim.snoo import SNOO, Lookahead
 
-__all__ = ["SCALE", "SGDLL", "SNOO", "EMANesterov", "Lookahead", "MuonAdamW", "Nesterov", "param_groups", "schedules"]
+__all__ = [
+    "SCALE",
+    "SGDLL",
+    "SNOO",
+    "EMANesterov",
+    "Lookahead",
+    "MuonAdamW",
+    "Nesterov",
+    "distributed",
+    "param_groups",
+    "schedules",
+]
 __version__ = "0.1.0.dev0"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,20 +221,28 @@ def parse_value(name: str, key: str, text: str) -> Any:
     return value
 
 
+def _check_name(name: str) -> None:
+    if name not in NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(NAMES)}")
+
+
+def _check_key(name: str, key: str) -> None:
+    if key not in NAMES[name].defaults:
+        raise ValueError(f"{name}: unknown key {key!r}; keys: {', '.join(NAMES[name].defaults)}")
+
+
 def _parse_stage(text: str) -> Stage:
     m = _STAGE.match(text)
     if not m:
         raise ValueError(f"cannot read optimizer stage {text!r}: expected name or name(key=value,...)")
     name, body = m.group(1), m.group(2)
-    if name not in NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(NAMES)}")
+    _check_name(name)
     given: dict[str, Any] = {}
     for item in filter(None, (body or "").split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"{name}: expected key=value, got {item!r}")
-        if key not in NAMES[name].defaults:
-            raise ValueError(f"{name}: unknown key {key!r}; keys: {', '.join(NAMES[name].defaults)}")
+        _check_key(name, key)
         if key in given:
             raise ValueError(f"{name}: key {key!r} given twice")
         given[key] = parse_value(name, key, value)
@@ -323,16 +331,49 @@ def grid(spec: str, text: str) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
+def from_tables(tables: Sequence[Mapping[str, Any]]) -> list[Stage]:
+    """Tables ``{name = ..., key = value, ...}``, outermost first, as a TOML, JSON or YAML file gives them -> their
+    stages, checked as a SPEC's are and with the same messages, ready for :func:`build`.
+
+    A value is a number or a boolean, or a string of the grammar (YAML reads ``3e-3`` as text). Names ignore case
+    (``AdamW``). Floats are kept exactly: a SPEC string, ``canonical`` included, writes 6 significant digits.
+    """
+    if (
+        isinstance(tables, (str, Mapping))
+        or not isinstance(tables, Sequence)
+        or not tables
+        or not all(isinstance(t, Mapping) and isinstance(t.get("name"), str) for t in tables)
+    ):
+        raise ValueError("an optimizer given as tables must be a list of tables with a 'name' each, outermost first")
+    names = [table["name"].strip().lower() for table in tables]
+    for name in names:
+        _check_name(name)
+    parse("+".join(names))  # the order: wrappers first, a base optimizer last
+    return [
+        Stage(name, {key: _table_value(name, key, value) for key, value in table.items() if key != "name"})
+        for name, table in zip(names, tables)
+    ]
+
+
+def _table_value(name: str, key: str, value: Any) -> Any:
+    _check_key(name, key)
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, (int, float)):
+        text = repr(value)  # exact: float(repr(x)) == x
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise ValueError(f"{name}: {key}={value!r} is not a number or true/false")
+    return parse_value(name, key, text)
+
+
 def from_config(value: Any) -> str:
     """An optimizer from a config file: a SPEC string or a list of tables ``{name = ..., key = value}``."""
     if isinstance(value, str):
         return canonical(value)
-    if isinstance(value, list) and value and all(isinstance(t, Mapping) and "name" in t for t in value):
-        parts = []
-        for table in value:
-            keys = ",".join(f"{k}={_fmt(v)}" for k, v in table.items() if k != "name")
-            parts.append(f"{table['name']}({keys})" if keys else str(table["name"]))
-        return canonical("+".join(parts))
+    if isinstance(value, list):
+        return canonical(from_tables(value))
     raise ValueError("config 'optimizer' must be a SPEC string or a list of tables with a 'name' each")
 
 

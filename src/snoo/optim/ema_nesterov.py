@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from snoo.distributed import foreach_copy_
 from snoo.optim.schedules import Coefficient, is_number, lr_ratio, value_at
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
@@ -139,7 +140,7 @@ class EMANesterov(Wrapper):
             beta = beta * lr_ratio(group, group["ema_lr_peak"])
         return float(beta)
 
-    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         dtype = state_dtype(param)
         iterate = self._new_state(param, param, dtype)  # x_1 = p
         return {"iterate": iterate, "update_ema": torch.zeros_like(iterate)}  # m_1 = 0
@@ -199,11 +200,11 @@ def ema_nesterov_update(
     torch._foreach_sub_(iterates, new_iterates)
     torch._foreach_mul_(update_emas, gamma)
     torch._foreach_add_(update_emas, iterates, alpha=-(1 - gamma))
-    torch._foreach_copy_(iterates, new_iterates)
+    foreach_copy_(iterates, new_iterates)
     # y_{t+1} = x_{t+1} + beta_{t+1} m_{t+1}
     if new_iterates is params:  # the parameters hold x_{t+1} already
         if beta:
             torch._foreach_add_(params, update_emas, alpha=beta)
     else:
         lookahead = torch._foreach_add(iterates, update_emas, alpha=beta) if beta else iterates
-        torch._foreach_copy_(params, lookahead, non_blocking=True)
+        foreach_copy_(params, lookahead, non_blocking=True)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from snoo.distributed import foreach_copy_
 from snoo.optim.schedules import Coefficient, is_number, value_at
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
@@ -107,7 +108,7 @@ class Nesterov(Wrapper):
             return _check_momentum(value_at(momentum, n), f" (the value of its schedule at step {n})")
         return float(momentum)
 
-    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         dtype = state_dtype(param)
         iterate = self._new_state(param, param, dtype)  # theta_1 = p
         return {"iterate": iterate, "lookahead": torch.zeros_like(iterate)}  # phi_1 - theta_1 = mu_1 u_0 = 0
@@ -172,7 +173,7 @@ def nesterov_update(
     torch._foreach_mul_(lookaheads, -momentum)
     # phi_{t+1} = theta_{t+1} + d_{t+1}
     if stepped is params:
-        torch._foreach_copy_(params, iterates)
+        foreach_copy_(params, iterates)
         torch._foreach_add_(params, lookaheads)
     else:
-        torch._foreach_copy_(params, torch._foreach_add(iterates, lookaheads), non_blocking=True)
+        foreach_copy_(params, torch._foreach_add(iterates, lookaheads), non_blocking=True)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import compress
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
+from snoo.distributed import all_reduce_mean_, check_process_group, foreach_copy_, is_dtensor, local
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
@@ -54,6 +57,14 @@ class SNOO(Wrapper):
         track_norms: after each outer step, put the l2 norms of the pseudo-gradient, momentum and slow weights over
             all parameters in :attr:`outer_norms` (0-d tensors, so reading them is the caller's synchronisation).
             Costs one extra read of each of those tensors per outer step.
+        process_group: DiLoCo (Douillard et al. 2023). Each rank of this ``torch.distributed`` group takes its own
+            inner steps on its own data with no communication; at each outer step the pseudo-gradient :math:`s` is
+            averaged over the group (one ``all_reduce`` per dtype, see :func:`snoo.distributed.all_reduce_mean_`)
+            before the momentum update, so all ranks keep the same slow weights. One rank is plain SNOO. ``None``
+            (the default) communicates nothing: under DDP the gradients are already averaged, and under FSDP2 the
+            outer step runs on each rank's shard. The ranks must start from the same weights.
+        reduce_dtype: the dtype the pseudo-gradients travel in, e.g. ``torch.bfloat16`` to halve the bytes of a
+            float32 model (they are averaged in that precision and cast back). ``None``: the state dtype.
 
     Defaults: ``lr=0.7, momentum=0.5`` are a published public run (0.7, 0.5, K=30), inside the paper's good ranges
     (eta 0.2-0.8, mu 0.5-0.9; higher mu is more sensitive to K). ``k=20`` is the low end of the good range
@@ -69,6 +80,9 @@ class SNOO(Wrapper):
       weights, and the rounding error is part of the next pseudo-gradient, so nothing is lost to it.
     - ``eval()`` puts the slow weights into the parameters (evaluate, export, save the model then); ``train()``
       restores the fast ones exactly. In the middle of a cycle the slow weights are those of the last outer step.
+    - Sharded parameters (DTensors, as ``fully_shard`` makes them) get state sharded the same way, and the outer step
+      runs on each rank's shard.
+    - With a ``process_group``, a parameter takes the outer step when any rank gave it a gradient in the cycle.
     """
 
     state_prefix = "snoo"
@@ -83,7 +97,15 @@ class SNOO(Wrapper):
         *,
         state_device: torch.device | str | None = None,
         track_norms: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+        reduce_dtype: torch.dtype | None = None,
     ) -> None:
+        check_process_group(process_group)
+        if reduce_dtype is not None:
+            if process_group is None:
+                raise ValueError("reduce_dtype sets what the pseudo-gradients are averaged in: it needs process_group")
+            if not isinstance(reduce_dtype, torch.dtype) or not reduce_dtype.is_floating_point:
+                raise TypeError(f"reduce_dtype must be a floating-point torch.dtype, got {reduce_dtype!r}")
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k (inner steps per outer step) must be a positive int, got {k!r}")
         if k < 1:
@@ -95,6 +117,10 @@ class SNOO(Wrapper):
         #: l2 norms over all parameters after the last outer step, when ``track_norms`` is set.
         self.outer_norms: dict[str, torch.Tensor] = {}
         self._touched: set[torch.Tensor] = set()
+        self.process_group = process_group
+        self.reduce_dtype = reduce_dtype
+        #: bytes this rank has sent into all-reduces of pseudo-gradients (DiLoCo); 0 without a process group.
+        self.communicated_bytes = 0
         super().__init__(
             inner,
             {"outer_lr": lr, "outer_momentum": momentum, "outer_nesterov": nesterov},
@@ -107,8 +133,11 @@ class SNOO(Wrapper):
         if not callable(group["outer_momentum"]):
             _check_outer_momentum(group["outer_momentum"])
 
-    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"slow": self._new_state(param, param, state_dtype(param))}
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = {"slow": self._new_state(param, param, state_dtype(param))}
+        if group["outer_momentum"] != 0:  # a schedule too: b = 0 at the start; Lookahead keeps none
+            state["momentum"] = torch.zeros_like(state["slow"])
+        return state
 
     def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
         return {**super()._state_dtypes(param), "slow": state_dtype(param), "momentum": state_dtype(param)}
@@ -120,9 +149,11 @@ class SNOO(Wrapper):
         self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
         if self._inner_steps % self.k:
             return
-        squares: dict[str, list[torch.Tensor]] = {"pseudo_grad": [], "momentum": [], "slow": []}
+        # one plan per run of tensors that foreach can take at once: (params, slow, momentum buffers, hyperparameters)
+        plans = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p in self._touched]
+            # with a process group, every rank sends every parameter, so that the collectives match
+            params = [p for p in group["params"] if (p in self.state if self.process_group else p in self._touched)]
             if not params:
                 continue
             lr, momentum = group["outer_lr"], group["outer_momentum"]
@@ -130,51 +161,108 @@ class SNOO(Wrapper):
                 where = f" (the value of its schedule at step {self._inner_steps})"
                 lr = _check_outer_lr(value_at(lr, self._inner_steps), where)
                 momentum = _check_outer_momentum(value_at(momentum, self._inner_steps), where)
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "slow"):
-                norms = outer_step(
+            for bucket, states in bucket_by_device_and_dtype(params, self.state, "slow"):
+                hyper = {"lr": lr, "momentum": momentum, "nesterov": group["outer_nesterov"]}
+                plans.append((bucket, states, hyper))
+        if self.process_group is None:
+            squares = [
+                outer_step(
                     bucket,
-                    [st["slow"] for st in bucket_states],
-                    self._momentum_buffers(bucket_states, momentum),
-                    lr=lr,
-                    momentum=momentum,
-                    nesterov=group["outer_nesterov"],
+                    [st["slow"] for st in states],
+                    self._momentum_buffers(states, hyper["momentum"]),
+                    **hyper,
                     track_norms=self.track_norms,
                 )
-                for name, value in norms.items():
-                    squares[name].append(value.to(squares[name][0].device if squares[name] else value.device))
+                for bucket, states, hyper in plans
+            ]
+        else:
+            squares = self._averaged_outer_step(plans)
         self._touched.clear()
         if self.track_norms:
-            self.outer_norms = {name: torch.stack(v).sum().sqrt() for name, v in squares.items() if v}
+            parts: dict[str, list[torch.Tensor]] = {}
+            for sq in squares:
+                for name, value in sq.items():
+                    parts.setdefault(name, []).append(value)
+            device = squares[0]["slow"].device if squares else None
+            self.outer_norms = {
+                name: torch.stack([v.to(device) for v in vs]).sum().sqrt() for name, vs in parts.items()
+            }
+
+    def _averaged_outer_step(self, plans: list[tuple[list[torch.Tensor], list[dict], dict]]) -> list[dict]:
+        """DiLoCo: average the pseudo-gradients over the process group (one all-reduce per dtype, with a flag per
+        parameter saying whether any rank gave it a gradient this cycle), then the outer step on every parameter
+        that some rank touched."""
+        assert self.process_group is not None
+        neg_s = [
+            torch._foreach_sub(as_state_tensors(bucket, states[0]["slow"]), [st["slow"] for st in states])
+            for bucket, states, _ in plans
+        ]
+        params = [p for bucket, _, _ in plans for p in bucket]
+        if not params:
+            return []
+        flags = torch.tensor([float(p in self._touched) for p in params], device=local(neg_s[0][0]).device)
+        self.communicated_bytes += all_reduce_mean_(
+            [t for ts in neg_s for t in ts] + [flags],
+            self.process_group,
+            reduce_dtype=self.reduce_dtype,
+            what=f"the pseudo-gradients of outer step {self._inner_steps // self.k}",
+        )
+        touched = iter((flags > 0).tolist())
+        squares = []
+        for (bucket, states, hyper), neg in zip(plans, neg_s):
+            keep = [next(touched) for _ in bucket]
+            if not any(keep):
+                continue
+            kept_states = list(compress(states, keep))
+            squares.append(
+                outer_update(
+                    list(compress(bucket, keep)),
+                    list(compress(neg, keep)),
+                    [st["slow"] for st in kept_states],
+                    self._momentum_buffers(kept_states, hyper["momentum"]),
+                    **hyper,
+                    track_norms=self.track_norms,
+                )
+            )
+        return squares
 
     def _momentum_buffers(self, states: list[dict[str, torch.Tensor]], momentum: float) -> list[torch.Tensor] | None:
         if momentum == 0:
             return None
         for st in states:
-            if "momentum" not in st:  # b = 0 at start, allocated at the first outer step that needs it
+            if "momentum" not in st:  # the momentum of a group was 0 when its state was made, and is not now
                 st["momentum"] = torch.zeros_like(st["slow"])
         return [st["momentum"] for st in states]
 
-    def _extra_state(self, index: dict[torch.Tensor, int]) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "k": self.k}
+
+    def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
         return {
-            **super()._extra_state(index),
-            "k": self.k,
-            "touched": sorted(index[p] for p in self._touched),
+            **super()._group_extra_state(params),
+            "touched": [i for i, p in enumerate(params) if p in self._touched],
         }
 
-    def _load_extra_state(self, extra: dict[str, Any], params: list[torch.Tensor]) -> Callable[[], None]:
-        apply_base = super()._load_extra_state(extra, params)
-        if extra.get("k") != self.k:
+    def _load_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> Callable[[], None]:
+        apply_base = super()._load_extra_state(extras, groups)
+        saved_k = extras[0].get("k")
+        if saved_k != self.k:
             raise ValueError(
-                f"the state dict was saved with k={extra.get('k')!r}, this {type(self).__name__} has k={self.k}: "
+                f"the state dict was saved with k={saved_k!r}, this {type(self).__name__} has k={self.k}: "
                 f"build it with the same k to continue the run"
             )
-        touched = extra.get("touched")
-        if not isinstance(touched, list) or not all(isinstance(i, int) and 0 <= i < len(params) for i in touched):
-            raise ValueError(f"state_dict['{self.state_prefix}']['touched'] must be a list of parameter positions")
+        touched = set()
+        for g, (extra, params) in enumerate(zip(extras, groups)):
+            positions = extra.get("touched")
+            if not isinstance(positions, list) or not all(
+                isinstance(i, int) and 0 <= i < len(params) for i in positions
+            ):
+                raise ValueError(f"param_groups[{g}]['{self.state_prefix}']['touched'] must be a list of positions")
+            touched.update(params[i] for i in positions)
 
         def apply() -> None:
             apply_base()
-            self._touched = {params[i] for i in touched}
+            self._touched = touched
             self.outer_norms = {}
 
         return apply
@@ -190,6 +278,12 @@ def _check_outer_momentum(momentum: Any, where: str = "") -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ValueError(f"momentum (outer momentum) must be in [0, 1), got {momentum!r}{where}")
     return momentum
+
+
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.stack(torch._foreach_norm(tensors)).square().sum()
+    # over DTensor shards: the sum over all ranks (one small collective, only when norms are tracked)
+    return total.full_tensor() if is_dtensor(total) else total
 
 
 @torch.no_grad()
@@ -213,22 +307,40 @@ def outer_step(
     # the fast weights as state tensors: the parameters themselves, or float32 / host copies; a scratch either way,
     # since p <- w overwrites the parameters at the end
     fast = as_state_tensors(params, slow[0])
-    squares: dict[str, torch.Tensor] = {}
-
-    def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(tensors)).square().sum()
-
     if momentum == 0:
-        if track_norms:
-            squares["pseudo_grad"] = squared_norm(torch._foreach_sub(slow, fast))
+        squares = {"pseudo_grad": _squared_norm(torch._foreach_sub(slow, fast))} if track_norms else {}
         # w <- w + eta (p - w); lerp returns p exactly when eta == 1
         torch._foreach_lerp_(slow, fast, lr)
+        if track_norms:
+            squares["slow"] = _squared_norm(slow)
+        foreach_copy_(params, slow, non_blocking=True)
+        return squares
+    torch._foreach_sub_(fast, slow)  # -s = p - w
+    return outer_update(
+        params, fast, slow, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, track_norms=track_norms
+    )
+
+
+@torch.no_grad()
+def outer_update(
+    params: list[torch.Tensor],
+    neg_pseudo_grad: list[torch.Tensor],
+    slow: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    track_norms: bool = False,
+) -> dict[str, torch.Tensor]:
+    r"""The outer step from the negated pseudo-gradient :math:`-s = p - w` (e.g. averaged over DiLoCo workers),
+    which serves as scratch space; like :func:`outer_step` otherwise."""
+    neg_s = neg_pseudo_grad
+    squares = {"pseudo_grad": _squared_norm(neg_s)} if track_norms else {}
+    if momentum == 0:
+        torch._foreach_add_(slow, neg_s, alpha=lr)  # w <- w - eta s
     else:
         assert momentum_buffers is not None
-        neg_s = fast  # neg_s = p - w = -s
-        torch._foreach_sub_(neg_s, slow)
-        if track_norms:
-            squares["pseudo_grad"] = squared_norm(neg_s)
         # b <- mu b + s
         torch._foreach_mul_(momentum_buffers, momentum)
         torch._foreach_sub_(momentum_buffers, neg_s)
@@ -239,11 +351,11 @@ def outer_step(
         else:
             torch._foreach_add_(slow, momentum_buffers, alpha=-lr)
         if track_norms:
-            squares["momentum"] = squared_norm(momentum_buffers)
+            squares["momentum"] = _squared_norm(momentum_buffers)
     if track_norms:
-        squares["slow"] = squared_norm(slow)
+        squares["slow"] = _squared_norm(slow)
     # p <- w
-    torch._foreach_copy_(params, slow, non_blocking=True)
+    foreach_copy_(params, slow, non_blocking=True)
     return squares
 
 

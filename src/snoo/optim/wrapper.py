@@ -11,7 +11,9 @@ algorithm:
   the training point is kept and put back exactly by ``train()``. ``step()`` refuses to run in eval mode.
 - One ``state_dict`` layout: the inner optimizer's state dict, with the wrapper's per-parameter tensors added to
   ``state[i]`` under ``"<prefix>.<name>"`` keys (keyed by parameter position, like torch's optimizers) and its
-  scalars (step count, mode, ...) under a top-level ``"<prefix>"`` entry. Wrappers stack, each with its own prefix.
+  scalars (step count, mode, ...) under a ``"<prefix>"`` entry of each parameter group. Wrappers stack, each with its
+  own prefix. Only ``state`` and ``param_groups`` are used, so ``torch.distributed.checkpoint``'s optimizer state
+  dicts (which rename the ids to parameter names and keep nothing else) carry everything.
 - A hyperparameter of the wrapper may be a number or a schedule ``n -> value`` (:mod:`snoo.optim.schedules`).
   Schedules are not saved: ``state_dict()`` holds a placeholder that names them, and ``load_state_dict`` keeps the
   schedule the loading optimizer was built with (and refuses a state saved with a schedule by one built without).
@@ -32,6 +34,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
+
+from snoo.distributed import foreach_copy_, is_dtensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -130,6 +134,10 @@ class Wrapper(Optimizer):
         self._inner_steps = 0
         # Optimizer.__init__ calls add_param_group for each of the inner's groups, which only adds our keys.
         super().__init__(inner.param_groups, {**inner.defaults, **defaults})
+        # inner.load_state_dict (of a state dict of the inner optimizer alone) replaces the group dicts: keep ours
+        self._own_before_load: list[dict[str, Any]] = []
+        inner.register_load_state_dict_pre_hook(self._remember_own_hyperparameters)
+        inner.register_load_state_dict_post_hook(self._restore_own_hyperparameters)
 
     # -- the inner optimizer's groups are ours -------------------------------------------------------------------
 
@@ -154,10 +162,28 @@ class Wrapper(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError for a group whose wrapper hyperparameters are out of range."""
 
+    def _remember_own_hyperparameters(self, inner: Optimizer, state_dict: dict[str, Any]) -> None:
+        self._own_before_load = [{k: g[k] for k in self._own_defaults if k in g} for g in inner.param_groups]
+
+    def _restore_own_hyperparameters(self, inner: Optimizer) -> None:
+        # a state dict saved by this wrapper brings its own values, which stay; one of the inner alone brings none
+        for group, own in zip(inner.param_groups, self._own_before_load):
+            for name, value in own.items():
+                group.setdefault(name, value)
+        self._own_before_load = []
+
     def _new_state(self, param: torch.Tensor, source: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh copy of ``source`` as state of ``param``: on ``state_device`` (the parameter's own if unset),
         pinned when that is host memory behind an accelerator, so copies to and from it can be asynchronous."""
         device = self.state_device or param.device
+        if device == param.device:
+            # empty_like keeps a DTensor a DTensor (state sharded like its parameter) and keeps the strides
+            return torch.empty_like(param, dtype=dtype).copy_(source.detach(), non_blocking=True)
+        if is_dtensor(param):
+            raise ValueError(
+                f"state_device={device} is not supported for sharded (DTensor) parameters: their state stays sharded "
+                f"on {param.device} like the parameter"
+            )
         out = torch.empty(
             param.shape,
             dtype=param.dtype if dtype is None else dtype,
@@ -174,6 +200,9 @@ class Wrapper(Optimizer):
 
     # -- stepping ---------------------------------------------------------------------------------------------------
 
+    # Dynamo traced this step but dropped the update of the step counter (torch 2.13), so the outer step never fired:
+    # under torch.compile(opt.step) the wrapper's step runs eagerly. Compile the model; the step is a few foreach ops.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Take one step of the inner optimizer (with ``closure`` if given), then this wrapper's own update."""
         if not self.training:
@@ -181,11 +210,11 @@ class Wrapper(Optimizer):
                 f"{type(self).__name__}.step() was called in eval mode: the parameters hold the evaluation "
                 f"weights. Call .train() before training again."
             )
-        missing = [p for p in self._params() if p.requires_grad and p not in self.state]
-        if missing:
-            with torch.no_grad():
-                for p in missing:
-                    self.state[p] = self._init_param_state(p)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and p not in self.state:
+                        self.state[p] = self._init_param_state(p, group)
         with torch.no_grad():
             self._before_inner_step()
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
@@ -194,8 +223,11 @@ class Wrapper(Optimizer):
             self._after_inner_step()
         return loss
 
-    def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The state of a parameter seen for the first time, before the inner optimizer moves it."""
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The state of a parameter of ``group`` seen for the first time, before the inner optimizer moves it.
+
+        Every tensor the wrapper will keep should exist from here on: ``torch.distributed.checkpoint`` loads into
+        the state that a fresh optimizer has after one step, and skips what it does not find there."""
         raise NotImplementedError
 
     def _before_inner_step(self) -> None:
@@ -223,7 +255,7 @@ class Wrapper(Optimizer):
                 for p in params:
                     self.state[p][self.train_point] = self._new_state(p, p)
                 evaluation = [self._evaluation_weights(p, self.state[p]) for p in params]
-                torch._foreach_copy_(params, evaluation, non_blocking=True)
+                foreach_copy_(params, evaluation, non_blocking=True)
             self.training = False
         if isinstance(self.inner, Wrapper):
             self.inner.eval()
@@ -238,21 +270,30 @@ class Wrapper(Optimizer):
             params = [p for p in self.state if self.train_point in self.state[p]]
             if params:
                 kept = [self.state[p].pop(self.train_point) for p in params]
-                torch._foreach_copy_(params, kept, non_blocking=True)
+                foreach_copy_(params, kept, non_blocking=True)
             self.training = True
         return self
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
-    def _extra_state(self, index: dict[torch.Tensor, int]) -> dict[str, Any]:
-        """Scalars saved under ``state_dict()[state_prefix]``; subclasses extend it."""
+    def _extra_state(self) -> dict[str, Any]:
+        """Scalars saved in every group of ``state_dict()["param_groups"]`` under ``state_prefix``; subclasses
+        extend it."""
         return {"inner_steps": self._inner_steps, "training": self.training}
 
-    def _load_extra_state(self, extra: dict[str, Any], params: list[torch.Tensor]) -> Callable[[], None]:
-        """Validate ``extra`` (from :meth:`_extra_state`) and return a function that applies it."""
+    def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
+        """What a group with these parameters saves beside :meth:`_extra_state`; subclasses extend it."""
+        return {}
+
+    def _load_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> Callable[[], None]:
+        """Validate the saved entries of each group (from :meth:`_extra_state` and :meth:`_group_extra_state`) and
+        return a function that applies them. ``groups`` holds this optimizer's parameters of each group."""
+        extra = extras[0]
         for name, kind in (("inner_steps", int), ("training", bool)):
             if not isinstance(extra.get(name), kind):
-                raise ValueError(f"state_dict['{self.state_prefix}']['{name}'] must be a {kind.__name__}")
+                raise ValueError(f"param_groups[0]['{self.state_prefix}']['{name}'] must be a {kind.__name__}")
+            if any(e.get(name) != extra[name] for e in extras):
+                raise ValueError(f"the parameter groups of the state dict disagree on '{self.state_prefix}.{name}'")
 
         def apply() -> None:
             self._inner_steps = extra["inner_steps"]
@@ -268,15 +309,27 @@ class Wrapper(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         saved = self.inner.state_dict()
-        index = {p: i for i, p in enumerate(self._params())}
+        # the inner's state dict names each parameter by an id (its position, for torch's optimizers): ours too
+        ids = {
+            p: i
+            for group, saved_group in zip(self.param_groups, saved["param_groups"])
+            for p, i in zip(group["params"], saved_group["params"])
+        }
         state = dict(saved["state"])
         for p, own in self.state.items():
-            i = index[p]
+            i = ids[p]
             entry = dict(state.get(i, {}))  # a copy: the inner's dict is its live state
             entry.update({f"{self.state_prefix}.{name}": value for name, value in own.items()})
             state[i] = entry
-        groups = [{k: self._saved_hyperparameter(k, v) for k, v in group.items()} for group in saved["param_groups"]]
-        saved = {**saved, "state": state, "param_groups": groups, self.state_prefix: self._extra_state(index)}
+        extra = self._extra_state()
+        groups = [
+            {
+                **{k: self._saved_hyperparameter(k, v) for k, v in saved_group.items()},
+                self.state_prefix: {**extra, **self._group_extra_state(group["params"])},
+            }
+            for group, saved_group in zip(self.param_groups, saved["param_groups"])
+        ]
+        saved = {**saved, "state": state, "param_groups": groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, saved)
             if result is not None:
@@ -314,15 +367,15 @@ class Wrapper(Optimizer):
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(f"{name}.load_state_dict expects a dict from {name}.state_dict()")
-        if self.state_prefix not in state_dict:
-            raise ValueError(
-                f"this state dict has no '{self.state_prefix}' entry, so it was not saved by {name} (a state dict "
-                f"of the inner optimizer alone belongs in {name}.inner.load_state_dict)"
-            )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        if not all(isinstance(saved.get(self.state_prefix), dict) for saved in saved_groups):
+            raise ValueError(
+                f"the parameter groups of this state dict have no '{self.state_prefix}' entry, so it was not saved "
+                f"by {name} (a state dict of the inner optimizer alone belongs in {name}.inner.load_state_dict)"
             )
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -331,23 +384,39 @@ class Wrapper(Optimizer):
                     f"{len(group['params'])} in this optimizer"
                 )
         schedules = self._schedules_to_keep(saved_groups)
-        params = self._params()
+        # saved ids (positions, or names under torch.distributed.checkpoint) -> parameters, like torch's optimizers
+        params = dict(
+            zip(
+                (i for saved in saved_groups for i in saved["params"]),
+                (p for group in self.param_groups for p in group["params"]),
+            )
+        )
         prefix = self.state_prefix + "."
         inner_state: dict[Any, dict[str, Any]] = {}
         own: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key, entry in state_dict["state"].items():
-            i = int(key)
-            if not 0 <= i < len(params):
-                raise ValueError(f"the state dict has state for parameter {i}, this optimizer has {len(params)}")
+            if key not in params:
+                raise ValueError(f"the state dict has state for parameter {key!r}, which none of its groups lists")
             rest = {k: v for k, v in entry.items() if not k.startswith(prefix)}
             if rest:
                 inner_state[key] = rest
             mine = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
             if mine:
-                own[params[i]] = self._load_param_state(i, params[i], mine)
-        apply_extra = self._load_extra_state(state_dict[self.state_prefix], params)
-        inner_dict = {k: v for k, v in state_dict.items() if k != self.state_prefix}
-        self.inner.load_state_dict({**inner_dict, "state": inner_state})
+                own[params[key]] = self._load_param_state(key, params[key], mine)
+        apply_extra = self._load_extra_state(
+            [saved[self.state_prefix] for saved in saved_groups], [group["params"] for group in self.param_groups]
+        )
+        if not saved_groups[0][self.state_prefix]["training"]:
+            lacking = [key for key, p in params.items() if p in own and self.train_point not in own[p]]
+            if lacking:
+                raise ValueError(
+                    f"the state dict was saved in eval mode but holds no training point ('{self.state_prefix}."
+                    f"{self.train_point}') for parameter {lacking[0]!r}, so training could not continue. "
+                    f"(torch.distributed.checkpoint loads only the entries that a fresh optimizer has: call train() "
+                    f"before saving with it.)"
+                )
+        inner_groups = [{k: v for k, v in saved.items() if k != self.state_prefix} for saved in saved_groups]
+        self.inner.load_state_dict({**state_dict, "state": inner_state, "param_groups": inner_groups})
         for group, kept in zip(self.param_groups, schedules):
             group.update(kept)
         self.state = defaultdict(dict, own)
@@ -355,11 +424,11 @@ class Wrapper(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _load_param_state(self, i: int, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _load_param_state(self, i: Any, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
         dtypes = self._state_dtypes(param)
         loaded = {}
         for name, value in saved.items():
-            where = f"state of parameter {i}: '{self.state_prefix}.{name}'"
+            where = f"state of parameter {i!r}: '{self.state_prefix}.{name}'"
             if name not in dtypes:
                 raise ValueError(f"{where} is not state that {type(self).__name__} keeps ({sorted(dtypes)})")
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
