@@ -36,13 +36,7 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 
-# Pages being written alongside this site, each with a module it documents. While a page is listed here it is left
-# out of the build, whether its file exists yet or not, so the build stays free of warnings meanwhile. When one
-# lands: delete its name here and add it to its toctree (index.md: `distributed` and `api-integrations`;
-# integrations.md: `hf`, `lightning`, `config`). A page still listed here but named in a toctree fails the build
-# ("toctree contains reference to excluded document"), so the two edits cannot drift apart.
-PENDING = ["distributed.md"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", *PENDING]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 
 # MyST: $...$ and $$...$$ math, and anchors for headings so that links like snoo.md#cost work as on GitHub.
 myst_enable_extensions = ["dollarmath"]

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -306,6 +307,33 @@ def test_a_sharded_checkpoint_loads_into_one_process_for_evaluation(tmp_path):
     opt.eval()
     for got, want in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_weights_of_a_tied_model_are_the_slow_weights(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def tied() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+        model[1].weight = model[0].weight  # the head shares the embedding
+        return model
+
+    model = tied()
+    opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), k=2)
+    for t in range(3):  # an outer step at 2, then a step that moves the fast weights away from the slow ones
+        model(torch.arange(10) % (t + 3)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # saving in one process is the point here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "checkpoint")
+    fresh = tied()
+    fresh.load_state_dict(snoo.distributed.load_evaluation_weights(tmp_path / "checkpoint", fresh))
+    slow = opt.state[model[0].weight]["slow"]
+    assert not torch.equal(model[0].weight, slow)
+    assert torch.equal(fresh[0].weight, slow) and fresh[1].weight is fresh[0].weight
 
 
 def test_a_rank_that_dies_stops_the_others_with_a_clear_message(tmp_path):

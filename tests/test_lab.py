@@ -409,16 +409,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
         (["--tensorboard"], "tensorboard", "pip install tensorboard"),
     ],
 )
-def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsys, flag, module, words):
-    try:
-        __import__(module)
-        pytest.skip(f"{module} is installed")
-    except ImportError:
-        pass
+def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsys, monkeypatch, flag, module, words):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed: importing it raises ImportError
     args = ["train", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path), "--steps", "2", *flag]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_bpe_tokenizer_is_trained_on_the_corpus_offline(tmp_path, corpus_file):
+    pytest.importorskip("tokenizers")
+    args = ["train", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path), "--steps", "2"]
+    assert main([*args, "--tokenizer", "bpe", "--set", "bpe_vocab=300"]) == 0
+    corpus = json.loads((tmp_path / "config.json").read_text())["corpus"]
+    assert corpus["tokenizer"] == "bpe-300" and corpus["train_tokens"] < 0.7 * len(TEXT.encode())  # merges happened
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "ok"
 
 
 def test_python_m_snoo_bad_input_no_traceback():

@@ -127,19 +127,31 @@ def load_evaluation_weights(
     where the model's parameters hold the fast weights. This reads, in one process or on any number of ranks, each
     parameter's ``"snoo.slow"`` entry (the slow weights of :class:`snoo.SNOO` or :class:`snoo.Lookahead`) in place
     of the parameter, and the model's own entry for everything else (buffers, and parameters that have no slow
-    weights yet), cast to the model's dtypes. ``model_key`` and ``optimizer_key`` name the two parts of the checkpoint.
+    weights yet), cast to the model's dtypes; the names of a tied weight share one tensor, the slow weights.
+    ``model_key`` and ``optimizer_key`` name the two parts of the checkpoint.
+
+    Under DiLoCo the ranks' fast weights and inner state differ, and DCP writes one copy of what every rank saves
+    under the same key: save rank 0's as above (their slow weights are the same on every rank).
     """
     import torch.distributed.checkpoint as dcp
 
     names = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
-    target = {name: torch.empty_like(t) for name, t in model.state_dict().items()}
+    # a tied weight (a head sharing the embedding) has several names in the state dict but slow weights under one
+    aliases: dict[int, list[str]] = {}
+    entries = model.state_dict(keep_vars=True)
+    for name, t in entries.items():
+        aliases.setdefault(id(t), []).append(name)
+    target: dict[str, torch.Tensor] = {}
     request: dict[str, dict] = {model_key: {}, optimizer_key: {"state": {}}}
-    for name, t in target.items():
-        if f"{optimizer_key}.state.{name}.snoo.slow" in names:
+    for tied in aliases.values():
+        t = torch.empty_like(entries[tied[0]].detach())
+        target.update(dict.fromkeys(tied, t))
+        with_slow = [name for name in tied if f"{optimizer_key}.state.{name}.snoo.slow" in names]
+        if with_slow:
             dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype  # as SNOO keeps it
-            request[optimizer_key]["state"][name] = {"snoo.slow": torch.empty_like(t, dtype=dtype)}
+            request[optimizer_key]["state"][with_slow[0]] = {"snoo.slow": torch.empty_like(t, dtype=dtype)}
         else:
-            request[model_key][name] = t
+            request[model_key][tied[0]] = t
     with warnings.catch_warnings():  # loading in one process is what this function is for
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(request, checkpoint_id=checkpoint_id)

@@ -1,7 +1,8 @@
-"""``snoo`` command line: train, compare, sweep, report. See docs/lab.md.
+"""``snoo`` command line: train, compare, sweep, scale-out, report. See docs/lab.md and docs/distributed.md.
 
 Bad input (an unknown optimizer, key or preset, a bad value, missing or empty data) exits with status 2 and one
-line on stderr; a diverged run exits with status 1. ``SNOO_DEBUG=1`` shows the traceback instead.
+line on stderr; a diverged run exits with status 1, and so does a run on several workers that stopped before its
+end (with torchrun's status). ``SNOO_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from snoo import spec
-from snoo.lab import experiments
+from snoo.lab import experiments, workers
 from snoo.lab.train import Diverged, TrainConfig, make_config, train
 
 
@@ -62,7 +63,7 @@ def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, di
         if not eq:
             raise UsageError(f"--set {item!r}: expected key=value")
         flags[key] = _value(value)
-    for key in ("data", "steps", "seed", "tokenizer", "unique_tokens", "schedule", "device"):
+    for key in ("data", "steps", "seed", "tokenizer", "unique_tokens", "schedule", "device", "workers"):
         if getattr(args, key, None) is not None:
             flags[key] = getattr(args, key)
     if getattr(args, "optimizer", None):
@@ -75,7 +76,13 @@ def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, di
     return make_config(preset, **{**file, **flags}), extra
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, workers: bool = True) -> None:
+    if workers:
+        p.add_argument(
+            "--workers",
+            type=int,
+            help="worker processes on this machine, under torchrun (default 1; docs/distributed.md)",
+        )
     p.add_argument("--data", help="text file, directory or glob of text files, or .bin files (default: the stdlib)")
     p.add_argument("--preset", help="tiny, small (default) or base")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
@@ -120,7 +127,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", help="e.g. 'k=10,20,50 lr=0.3,0.5,0.7'; name.key picks a stage, e.g. adamw.lr=1e-3")
     _common(s)
     _experiment_flags(s, "1")
-    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare or sweep")
+    o = sub.add_parser("scale-out", help="SNOO on 1 worker against DiLoCo and DDP on N workers, at the same tokens")
+    o.add_argument("--optimizer", help="the SNOO SPEC of the 1-worker and the DiLoCo runs (default snoo-adamw)")
+    o.add_argument("--baseline", help="the SPEC of the 1-worker baseline and the DDP runs (default adamw)")
+    o.add_argument(
+        "--workers",
+        dest="worker_counts",
+        default="2,4",
+        help="worker counts N, each run for steps/N steps (default 2,4)",
+    )
+    o.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
+    _common(o, workers=False)
+    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep or scale-out")
     r.add_argument("dir")
     return p
 
@@ -130,6 +148,16 @@ def _budgets(text: str) -> list[float]:
         return [float(b) for b in text.split(",")]
     except ValueError:
         raise UsageError(f"--budgets {text!r}: expected numbers like 1,1.5,2") from None
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--workers {text!r}: expected worker counts like 2,4") from None
+    if min(counts) < 2:
+        raise UsageError(f"--workers {text!r}: each count is 2 or more (the 1-worker runs are always there)")
+    return counts
 
 
 def _finish(summary: dict, out: Path) -> None:
@@ -147,13 +175,26 @@ def run(argv: list[str] | None = None) -> int:
     cfg, extra = _config(args, f"runs/{args.command}")
     if args.command == "train":
         result = train(cfg, resume=args.resume)
+        if workers.World.from_env().rank != 0:  # under torchrun, rank 0 speaks for the run
+            return 0 if result["status"] == "ok" else 1
         if result["status"] != "ok":
             print(f"snoo: {result['message']}", file=sys.stderr)
             return 1
+        on = f" on {result['workers']} workers ({result['parallel']})" if result["workers"] > 1 else ""
         print(
-            f"{result['spec']}: final val loss {result['final_val_loss']:.4f}, weight norm "
+            f"{result['spec']}{on}: final val loss {result['final_val_loss']:.4f}, weight norm "
             f"{result['weight_norm']:.2f}, {result['wall_time']:.1f}s; wrote {cfg.out}"
         )
+        return 0
+    if args.command == "scale-out":
+        summary = experiments.run_scale_out(
+            cfg,
+            snoo_spec=args.optimizer or "snoo-adamw",
+            baseline=args.baseline or "adamw",
+            worker_counts=_counts(args.worker_counts),
+            resume=args.resume,
+        )
+        _finish(summary, Path(cfg.out))
         return 0
     common = dict(
         seeds=args.seeds, budgets=_budgets(args.budgets), tune_baseline=args.tune_baseline, resume=args.resume
@@ -183,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:  # an experiment with nothing left to compare against
         print(f"snoo: {e}", file=sys.stderr)
         return 1
+    except workers.LaunchFailed as e:  # a rank died or hung; torchrun stopped the others
+        print(f"snoo: error: {e}", file=sys.stderr)
+        return e.status
     except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
         if os.environ.get("SNOO_DEBUG"):
             raise

@@ -7,6 +7,9 @@ report DIR`` calls ``summarize`` again, so tables and plots can be redrawn from 
 Compute factor: the baseline runs at several budgets (1x, 1.25x, ... its steps, each with its own full schedule);
 its final loss is fitted as ``a + b * log(steps)``; an optimizer that reaches loss L in S steps saves
 ``steps_baseline(L) / S``, where ``steps_baseline(L) = exp((L - a) / b)``. Outside the budgets it is a bound.
+
+Scale-out (``run_scale_out``): at the same total tokens, SNOO and the baseline on one worker against DiLoCo and DDP on
+N workers, with the bytes each worker sent; same directory layout.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from snoo import spec
 from snoo.lab import plots
-from snoo.lab.train import Diverged, TrainConfig, read_metrics, train, write_json
+from snoo.lab.train import Diverged, TrainConfig, read_metrics, train, validate, write_json
 
 BUDGETS = (1.0, 1.25, 1.5, 2.0, 2.5)
 TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr times these
@@ -78,21 +81,30 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
 
 
 def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
-    """Train every job ({optimizer, budget, seed, dir}) that has no finished result yet (with ``resume``)."""
-    for i, job in enumerate(jobs, 1):
-        run_cfg = dataclasses.replace(
+    """Train every job ({optimizer, budget, seed, dir}, and optionally workers and parallel) that has no finished
+    result yet (with ``resume``). Every job's settings are checked before the first one starts."""
+    configs = [
+        dataclasses.replace(
             cfg,
             optimizer=job["optimizer"],
             seed=job["seed"],
             steps=budget_steps(cfg.steps, job["budget"]),
             out=str(out / job["dir"]),
+            workers=job.get("workers", cfg.workers),
+            parallel=job.get("parallel") or cfg.parallel,
         )
+        for job in jobs
+    ]
+    for run_cfg in configs:
+        validate(run_cfg)
+    for i, (job, run_cfg) in enumerate(zip(jobs, configs), 1):
         same = resume and _same_config(run_cfg, out / job["dir"] / "config.json")  # else its checkpoint is stale
         if same and (out / job["dir"] / "result.json").exists():
             say(f"[{i}/{len(jobs)}] {job['dir']}: done before, kept")
             continue
+        on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
         say(
-            f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}: "
+            f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
             f"{run_cfg.steps} steps"
         )
         r = train(run_cfg, resume=same)
@@ -101,11 +113,13 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
 
 
 def _same_config(cfg: TrainConfig, path: Path) -> bool:
-    """Whether a finished run was trained with ``cfg`` (wherever its directory was then, with or without a bar)."""
+    """Whether a finished run was trained with ``cfg`` (wherever its directory was then, with or without a bar; a
+    field that did not exist then had its default)."""
     if not path.exists():
         return False
     saved, wanted = json.loads(path.read_text())["config"], dataclasses.asdict(cfg)
-    return all(saved.get(k) == v for k, v in wanted.items() if k not in ("out", "progress", "tensorboard"))
+    defaults = dataclasses.asdict(TrainConfig())
+    return all(saved.get(k, defaults[k]) == v for k, v in wanted.items() if k not in ("out", "progress", "tensorboard"))
 
 
 def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callable[[str], None]) -> float:
@@ -199,8 +213,12 @@ def summarize(out: Path | str) -> dict:
     out = Path(out)
     path = out / "experiment.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: not a directory written by `snoo compare` or `snoo sweep`")
+        raise FileNotFoundError(
+            f"{path} is missing: not a directory written by `snoo compare`, `snoo sweep` or `snoo scale-out`"
+        )
     experiment = json.loads(path.read_text())
+    if experiment["kind"] == "scale-out":
+        return _summarize_scale_out(out, experiment)
     steps, baseline = experiment["steps"], experiment["baseline"]
     runs, curves = [], {}
     for job in experiment["jobs"]:
@@ -333,4 +351,130 @@ def markdown(summary: dict, experiment: dict) -> str:
     )
     if "tuned_lr" in summary:
         lines.append(f"baseline lr tuned by --tune-baseline: {summary['tuned_lr']:.3g}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- scale-out
+
+
+def run_scale_out(
+    cfg: TrainConfig,
+    *,
+    snoo_spec: str = "snoo-adamw",
+    baseline: str = "adamw",
+    worker_counts: Sequence[int] = (2, 4),
+    resume: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """The same total tokens five ways and more: the baseline and SNOO on one worker for ``cfg.steps`` steps; for each
+    N of ``worker_counts``, DiLoCo (``snoo_spec`` averaged over N workers, each on its own batches) and DDP (the
+    baseline on an N-times larger batch) for steps / N steps. Every worker's batch is ``cfg``'s."""
+    for n in worker_counts:
+        if n < 2:
+            raise ValueError(f"worker counts are 2 or more, got {n} (the 1-worker runs are always there)")
+        if cfg.steps % n:
+            raise ValueError(f"--steps {cfg.steps} is not a multiple of {n}: the runs would not see the same tokens")
+    snoo_spec, baseline = spec.canonical(snoo_spec), spec.canonical(baseline)
+    jobs = [
+        dict(optimizer=baseline, workers=1, parallel=None),
+        dict(optimizer=snoo_spec, workers=1, parallel=None),
+    ]
+    for n in worker_counts:
+        jobs += [
+            dict(optimizer=snoo_spec, workers=n, parallel="diloco"),
+            dict(optimizer=baseline, workers=n, parallel="ddp"),
+        ]
+    for i, job in enumerate(jobs):
+        job.update(budget=1 / job["workers"], seed=cfg.seed)
+        safe = re.sub(r"[^a-z0-9.=+_-]+", "_", job["optimizer"])
+        job["dir"] = f"{i:02d}-{safe}-{job['workers']}w{'-' + job['parallel'] if job['parallel'] else ''}"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    experiment = {
+        "kind": "scale-out",
+        "optimizers": [snoo_spec, baseline],
+        "steps": cfg.steps,
+        "worker_counts": list(worker_counts),
+        "seeds": [cfg.seed],
+        "jobs": jobs,
+        "config": dataclasses.asdict(cfg),
+    }
+    write_json(experiment, out / "experiment.json")
+    run_jobs(cfg, jobs, out / "runs", resume, say)
+    return summarize(out)
+
+
+def _summarize_scale_out(out: Path, experiment: dict) -> dict:
+    rows, curves = [], {}
+    for job in experiment["jobs"]:
+        r = _load_result(out / "runs" / job["dir"])
+        sent = r["communicated_bytes_per_step"]
+        rows.append(
+            {
+                "optimizer": job["optimizer"],
+                "workers": r["workers"],
+                "parallel": r["parallel"],
+                "steps_per_worker": r["steps"],
+                "tokens": r["tokens"],
+                "status": r["status"],
+                "final_val_loss": r["final_val_loss"],
+                "bytes_per_step": sent,  # what each worker sent, on average over the run's steps
+                "bytes_per_token": sent * r["workers"] * r["steps"] / r["tokens"] if r["tokens"] else 0.0,
+                "wall_time": r["wall_time"],
+                "dir": job["dir"],
+            }
+        )
+        curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
+    summary = {
+        "kind": "scale-out",
+        "steps": experiment["steps"],
+        "seeds": experiment["seeds"],
+        "runs": rows,
+        "corpus": _corpus_info(out, rows),
+    }
+    write_json(summary, out / "summary.json")
+    (out / "summary.md").write_text(markdown_scale_out(summary, experiment) + "\n")
+    plots.tokens_plot(out, summary, curves)
+    return summary
+
+
+def markdown_scale_out(summary: dict, experiment: dict) -> str:
+    """The scale-out table: loss, tokens, steps and the bytes each worker sent, DiLoCo next to DDP."""
+    c, cfg = summary["corpus"], experiment["config"]
+    batch = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"]
+    lines = [
+        f"scale-out: {cfg['n_layer']} layers x {cfg['n_embd']} ({c['params']:,} params, {cfg['flavour']}), "
+        f"{summary['steps']:,} steps of {batch:,} tokens on one worker (the same batch per worker and step on N), "
+        f"{cfg['schedule']} schedule; corpus {c['source']} ({c['tokenizer']}, {c['train_tokens']:,} train tokens, "
+        f"sha256 {c['sha256']}), python {c['python']}, {c['device']}; seed {summary['seeds'][0]}",
+        "",
+        "| run | SPEC | workers | steps per worker | tokens (all workers) | final val loss | bytes sent per step "
+        "and worker | bytes per token | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["runs"]:
+        kind = {"diloco": "DiLoCo", "ddp": "DDP"}.get(row["parallel"], "1 worker")
+        loss = f"{row['final_val_loss']:.4f}" if row["status"] == "ok" else row["status"]
+        lines.append(
+            f"| {kind} | {row['optimizer']} | {row['workers']} | {row['steps_per_worker']:,} | {row['tokens']:,} "
+            f"| {loss} | {row['bytes_per_step']:,.0f} | {row['bytes_per_token']:.2f} | {row['wall_time']:.1f} s |"
+        )
+    ratios = []
+    for n in experiment["worker_counts"]:
+        diloco, ddp = (
+            next(r for r in summary["runs"] if r["workers"] == n and r["parallel"] == kind)
+            for kind in ("diloco", "ddp")
+        )
+        if ddp["bytes_per_step"]:
+            ratios.append(
+                f"{n} workers: DiLoCo sends {diloco['bytes_per_step'] / ddp['bytes_per_step']:.3g}x DDP's bytes"
+            )
+    lines += [
+        "",
+        "Bytes: measured, what each worker put into all-reduces (DDP: the gradients, every step; DiLoCo: the "
+        "pseudo-gradients and one flag per tensor, every K steps), averaged over the run's steps. Bytes per token: "
+        "all workers' bytes over all tokens. Wall time: rank 0's training time (torchrun's start-up and the "
+        "checkpoints not included); the workers share the machine's cores."
+        + (" " + "; ".join(ratios) + "." if ratios else ""),
+    ]
     return "\n".join(lines)

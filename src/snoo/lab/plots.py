@@ -113,3 +113,29 @@ def draw(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None:
     _curve_plot(out, summary, curves, "weight_norm", "weight l2 norm (evaluation weights)", "weight_norm.png")
     if summary.get("grid"):
         heatmap(out, summary)
+
+
+def tokens_plot(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None:
+    """Scale-out: validation loss against the tokens all workers have read, one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = -math.inf
+    for r in summary["runs"]:
+        points = [(m["tokens"], m["val_loss"]) for m in curves[r["dir"]] if "val_loss" in m]
+        if not points:
+            continue
+        kind = {"diloco": "DiLoCo", "ddp": "DDP"}.get(r["parallel"], "1 worker")
+        workers = f", {r['workers']} workers" if r["workers"] > 1 else ""
+        ax.plot(*zip(*points), label=f"{kind}: {r['optimizer']}{workers}", lw=1.5, marker=".", ms=4)
+        late = [v for t, v in points if t >= 0.1 * r["tokens"]]
+        top = max(top, *late) if late else top
+    if math.isfinite(top):
+        ax.set_ylim(top=top)
+    ax.set_xlabel("tokens (all workers)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("the same tokens on 1 worker, and on N workers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss_tokens.png", dpi=110)
+    plt.close(fig)

@@ -2,7 +2,8 @@
 
 Everything a run depends on is a field of ``TrainConfig``; a preset fills the size-related fields. A run directory
 holds ``config.json``, ``metrics.jsonl`` (one JSON object per line), ``ckpt.pt`` (the latest good checkpoint,
-written atomically) and ``result.json`` (written at the end).
+written atomically) and ``result.json`` (written at the end). A run on several workers (``workers``, see
+``workers.py``) is the same loop on every rank, with a sharded checkpoint ``ckpt.dcp`` in place of ``ckpt.pt``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from snoo import spec
+from snoo.lab import workers
 from snoo.lab.data import check_size, get_batch, limit_unique, load_corpus
 from snoo.lab.model import GPT, ModelConfig
 from snoo.optim import schedules
@@ -65,6 +67,11 @@ class TrainConfig:
     autocast: str = "auto"  # "auto", "bf16" or "off"
     compile: str = "auto"  # "auto", "on" or "off"
     threads: int = 0  # CPU threads for torch; 0: torch's default. 1 is far faster on a machine busy with other jobs
+    # several worker processes on this machine (workers.py, docs/distributed.md)
+    workers: int = 1  # > 1: the run starts this many ranks under torchrun, each reading its own batches
+    parallel: str = "diloco"  # "diloco": SNOO averages pseudo-gradients every K steps; "ddp": gradients every step
+    reduce_dtype: str = "fp32"  # what the ranks average in: "fp32" or "bf16" (half the bytes)
+    dist_timeout: float = 300.0  # seconds a rank waits for the others in a collective before the run stops
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -151,6 +158,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} is a fraction in [0, 1], got {value}")
     ModelConfig(n_head=cfg.n_head, n_embd=cfg.n_embd, flavour=cfg.flavour)  # its own checks
     lr_schedule(cfg)  # and the schedule's
+    workers.check(cfg)
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
@@ -219,10 +227,31 @@ def evaluate(model: GPT, opt: torch.optim.Optimizer, batches: list, amp: Any) ->
     return loss, norm
 
 
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+def _device(cfg: TrainConfig, world: workers.World) -> torch.device:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if world.size > 1 and device.type == "cuda":
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def _check_resumable(cfg: TrainConfig) -> None:
+    """A run continues only from a checkpoint of its own kind: one process (``ckpt.pt``) or the same workers."""
+    out = Path(cfg.out)
+    sharded, single = workers.latest_checkpoint(out), (out / "ckpt.pt").exists()
+    if cfg.workers == 1 and sharded and not single:
+        saved = workers.progress(sharded)
+        raise ValueError(
+            f"{sharded} was written by a run on {saved['workers']} workers: resume it with --workers {saved['workers']}"
+        )
+    if cfg.workers > 1 and not sharded and single:
+        raise ValueError(f"{out / 'ckpt.pt'} was written by a run without workers: resume it without --workers")
+    if cfg.workers > 1 and sharded:
+        saved = workers.progress(sharded)
+        if (saved["workers"], saved["parallel"]) != (cfg.workers, cfg.parallel):
+            raise ValueError(
+                f"{sharded} was written by a run with workers={saved['workers']}, parallel={saved['parallel']}: "
+                f"resume it with the same, or start afresh without --resume"
+            )
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, float], None] | None = None) -> dict:
@@ -230,20 +259,43 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
 
     ``callback(step, loss)`` is called after every optimizer step (tests use it to interrupt a run).
     A non-finite loss stops the run before the step that would have used it: the last checkpoint stays good.
+    With ``cfg.workers > 1`` this process launches the ranks under torchrun and waits for them; under torchrun, it is
+    one of the ranks.
     """
+    world = workers.World.from_env()
+    if cfg.workers > 1 and not world.launched:
+        validate(cfg)
+        if callback is not None:
+            raise ValueError("callback runs in this process, not in the ranks that a run with workers > 1 starts")
+        if resume:
+            _check_resumable(cfg)  # here, before any rank starts
+        return workers.launch(cfg, resume=resume)
+    cfg = workers.adopt(cfg, world)
     validate(cfg)
+    if world.size == 1:
+        return _train(cfg, world, resume, callback)
+    workers.init_process_group(cfg, world, _device(cfg, world))
+    try:
+        return _train(cfg, world, resume, callback)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, world: workers.World, resume: bool, callback: Callable[[int, float], None] | None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg)
+    device = _device(cfg, world)
     cuda = device.type == "cuda"
     use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda and torch.cuda.is_bf16_supported())
+    distributed, main = world.size > 1, world.rank == 0  # rank 0 writes the files
+    diloco, ddp = distributed and cfg.parallel == "diloco", distributed and cfg.parallel == "ddp"
 
     def amp() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    # data: every train batch is a function of (seed, step); the eval batches are one fixed set for every seed,
+    # data: every train batch is a function of (seed, step, rank); the eval batches are one fixed set for every seed,
     # so a spread over seeds is the training's, not that of different held-out text
     corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
     check_size(corpus, cfg.block_size, cfg.data)
@@ -254,7 +306,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
         for i in range(cfg.eval_batches)
     ]
 
-    # model and optimizer: the init depends on the seed only, so every optimizer starts from the same weights
+    # model and optimizer: the init depends on the seed only, so every optimizer (and every rank) starts from the
+    # same weights
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(
         vocab_size=corpus.vocab_size,
@@ -266,25 +319,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
         tie_head=cfg.tie_head,
     )
     model = GPT(model_cfg).to(device)
-    opt = spec.build(cfg.optimizer, model, track_norms=True)
+    opt = workers.build_optimizer(cfg, model) if distributed else spec.build(cfg.optimizer, model, track_norms=True)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]  # the schedule scales each group's own lr (torch's name for the peak)
     schedule = lr_schedule(cfg)
-    forward = torch.compile(model) if cfg.compile == "on" or (cfg.compile == "auto" and cuda) else model
+    net, gradient_bytes = workers.wrap_ddp(cfg, model, device) if ddp else (model, None)
+    forward = torch.compile(net) if cfg.compile == "on" or (cfg.compile == "auto" and cuda) else net
+
+    def sent() -> int:  # bytes this rank put into the all-reduces of gradients (DDP) or pseudo-gradients (DiLoCo)
+        return gradient_bytes.sent if gradient_bytes else getattr(opt, "communicated_bytes", 0)
 
     step, wall = 0, 0.0
-    ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
-    if resume and ckpt_path.exists():
+    ckpt_path, metrics_path = out / (workers.CHECKPOINT if distributed else "ckpt.pt"), out / "metrics.jsonl"
+    if resume:
+        _check_resumable(cfg)
+    if resume and distributed:
+        progress = workers.load_checkpoint(out, model, opt, world, diloco)
+        if progress is not None:
+            step, wall = progress["step"], progress["wall"]
+            if gradient_bytes:
+                gradient_bytes.sent = progress["communicated_bytes"]
+            else:
+                opt.communicated_bytes = progress["communicated_bytes"]
+    elif resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, wall = ckpt["step"], ckpt["wall"]
+    if main and step > 0:
         # keep what was logged up to the checkpoint; the loop logs the eval at `step` again
         kept = [
             m for m in read_metrics(metrics_path) if m["step"] < step or (m["step"] == step and "val_loss" not in m)
         ]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    elif metrics_path.exists():
+    elif main and metrics_path.exists():
         metrics_path.unlink()
     info = {
         "config": dataclasses.asdict(cfg),
@@ -295,25 +363,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
         "device": str(device),
         "bf16": use_bf16,
     }
-    write_json(info, out / "config.json")
+    if main:
+        write_json(info, out / "config.json")
 
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and main:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ImportError("--tensorboard needs the `tensorboard` package: pip install tensorboard") from None
         writer = SummaryWriter(str(out / "tb"))
     bar = None
-    if cfg.progress and sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ:
+    if cfg.progress and main and sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=spec.canonical(cfg.optimizer), dynamic_ncols=True)
 
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    log = metrics_path.open("a")
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world.size  # over all the workers
+    log = metrics_path.open("a") if main else None
 
     def emit(record: dict) -> None:
+        if log is None:
+            return
         record = {"step": step, "tokens": step * tokens_per_step, "time": round(wall, 3), **record}
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -331,16 +402,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
                 emit({"val_loss": last_val, "weight_norm": last_norm})
             if step == cfg.steps:
                 break
+            if distributed:
+                workers.fault_point(world, step)
 
             factor = schedule(step)
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_tokens, cfg.batch_size, cfg.block_size, cfg.seed, step * cfg.grad_accum + micro)
-                with amp():
-                    loss = forward(x.to(device), y.to(device)) / cfg.grad_accum
-                loss.backward()
+                index = world.batch_index(step * cfg.grad_accum + micro)
+                x, y = get_batch(train_tokens, cfg.batch_size, cfg.block_size, cfg.seed, index)
+                # DDP averages the gradients once, after the last micro-batch
+                with net.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
+                    with amp():
+                        loss = forward(x.to(device), y.to(device)) / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
                 raise Diverged(
@@ -364,9 +440,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
                         f"non-finite weights after step {step}: the run diverged; the last good "
                         f"checkpoint is {ckpt_path} (try a lower lr)"
                     )
-                _atomic_save(
-                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "wall": wall}, ckpt_path
-                )
+                if distributed:
+                    progress = dict(
+                        step=step, wall=wall, workers=world.size, parallel=cfg.parallel, communicated_bytes=sent()
+                    )
+                    workers.save_checkpoint(out, model, opt, world, diloco, progress)
+                else:
+                    _atomic_save(
+                        {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "wall": wall},
+                        ckpt_path,
+                    )
                 t0 = time.perf_counter()  # checkpoint I/O is not training time
             if bar is not None:
                 bar.update(1)
@@ -377,7 +460,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
         status, message = "diverged", str(e)
         emit({"diverged": message})
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
         if writer is not None:
@@ -393,10 +477,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
         "weight_norm": last_norm if status == "ok" else None,
         "tokens": step * tokens_per_step,
         "wall_time": round(wall, 3),
+        "workers": world.size,
+        "parallel": cfg.parallel if distributed else None,
+        "communicated_bytes_per_step": sent() / step if step else 0.0,
         "python": corpus.info["python"],
         "corpus_sha256": corpus.info["sha256"],
     }
     if status != "ok":
         result["message"] = message
-    write_json(result, out / "result.json")
+    if main:
+        write_json(result, out / "result.json")
     return result
