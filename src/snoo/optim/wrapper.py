@@ -192,9 +192,6 @@ class Wrapper(Optimizer):
         )
         return out.copy_(source.detach(), non_blocking=True)
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
