@@ -17,6 +17,25 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
 
 
+#: the lab tests' corpus (the `corpus_file` fixture): small, and shaped like code (~70 KB)
+LAB_TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2000))
+
+
+class WithRareParameter(torch.nn.Module):
+    """A small MLP with a parameter `rare` that only some steps use, like a rarely picked expert. Its own parameter
+    comes first in `parameters()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        self.rare = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor, use_rare: bool) -> torch.Tensor:
+        out = self.body(x)
+        return out + self.rare if use_rare else out
+
+
 def batch(t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of step ``t``: the same in every process."""
     g = torch.Generator().manual_seed(1000 + t)

@@ -19,23 +19,10 @@ import pytest
 import torch
 
 import snoo
+from helpers import WithRareParameter as Net
 
 K, STEPS, LR = 4, 12, 1e-2
 OUTER = {"k": K, "lr": 0.7, "momentum": 0.5}
-
-
-class Net(torch.nn.Module):
-    """A small MLP with a `rare` parameter that only rank 0 uses, and only at some steps (an MoE-like expert)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        self.rare = torch.nn.Parameter(torch.randn(3))
-
-    def forward(self, x: torch.Tensor, use_rare: bool = False) -> torch.Tensor:
-        out = self.body(x)
-        return out + self.rare if use_rare else out
 
 
 def batch(t: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +143,12 @@ def run_ranks(scenario: str, world: int, directory: Path) -> list[dict]:
 # -- single-process references --------------------------------------------------------------------------------------
 
 
-def single_process_snoo(batches_of_step) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Plain SNOO in this process; ``batches_of_step(model, t)`` returns the loss of step t."""
+def single_process_snoo(batches_of_step, steps: int = STEPS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Plain SNOO in this process for `steps` steps; ``batches_of_step(model, t)`` returns the loss of step t.
+    Returns the fast and the slow weights."""
     model = Net()
     opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), **OUTER)
-    for t in range(STEPS):
+    for t in range(steps):
         batches_of_step(model, t).backward()
         opt.step()
         opt.zero_grad()
@@ -297,15 +285,8 @@ def test_a_sharded_checkpoint_loads_into_one_process_for_evaluation(tmp_path):
     run_ranks("fsdp", 2, tmp_path)
     model = Net()
     model.load_state_dict(snoo.distributed.load_evaluation_weights(tmp_path / "checkpoint", model))
-    # the reference: SNOO on the global batch up to the checkpoint, evaluated on its slow weights
-    ref = Net()
-    opt = snoo.SNOO(torch.optim.AdamW(ref.parameters(), lr=LR), **OUTER)
-    for t in range(CUT):
-        full_batch_loss(ref, t).backward()
-        opt.step()
-        opt.zero_grad()
-    opt.eval()
-    for got, want in zip(model.parameters(), ref.parameters()):
+    _, slow = single_process_snoo(full_batch_loss, steps=CUT)  # SNOO on the global batch up to the checkpoint
+    for got, want in zip(model.parameters(), slow):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -11,28 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import LAB_TEXT as TEXT
 from snoo import spec
 from snoo.lab import data, experiments, train
 from snoo.lab.cli import main
 from snoo.lab.model import GPT, ModelConfig
 
-TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2000))  # ~70 KB
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation, and costs a lot on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out, corpus_file, **kw) -> train.TrainConfig:

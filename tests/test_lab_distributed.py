@@ -18,25 +18,11 @@ from snoo.lab import train, workers
 from snoo.lab.cli import main
 from snoo.lab.model import GPT, ModelConfig
 
-TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2000))  # as test_lab.py
 K = 6  # does not divide the checkpoint interval (10) nor the steps (40): checkpoints land mid-cycle
 DILOCO = f"snoo(k={K})+adamw"
 STEPS, BATCH, BLOCK = 40, 8, 32  # the tiny preset's
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(out: Path, corpus_file: str, *extra: str) -> list[str]:

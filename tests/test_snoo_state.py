@@ -10,23 +10,10 @@ import pytest
 import torch
 
 import snoo
+from helpers import WithRareParameter as Net
 from helpers import assert_fresh_process_finishes_the_same, resume_and_finish, save_checkpoints
 
 STEPS, K = 23, 5
-
-
-class Net(torch.nn.Module):
-    """A small model with a parameter that gets a gradient only every third step (like a rarely picked expert)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        self.rare = torch.nn.Parameter(torch.randn(3))
-
-    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        out = self.body(x)
-        return out + self.rare if t % 3 == 0 else out
 
 
 def build() -> tuple[Net, snoo.SNOO, torch.optim.lr_scheduler.LRScheduler]:
@@ -39,7 +26,7 @@ def run(model: Net, opt: snoo.SNOO, sched, start: int, stop: int) -> None:
     for t in range(start + 1, stop + 1):
         g = torch.Generator().manual_seed(t)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
-        (model(x, t) - y).square().mean().backward()
+        (model(x, t % 3 == 0) - y).square().mean().backward()  # `rare` every third step
         opt.step()
         sched.step()
         opt.zero_grad()
