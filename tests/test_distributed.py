@@ -105,6 +105,9 @@ def worker(scenario: str, rank: int, world: int, directory: Path) -> None:
         },
         directory / f"{scenario}-{rank}.pt",
     )
+    # DDP's reducer must go before its process group: freed after it (when this frame is torn down), it sometimes
+    # blocked the rank's exit for good
+    del model, opt
     dist.destroy_process_group()
 
 
