@@ -52,7 +52,15 @@ def test_state_dict_layout_is_keyed_by_position_and_does_not_alias_the_inner_sta
     run(model, opt, sched, 10, 11)  # step 11 gives `rare` (position 0: own parameters come first) no gradient
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}  # all that torch.distributed.checkpoint keeps
-    assert sd["param_groups"][0]["snoo"] == {"inner_steps": 11, "training": True, "k": K, "touched": [1, 2, 3, 4]}
+    assert sd["param_groups"][0]["snoo"] == {
+        "wrapper": "SNOO",
+        "inner": "AdamW",
+        "inner_steps": 11,
+        "training": True,
+        "k": K,
+        "skipped_outer_steps": 0,
+        "touched": [1, 2, 3, 4],
+    }
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "snoo.slow", "snoo.momentum"}
     assert sd["param_groups"][0]["outer_lr"] == 0.6 and sd["param_groups"][0]["params"] == [0, 1, 2, 3, 4]
     assert all(not any(k.startswith("snoo.") for k in s) for s in opt.inner.state.values())

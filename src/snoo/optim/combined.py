@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch.optim import AdamW, Muon, Optimizer
 
-from snoo.optim.groups import check_betas, check_number, evaluate_closure, role_group
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, UNIT, Range
+from snoo.optim.groups import evaluate_closure, role_group
 
 __all__ = ["MuonAdamW"]
 
@@ -66,10 +68,8 @@ class MuonAdamW(Optimizer):
         adamw_foreach: bool | None = None,
     ) -> None:
         owner = "MuonAdamW"
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"{owner}: nesterov must be a bool, got {nesterov!r}")
-        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
-            raise ValueError(f"{owner}: ns_steps must be an int in [1, 100), got {ns_steps!r}")
+        checks.flag(nesterov, "nesterov", owner=owner)
+        checks.integer(ns_steps, "ns_steps", Range(1, 100, high_open=True), owner=owner)
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(
                 f"{owner}: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}"
@@ -77,18 +77,18 @@ class MuonAdamW(Optimizer):
         if adamw_foreach is not None and not isinstance(adamw_foreach, bool):
             raise TypeError(f"{owner}: adamw_foreach must be True, False or None, got {adamw_foreach!r}")
         self._muon_defaults: dict[str, Any] = {
-            "lr": check_number(owner, "lr", lr, low=0.0),
-            "momentum": check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True),
-            "weight_decay": check_number(owner, "weight_decay", weight_decay, low=0.0),
+            "lr": checks.number(lr, "lr", NON_NEGATIVE, owner=owner),
+            "momentum": checks.number(momentum, "momentum", UNIT, owner=owner),
+            "weight_decay": checks.number(weight_decay, "weight_decay", NON_NEGATIVE, owner=owner),
             "nesterov": nesterov,
             "ns_steps": ns_steps,
             "adjust_lr_fn": adjust_lr_fn,
         }
         self._adamw_defaults: dict[str, Any] = {
-            "lr": check_number(owner, "adamw_lr", adamw_lr, low=0.0),
-            "betas": check_betas(owner, "adamw_betas", adamw_betas),
-            "eps": check_number(owner, "adamw_eps", adamw_eps, low=0.0),
-            "weight_decay": check_number(owner, "adamw_weight_decay", adamw_weight_decay, low=0.0),
+            "lr": checks.number(adamw_lr, "adamw_lr", NON_NEGATIVE, owner=owner),
+            "betas": checks.pair(adamw_betas, "adamw_betas", UNIT, owner=owner),
+            "eps": checks.number(adamw_eps, "adamw_eps", NON_NEGATIVE, owner=owner),
+            "weight_decay": checks.number(adamw_weight_decay, "adamw_weight_decay", NON_NEGATIVE, owner=owner),
             "foreach": adamw_foreach,
         }
         self._muon: Muon | None = None

@@ -5,18 +5,19 @@ Yau, Li, Glentis, Boreiko, Wai, Hong 2026, arXiv 2605.25395.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
 from snoo.distributed import foreach_copy_
-from snoo.optim.schedules import Coefficient, is_number, lr_ratio, value_at
-from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.schedules import Coefficient, lr_ratio, value_at
+from snoo.optim.wrapper import LookaheadPointWrapper, as_state_tensors
 
 
-class EMANesterov(Wrapper):
+class EMANesterov(LookaheadPointWrapper):
     r"""EMA-Nesterov around any optimizer :math:`A`: gradients are taken at a lookahead point along an EMA of the
     updates of the real iterate.
 
@@ -77,7 +78,7 @@ class EMANesterov(Wrapper):
     """
 
     state_prefix = "ema_nesterov"
-    holds_lookahead = True
+    state_names = ("iterate", "update_ema")  # x, m
 
     def __init__(
         self,
@@ -92,15 +93,11 @@ class EMANesterov(Wrapper):
         total_steps: int | None = None,
         state_device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(scale_by_lr, bool):
-            raise TypeError(f"scale_by_lr must be a bool, got {scale_by_lr!r}")
-        for name, value in (("warmup_steps", warmup_steps), ("rest_steps", rest_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        checks.flag(scale_by_lr, "scale_by_lr")
+        checks.integer(warmup_steps, "warmup_steps", NON_NEGATIVE)
+        checks.integer(rest_steps, "rest_steps", NON_NEGATIVE)
+        if total_steps is not None:
+            checks.integer(total_steps, "total_steps (or None)", POSITIVE)
         if rest_steps and total_steps is None:
             raise ValueError(
                 f"rest_steps={rest_steps} needs total_steps: the rest is the last rest_steps steps of the run"
@@ -121,10 +118,9 @@ class EMANesterov(Wrapper):
         beta, gamma, peak = group["ema_beta"], group["ema_gamma"], group["ema_lr_peak"]
         if not callable(beta):
             _check_beta(beta)
-        if not is_number(gamma) or not 0 <= gamma < 1:
-            raise ValueError(f"gamma (EMA coefficient) must be in [0, 1), got {gamma!r}")
-        if peak is not None and (not is_number(peak) or not math.isfinite(peak) or peak <= 0):
-            raise ValueError(f"lr_peak must be a finite number > 0 or None, got {peak!r}")
+        checks.number(gamma, "gamma (EMA coefficient)", UNIT)
+        if peak is not None:
+            checks.number(peak, "lr_peak (or None)", POSITIVE)
 
     def lookahead_coefficient(self, group: dict[str, Any], n: int) -> float:
         """:math:`\\beta_n` of ``group``: the coefficient of the lookahead point where step ``n``'s gradient is
@@ -140,43 +136,22 @@ class EMANesterov(Wrapper):
             beta = beta * lr_ratio(group, group["ema_lr_peak"])
         return float(beta)
 
-    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        dtype = state_dtype(param)
-        iterate = self._new_state(param, param, dtype)  # x_1 = p
-        return {"iterate": iterate, "update_ema": torch.zeros_like(iterate)}  # m_1 = 0
-
-    def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
-        return {**super()._state_dtypes(param), "iterate": state_dtype(param), "update_ema": state_dtype(param)}
-
-    def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return state["iterate"]
-
     def _before_inner_step(self) -> None:
         if self.scale_by_lr:  # an unknown peak lr is an error before the inner optimizer moves anything
             for group in self.param_groups:
                 lr_ratio(group, group["ema_lr_peak"])
 
-    def _after_inner_step(self) -> None:
-        next_step = self._inner_steps + 1
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and p in self.state]
-            if not params:
-                continue
-            beta = self.lookahead_coefficient(group, next_step)
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "iterate"):
-                ema_nesterov_update(
-                    bucket,
-                    [st["iterate"] for st in bucket_states],
-                    [st["update_ema"] for st in bucket_states],
-                    beta=beta,
-                    gamma=group["ema_gamma"],
-                )
+    def _coefficients(self, group: dict[str, Any], n: int) -> dict[str, float]:
+        return {"beta": self.lookahead_coefficient(group, n), "gamma": group["ema_gamma"]}
+
+    def _update(
+        self, params: list[torch.Tensor], iterates: list[torch.Tensor], directions: list[torch.Tensor], **kwargs: float
+    ) -> None:
+        ema_nesterov_update(params, iterates, directions, **kwargs)
 
 
 def _check_beta(beta: Any, where: str = "") -> float:
-    if not is_number(beta) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta (lookahead coefficient) must be a finite number >= 0, got {beta!r}{where}")
-    return beta
+    return checks.number(beta, "beta (lookahead coefficient)", NON_NEGATIVE, where=where)
 
 
 @torch.no_grad()

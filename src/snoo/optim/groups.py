@@ -14,7 +14,6 @@ SCALE and SGD-LL.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -142,41 +141,6 @@ def _resolve_head(model: nn.Module, head: nn.Module | torch.Tensor | str, names:
     if head.ndim != 2:
         raise ValueError(f"param_groups: the head must be a 2-D weight, got shape {tuple(head.shape)}")
     return head
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Argument checks shared by SCALE, SGDLL and MuonAdamW.
-
-
-def check_number(
-    owner: str,
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Return ``value`` as a float after checking its type and range; errors name ``owner`` and ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{owner}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{owner}: {name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return value
-
-
-def check_betas(owner: str, name: str, value: Any) -> tuple[float, float]:
-    if not isinstance(value, tuple | list) or len(value) != 2:
-        raise TypeError(f"{owner}: {name} must be a pair (beta1, beta2), got {value!r}")
-    b1 = check_number(owner, f"{name}[0]", value[0], low=0.0, high=1.0, high_open=True)
-    b2 = check_number(owner, f"{name}[1]", value[1], low=0.0, high=1.0, high_open=True)
-    return (b1, b2)
 
 
 def role_group(owner: str, group: dict[str, Any]) -> tuple[dict[str, Any], str]:

@@ -5,18 +5,19 @@ From the note "Fixes for Nesterov momentum in ML" (research.novelai.net/nesterov
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, UNIT, is_number
 from snoo.distributed import foreach_copy_
-from snoo.optim.schedules import Coefficient, is_number, value_at
-from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.schedules import Coefficient, value_at
+from snoo.optim.wrapper import LookaheadPointWrapper, as_state_tensors
 
 
-class Nesterov(Wrapper):
+class Nesterov(LookaheadPointWrapper):
     r"""Nesterov lookahead around any optimizer :math:`A`, used as a black box.
 
     Let :math:`u_t` be the update :math:`A` applies when its gradient is taken at :math:`\phi_t`. The real iterate
@@ -71,7 +72,7 @@ class Nesterov(Wrapper):
     """
 
     state_prefix = "nesterov"
-    holds_lookahead = True
+    state_names = ("iterate", "lookahead")  # theta, phi - theta
 
     def __init__(
         self,
@@ -91,8 +92,7 @@ class Nesterov(Wrapper):
         momentum, decay = group["nesterov_momentum"], group["nesterov_weight_decay"]
         if not callable(momentum):
             _check_momentum(momentum)
-        if not is_number(decay) or not math.isfinite(decay) or decay < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {decay!r}")
+        checks.number(decay, "weight_decay", NON_NEGATIVE)
         inner_decay = group.get("weight_decay", 0)
         if decay and is_number(inner_decay) and inner_decay:
             raise ValueError(
@@ -108,39 +108,18 @@ class Nesterov(Wrapper):
             return _check_momentum(value_at(momentum, n), f" (the value of its schedule at step {n})")
         return float(momentum)
 
-    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        dtype = state_dtype(param)
-        iterate = self._new_state(param, param, dtype)  # theta_1 = p
-        return {"iterate": iterate, "lookahead": torch.zeros_like(iterate)}  # phi_1 - theta_1 = mu_1 u_0 = 0
+    def _coefficients(self, group: dict[str, Any], n: int) -> dict[str, float]:
+        decay = float(group["lr"]) * group["nesterov_weight_decay"] if group["nesterov_weight_decay"] else 0.0
+        return {"momentum": self.momentum_at(group, n), "decay": decay}
 
-    def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
-        return {**super()._state_dtypes(param), "iterate": state_dtype(param), "lookahead": state_dtype(param)}
-
-    def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return state["iterate"]
-
-    def _after_inner_step(self) -> None:
-        next_step = self._inner_steps + 1
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and p in self.state]
-            if not params:
-                continue
-            momentum = self.momentum_at(group, next_step)
-            decay = float(group["lr"]) * group["nesterov_weight_decay"] if group["nesterov_weight_decay"] else 0.0
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "iterate"):
-                nesterov_update(
-                    bucket,
-                    [st["iterate"] for st in bucket_states],
-                    [st["lookahead"] for st in bucket_states],
-                    momentum=momentum,
-                    decay=decay,
-                )
+    def _update(
+        self, params: list[torch.Tensor], iterates: list[torch.Tensor], directions: list[torch.Tensor], **kwargs: float
+    ) -> None:
+        nesterov_update(params, iterates, directions, **kwargs)
 
 
 def _check_momentum(momentum: Any, where: str = "") -> float:
-    if not is_number(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}{where}")
-    return momentum
+    return checks.number(momentum, "momentum", UNIT, where=where)
 
 
 @torch.no_grad()

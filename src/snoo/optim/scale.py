@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snoo.optim.groups import RoleOptimizer, check_betas, check_number, evaluate_closure, pick_foreach
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, UNIT
+from snoo.optim.groups import RoleOptimizer, evaluate_closure, pick_foreach
 
 __all__ = ["SCALE", "adamw_update", "scale_update"]
 
@@ -129,11 +131,14 @@ class SCALE(RoleOptimizer):
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    group["lr"] = check_number("SCALE", "lr", group["lr"], low=0.0)
-    group["momentum"] = check_number("SCALE", "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-    group["betas"] = check_betas("SCALE", "betas", group["betas"])
-    group["eps"] = check_number("SCALE", "eps", group["eps"], low=0.0)
-    group["weight_decay"] = check_number("SCALE", "weight_decay", group["weight_decay"], low=0.0)
+    for name, within in (
+        ("lr", NON_NEGATIVE),
+        ("momentum", UNIT),
+        ("eps", NON_NEGATIVE),
+        ("weight_decay", NON_NEGATIVE),
+    ):
+        group[name] = checks.number(group[name], name, within, owner="SCALE")
+    group["betas"] = checks.pair(group["betas"], "betas", UNIT, owner="SCALE")
 
 
 def scale_update(

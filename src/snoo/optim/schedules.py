@@ -22,6 +22,9 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, POSITIVE, is_number
+
 #: A hyperparameter that is either a number or a random-access schedule ``n -> value``.
 Coefficient = float | Callable[[int], float]
 
@@ -31,21 +34,26 @@ def value_at(coefficient: Coefficient, n: int) -> float:
     return float(coefficient(n)) if callable(coefficient) else float(coefficient)
 
 
-def is_number(value: Any) -> bool:
-    """A real number (not a bool): what a coefficient is when it is not a schedule."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+__all__ = [
+    "Coefficient",
+    "constant",
+    "cosine",
+    "follow_lr",
+    "is_number",
+    "linear_warmup",
+    "lr_lambda",
+    "lr_ratio",
+    "value_at",
+    "warmup_stable_decay",
+]
 
 
 def _check_steps(name: str, steps: Any, allow_zero: bool = False) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < (0 if allow_zero else 1):
-        kind = "a non-negative int" if allow_zero else "a positive int"
-        raise ValueError(f"{name} must be {kind}, got {steps!r}")
+    checks.integer(steps, name, NON_NEGATIVE if allow_zero else POSITIVE)
 
 
 def _check_value(name: str, value: Any) -> float:
-    if not is_number(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return checks.number(value, name)
 
 
 class _Schedule:
@@ -191,9 +199,7 @@ def follow_lr(optimizer: Optimizer, group: int = 0, peak: float | None = None) -
     """
     if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(optimizer.param_groups):
         raise ValueError(f"group must be the position of one of the optimizer's {len(optimizer.param_groups)} groups")
-    if peak is not None and (_check_value("peak", peak) <= 0):
-        raise ValueError(f"peak must be > 0, got {peak!r}")
-    return _FollowLR(optimizer, group, None if peak is None else float(peak))
+    return _FollowLR(optimizer, group, None if peak is None else checks.number(peak, "peak", POSITIVE))
 
 
 def lr_ratio(group: dict[str, Any], peak: float | None = None) -> float:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snoo.optim.groups import RoleOptimizer, check_number, evaluate_closure, pick_foreach
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
+from snoo.optim.groups import RoleOptimizer, evaluate_closure, pick_foreach
 
 __all__ = ["SGDLL", "sgd_ll_update"]
 
@@ -88,10 +90,8 @@ class SGDLL(RoleOptimizer):
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    group["lr"] = check_number("SGDLL", "lr", group["lr"], low=0.0)
-    group["momentum"] = check_number("SGDLL", "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-    group["tau"] = check_number("SGDLL", "tau", group["tau"], low=0.0, low_open=True)
-    group["delta"] = check_number("SGDLL", "delta", group["delta"], low=0.0, low_open=True)
+    for name, within in (("lr", NON_NEGATIVE), ("momentum", UNIT), ("tau", POSITIVE), ("delta", POSITIVE)):
+        group[name] = checks.number(group[name], name, within, owner="SGDLL")
 
 
 def sgd_ll_update(

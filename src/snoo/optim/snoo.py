@@ -5,15 +5,15 @@ SNOO: Kallusky, Rao, Nandavanam, Shi, arXiv 2510.15830. Lookahead: Zhang, Lucas,
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import warnings
 from itertools import compress
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from snoo import checks
 from snoo.distributed import all_reduce_mean_, check_process_group, foreach_copy_, is_dtensor, local
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
@@ -86,6 +86,9 @@ class SNOO(Wrapper):
     """
 
     state_prefix = "snoo"
+    state_names = ("slow", "momentum")
+    evaluation_key = "slow"
+    train_point = "fast"
 
     def __init__(
         self,
@@ -106,16 +109,14 @@ class SNOO(Wrapper):
                 raise ValueError("reduce_dtype sets what the pseudo-gradients are averaged in: it needs process_group")
             if not isinstance(reduce_dtype, torch.dtype) or not reduce_dtype.is_floating_point:
                 raise TypeError(f"reduce_dtype must be a floating-point torch.dtype, got {reduce_dtype!r}")
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k (inner steps per outer step) must be a positive int, got {k!r}")
-        if k < 1:
-            raise ValueError(f"k (inner steps per outer step) must be a positive int, got {k}")
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        checks.flag(nesterov, "nesterov")
         self.k = k
-        self.track_norms = track_norms
+        self.track_norms = checks.flag(track_norms, "track_norms")
         #: l2 norms over all parameters after the last outer step, when ``track_norms`` is set.
         self.outer_norms: dict[str, torch.Tensor] = {}
+        #: outer steps skipped because the fast weights (or, with a process group, the averaged pseudo-gradient)
+        #: held NaN or infinite values; saved in ``state_dict()``.
+        self.skipped_outer_steps = 0
         self._touched: set[torch.Tensor] = set()
         self.process_group = process_group
         self.reduce_dtype = reduce_dtype
@@ -127,11 +128,21 @@ class SNOO(Wrapper):
             state_device=state_device,
         )
 
+    @property
+    def k(self) -> int:
+        """Inner steps per outer step, :math:`K`; checked when set (``opt.k = 0`` raises ``ValueError``)."""
+        return self._k
+
+    @k.setter
+    def k(self, k: int) -> None:
+        self._k = checks.integer(k, "k (inner steps per outer step)", K_RANGE)
+
     def _check_group(self, group: dict[str, Any]) -> None:
         if not callable(group["outer_lr"]):
             _check_outer_lr(group["outer_lr"])
         if not callable(group["outer_momentum"]):
             _check_outer_momentum(group["outer_momentum"])
+        checks.flag(group["outer_nesterov"], "nesterov (outer_nesterov)")
 
     def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = {"slow": self._new_state(param, param, state_dtype(param))}
@@ -139,17 +150,33 @@ class SNOO(Wrapper):
             state["momentum"] = torch.zeros_like(state["slow"])
         return state
 
-    def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
-        return {**super()._state_dtypes(param), "slow": state_dtype(param), "momentum": state_dtype(param)}
-
-    def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return state["slow"]
-
     def _after_inner_step(self) -> None:
         self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
         if self._inner_steps % self.k:
             return
-        # one plan per run of tensors that foreach can take at once: (params, slow, momentum buffers, hyperparameters)
+        plans = self._plans()
+        if self.process_group is None:
+            if not _all_finite([plan.params for plan in plans]):
+                squares = self._skip_outer_step(plans, "the fast weights")
+            else:
+                squares = [
+                    outer_step(
+                        plan.params,
+                        [st["slow"] for st in plan.states],
+                        self._momentum_buffers(plan.states, plan.momentum),
+                        **plan.hyperparameters(),
+                        track_norms=self.track_norms,
+                    )
+                    for plan in plans
+                ]
+        else:
+            squares = self._averaged_outer_step(plans)
+        self._touched.clear()
+        if self.track_norms and squares is not None:
+            self.outer_norms = _total_norms(squares)
+
+    def _plans(self) -> list[OuterPlan]:
+        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for this outer step."""
         plans = []
         for group in self.param_groups:
             # with a process group, every rank sends every parameter, so that the collectives match
@@ -162,42 +189,34 @@ class SNOO(Wrapper):
                 lr = _check_outer_lr(value_at(lr, self._inner_steps), where)
                 momentum = _check_outer_momentum(value_at(momentum, self._inner_steps), where)
             for bucket, states in bucket_by_device_and_dtype(params, self.state, "slow"):
-                hyper = {"lr": lr, "momentum": momentum, "nesterov": group["outer_nesterov"]}
-                plans.append((bucket, states, hyper))
-        if self.process_group is None:
-            squares = [
-                outer_step(
-                    bucket,
-                    [st["slow"] for st in states],
-                    self._momentum_buffers(states, hyper["momentum"]),
-                    **hyper,
-                    track_norms=self.track_norms,
-                )
-                for bucket, states, hyper in plans
-            ]
-        else:
-            squares = self._averaged_outer_step(plans)
-        self._touched.clear()
-        if self.track_norms:
-            parts: dict[str, list[torch.Tensor]] = {}
-            for sq in squares:
-                for name, value in sq.items():
-                    parts.setdefault(name, []).append(value)
-            device = squares[0]["slow"].device if squares else None
-            self.outer_norms = {
-                name: torch.stack([v.to(device) for v in vs]).sum().sqrt() for name, vs in parts.items()
-            }
+                plans.append(OuterPlan(bucket, states, lr, momentum, group["outer_nesterov"]))
+        return plans
 
-    def _averaged_outer_step(self, plans: list[tuple[list[torch.Tensor], list[dict], dict]]) -> list[dict]:
+    def _skip_outer_step(self, plans: list[OuterPlan], what: str) -> None:
+        """Keep the slow weights and momentum of the last good outer step and restart the fast weights from them."""
+        for plan in plans:
+            foreach_copy_(plan.params, [st["slow"] for st in plan.states], non_blocking=True)
+        self.skipped_outer_steps += 1
+        if self.skipped_outer_steps == 1:
+            warnings.warn(
+                f"{type(self).__name__}: {what} held NaN or infinite values at outer step "
+                f"{self._inner_steps // self.k} (inner step {self._inner_steps}): the outer step was skipped, the slow "
+                f"weights and momentum are those of the last good outer step, and the fast weights restart from them. "
+                f"The inner optimizer's own state is its own: if its moments took the bad gradient, they keep it. "
+                f"Counted in .skipped_outer_steps; this warning is not repeated.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _averaged_outer_step(self, plans: list[OuterPlan]) -> list[dict] | None:
         """DiLoCo: average the pseudo-gradients over the process group (one all-reduce per dtype, with a flag per
         parameter saying whether any rank gave it a gradient this cycle), then the outer step on every parameter
         that some rank touched."""
         assert self.process_group is not None
         neg_s = [
-            torch._foreach_sub(as_state_tensors(bucket, states[0]["slow"]), [st["slow"] for st in states])
-            for bucket, states, _ in plans
+            torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans
         ]
-        params = [p for bucket, _, _ in plans for p in bucket]
+        params = [p for plan in plans for p in plan.params]
         if not params:
             return []
         flags = torch.tensor([float(p in self._touched) for p in params], device=local(neg_s[0][0]).device)
@@ -207,20 +226,23 @@ class SNOO(Wrapper):
             reduce_dtype=self.reduce_dtype,
             what=f"the pseudo-gradients of outer step {self._inner_steps // self.k}",
         )
+        # every rank holds the same average now, so every rank takes the same decision
+        if not _all_finite(neg_s):
+            return self._skip_outer_step(plans, "the averaged pseudo-gradient")
         touched = iter((flags > 0).tolist())
         squares = []
-        for (bucket, states, hyper), neg in zip(plans, neg_s):
-            keep = [next(touched) for _ in bucket]
+        for plan, neg in zip(plans, neg_s):
+            keep = [next(touched) for _ in plan.params]
             if not any(keep):
                 continue
-            kept_states = list(compress(states, keep))
+            kept_states = list(compress(plan.states, keep))
             squares.append(
                 outer_update(
-                    list(compress(bucket, keep)),
+                    list(compress(plan.params, keep)),
                     list(compress(neg, keep)),
                     [st["slow"] for st in kept_states],
-                    self._momentum_buffers(kept_states, hyper["momentum"]),
-                    **hyper,
+                    self._momentum_buffers(kept_states, plan.momentum),
+                    **plan.hyperparameters(),
                     track_norms=self.track_norms,
                 )
             )
@@ -235,7 +257,7 @@ class SNOO(Wrapper):
         return [st["momentum"] for st in states]
 
     def _extra_state(self) -> dict[str, Any]:
-        return {**super()._extra_state(), "k": self.k}
+        return {**super()._extra_state(), "k": self.k, "skipped_outer_steps": self.skipped_outer_steps}
 
     def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
         return {
@@ -243,41 +265,84 @@ class SNOO(Wrapper):
             "touched": [i for i, p in enumerate(params) if p in self._touched],
         }
 
-    def _load_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> Callable[[], None]:
-        apply_base = super()._load_extra_state(extras, groups)
+    def _parse_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> dict[str, Any]:
+        values = super()._parse_extra_state(extras, groups)
         saved_k = extras[0].get("k")
-        if saved_k != self.k:
+        if saved_k != self.k or isinstance(saved_k, bool):
             raise ValueError(
                 f"the state dict was saved with k={saved_k!r}, this {type(self).__name__} has k={self.k}: "
                 f"build it with the same k to continue the run"
             )
+        skipped = extras[0].get("skipped_outer_steps", 0)  # absent from state dicts of snoo <= 0.1.0.dev0
+        checks.integer(skipped, f"param_groups[0]['{self.state_prefix}']['skipped_outer_steps']", checks.NON_NEGATIVE)
         touched = set()
         for g, (extra, params) in enumerate(zip(extras, groups)):
             positions = extra.get("touched")
             if not isinstance(positions, list) or not all(
-                isinstance(i, int) and 0 <= i < len(params) for i in positions
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in positions
             ):
                 raise ValueError(f"param_groups[{g}]['{self.state_prefix}']['touched'] must be a list of positions")
             touched.update(params[i] for i in positions)
+        return {**values, "touched": touched, "skipped_outer_steps": skipped}
 
-        def apply() -> None:
-            apply_base()
-            self._touched = touched
-            self.outer_norms = {}
+    def _apply_extra_state(self, values: dict[str, Any]) -> None:
+        super()._apply_extra_state(values)
+        self._touched = values["touched"]
+        self.skipped_outer_steps = values["skipped_outer_steps"]
+        self.outer_norms = {}
 
-        return apply
+
+class OuterPlan(NamedTuple):
+    """The tensors of one outer step that ``torch._foreach_*`` can take at once (same devices and dtypes, one
+    parameter group), with the group's outer hyperparameters at this step."""
+
+    params: list[torch.Tensor]
+    states: list[dict[str, torch.Tensor]]
+    lr: float
+    momentum: float
+    nesterov: bool
+
+    def slow(self) -> list[torch.Tensor]:
+        return [st["slow"] for st in self.states]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov}
+
+
+#: :math:`K \ge 1`.
+K_RANGE = checks.Range(1)
+#: :math:`\eta > 0` (above 1 overshoots the fast weights, which some runs want).
+OUTER_LR_RANGE = checks.POSITIVE
+#: :math:`\mu \in [0, 1)`.
+OUTER_MOMENTUM_RANGE = checks.UNIT
 
 
 def _check_outer_lr(lr: Any, where: str = "") -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr (outer learning rate) must be a finite number > 0, got {lr!r}{where}")
-    return lr
+    return checks.number(lr, "lr (outer learning rate)", OUTER_LR_RANGE, where=where)
 
 
 def _check_outer_momentum(momentum: Any, where: str = "") -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum (outer momentum) must be in [0, 1), got {momentum!r}{where}")
-    return momentum
+    return checks.number(momentum, "momentum (outer momentum)", OUTER_MOMENTUM_RANGE, where=where)
+
+
+def _total_norms(squares: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The l2 norms over all buckets from the squared norms of each (on the device of the first)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for sq in squares:
+        for name, value in sq.items():
+            parts.setdefault(name, []).append(value)
+    device = squares[0]["slow"].device if squares else None
+    return {name: torch.stack([v.to(device) for v in vs]).sum().sqrt() for name, vs in parts.items()}
+
+
+def _all_finite(tensor_lists: list[list[torch.Tensor]]) -> bool:
+    """Whether every tensor of the lists is finite (one reduction per list and one host sync per outer step; under
+    FSDP2 the sum is over all ranks' shards, so every rank takes the same decision)."""
+    sums = [_squared_norm(ts) for ts in tensor_lists if ts]
+    if not sums:
+        return True
+    device = sums[0].device
+    return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
 
 
 def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -376,8 +441,7 @@ class Lookahead(SNOO):
         state_device: torch.device | str | None = None,
         track_norms: bool = False,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"alpha (slow weights step size) must be in (0, 1], got {alpha!r}")
+        checks.number(alpha, "alpha (slow weights step size)", checks.Range(0, 1, low_open=True))
         super().__init__(
             inner,
             k=k,

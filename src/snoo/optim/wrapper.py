@@ -28,13 +28,16 @@ algorithm:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
+from snoo import checks
 from snoo.distributed import foreach_copy_, is_dtensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -81,14 +84,91 @@ def as_state_tensors(params: list[torch.Tensor], like: torch.Tensor) -> list[tor
     return copies
 
 
+def check_state_device(state_device: Any) -> torch.device | None:
+    """``state_device`` as a ``torch.device`` (``None`` stays ``None``), refused with a message naming the argument
+    when it is no device this process can hold tensors on, or the meta device (which holds no data)."""
+    if state_device is None:
+        return None
+    try:
+        device = torch.device(state_device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"state_device must be None, 'cpu' or another device name such as 'cuda:0', got {state_device!r} ({e})"
+        ) from None
+    if device.type == "meta":
+        raise ValueError(
+            "state_device='meta' holds no data, so the wrapper's state (slow weights, momentum, ...) could not be "
+            "kept there: use None (beside each parameter) or 'cpu' (host memory)"
+        )
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"state_device={state_device!r} cannot hold tensors in this process: {first}") from None
+    return device
+
+
+def _compatible(saved: Any, current: Any) -> bool:
+    """Whether a value a state dict brings may replace ``current``: the same kind of thing (a number for a number,
+    a flag for a flag, a pair for a pair), finite where ``current`` is. ``None`` on either side is accepted (torch's
+    optimizers use it for "pick for me")."""
+    if saved is None or current is None:
+        return True
+    if isinstance(current, bool) or isinstance(saved, bool):
+        return isinstance(current, bool) and isinstance(saved, bool)
+    if isinstance(current, torch.Tensor) and current.numel() == 1:
+        current = current.item()
+    if isinstance(saved, torch.Tensor) and saved.numel() == 1:
+        saved = saved.item()
+    if checks.is_number(current):
+        return checks.is_number(saved) and (math.isfinite(saved) or not math.isfinite(current))
+    if isinstance(current, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(current) and all(map(_compatible, saved, current))
+    return type(saved) is type(current)
+
+
+def _plain_state_value(value: Any) -> bool:
+    """What an optimizer's per-parameter state may hold: tensors, numbers, flags, None, and lists, tuples and dicts
+    of them (no strings or objects: torch's loader would turn a string into garbage)."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain_state_value, value))
+    if isinstance(value, dict):
+        return all(_plain_state_value(v) for v in value.values())
+    return False
+
+
+@dataclass
+class LoadPlan:
+    """What :meth:`Wrapper.load_state_dict` found valid in a state dict, as plain values, before anything changes."""
+
+    #: the state dict of the inner optimizer (the wrapper's entries taken out)
+    inner: dict[str, Any]
+    #: the wrapper's per-parameter state, as fresh tensors
+    own: dict[torch.Tensor, dict[str, torch.Tensor]]
+    #: per group, the schedules of this optimizer that stand where the state dict holds a placeholder
+    schedules: list[dict[str, Any]]
+    #: the scalars of :meth:`Wrapper._extra_state`, parsed by :meth:`Wrapper._parse_extra_state`
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Wrapper(Optimizer):
-    """Base class of the optimizers that wrap another optimizer. Subclasses set :attr:`state_prefix` and implement
-    :meth:`_init_param_state`, :meth:`_after_inner_step` and :meth:`_evaluation_weights`."""
+    """Base class of the optimizers that wrap another optimizer.
+
+    A subclass sets :attr:`state_prefix`, :attr:`state_names` and :attr:`evaluation_key`, and implements
+    :meth:`_init_param_state`, :meth:`_after_inner_step` and :meth:`_check_group`; it may extend
+    :meth:`_extra_state` / :meth:`_parse_extra_state` / :meth:`_apply_extra_state` for scalars it saves."""
 
     #: Prefix of this wrapper's keys in ``state_dict()``; two wrappers with the same prefix cannot be stacked.
     state_prefix: ClassVar[str]
+    #: The per-parameter state tensors this wrapper keeps beside the training point, all in :func:`state_dtype`.
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: The one of :attr:`state_names` that ``eval()`` puts into the parameters (SNOO's ``"slow"``), and that
+    #: :func:`snoo.checkpoint.load_evaluation_weights` reads from a checkpoint.
+    evaluation_key: ClassVar[str]
     #: Name under which ``eval()`` keeps the training point of each parameter while the evaluation weights are in.
-    train_point: ClassVar[str] = "fast"
+    train_point: ClassVar[str] = "train_point"
     #: True when, between steps, the parameters hold a lookahead point that this wrapper derives from its own state
     #: and expects to find where it left it. Such a wrapper cannot be wrapped: the outer wrapper would move the
     #: parameters (SNOO's ``p = w``) and this one would count the move as an update of its inner optimizer.
@@ -125,12 +205,14 @@ class Wrapper(Optimizer):
                     f"optimizer, exactly as its equations say."
                 )
             nested = nested.inner
-        # checked before any group is touched, so that a refused wrapper leaves the inner optimizer as it was
+        self.state_device = check_state_device(state_device)
+        self._own_defaults = dict(defaults)
+        # every group checked before any is touched, so that a refused wrapper leaves the inner optimizer as it was
         self._check_group(defaults)
+        for group in inner.param_groups:
+            self._check_group(self._with_own_defaults(group))
         self.inner = inner
         self.training = True
-        self.state_device = None if state_device is None else torch.device(state_device)
-        self._own_defaults = dict(defaults)
         self._inner_steps = 0
         # Optimizer.__init__ calls add_param_group for each of the inner's groups, which only adds our keys.
         super().__init__(inner.param_groups, {**inner.defaults, **defaults})
@@ -151,16 +233,39 @@ class Wrapper(Optimizer):
         if groups:
             self.inner.param_groups = groups
 
+    def _with_own_defaults(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """``group`` with this wrapper's hyperparameters it lacks filled in from the defaults (a copy)."""
+        return {**self._own_defaults, **group}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not any(param_group is g for g in self.inner.param_groups):
-            self.inner.add_param_group(param_group)
-            param_group = self.inner.param_groups[-1]
-        for name, default in self._own_defaults.items():
-            param_group.setdefault(name, default)
-        self._check_group(param_group)
+        """Add a group to the inner optimizer (where it lives) with this wrapper's hyperparameters filled in.
+
+        The group is checked before the inner optimizer sees it: a refused group leaves no trace."""
+        if any(param_group is g for g in self.inner.param_groups):  # Optimizer.__init__, for the inner's own groups
+            for name, default in self._own_defaults.items():
+                param_group.setdefault(name, default)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
+        own = {name: param_group.get(name, default) for name, default in self._own_defaults.items()}
+        self._check_group({**self.inner.defaults, **param_group, **own})
+        self.inner.add_param_group(param_group)
+        group = self.inner.param_groups[-1]
+        for name, value in own.items():
+            group.setdefault(name, value)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        """Raise ValueError for a group whose wrapper hyperparameters are out of range."""
+        """Raise ValueError (or TypeError) for a group whose wrapper hyperparameters are out of range. ``group`` has
+        all of this wrapper's hyperparameters, and the inner optimizer's where it has them."""
+
+    def _check_groups(self) -> None:
+        """Before each step: give a group that was added to the inner optimizer directly this wrapper's defaults,
+        and check every group's hyperparameters (set by hand, by a scheduler, or loaded)."""
+        for group in self.param_groups:
+            if not self._own_defaults.keys() <= group.keys():
+                for name, default in self._own_defaults.items():
+                    group.setdefault(name, default)
+            self._check_group(group)
 
     def _remember_own_hyperparameters(self, inner: Optimizer, state_dict: dict[str, Any]) -> None:
         self._own_before_load = [{k: g[k] for k in self._own_defaults if k in g} for g in inner.param_groups]
@@ -207,6 +312,7 @@ class Wrapper(Optimizer):
                 f"{type(self).__name__}.step() was called in eval mode: the parameters hold the evaluation "
                 f"weights. Call .train() before training again."
             )
+        self._check_groups()
         with torch.no_grad():
             for group in self.param_groups:
                 for p in group["params"]:
@@ -238,8 +344,8 @@ class Wrapper(Optimizer):
     # -- evaluation weights -----------------------------------------------------------------------------------------
 
     def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weights ``eval()`` puts into ``param``."""
-        raise NotImplementedError
+        """The weights ``eval()`` puts into ``param``: its state :attr:`evaluation_key`."""
+        return state[self.evaluation_key]
 
     @torch.no_grad()
     def eval(self) -> Wrapper:
@@ -275,32 +381,48 @@ class Wrapper(Optimizer):
 
     def _extra_state(self) -> dict[str, Any]:
         """Scalars saved in every group of ``state_dict()["param_groups"]`` under ``state_prefix``; subclasses
-        extend it."""
-        return {"inner_steps": self._inner_steps, "training": self.training}
+        extend it (and :meth:`_parse_extra_state`, :meth:`_apply_extra_state` with it)."""
+        return {
+            "wrapper": type(self).__name__,
+            "inner": type(self.inner).__name__,
+            "inner_steps": self._inner_steps,
+            "training": self.training,
+        }
 
     def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
         """What a group with these parameters saves beside :meth:`_extra_state`; subclasses extend it."""
         return {}
 
-    def _load_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> Callable[[], None]:
-        """Validate the saved entries of each group (from :meth:`_extra_state` and :meth:`_group_extra_state`) and
-        return a function that applies them. ``groups`` holds this optimizer's parameters of each group."""
+    def _parse_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> dict[str, Any]:
+        """Check the saved entries of each group (from :meth:`_extra_state` and :meth:`_group_extra_state`) and return
+        them as plain values for :meth:`_apply_extra_state`; change nothing. ``groups`` holds this optimizer's
+        parameters of each group. Raise ValueError for anything that is not what this optimizer saves."""
         extra = extras[0]
-        for name, kind in (("inner_steps", int), ("training", bool)):
-            if not isinstance(extra.get(name), kind):
-                raise ValueError(f"param_groups[0]['{self.state_prefix}']['{name}'] must be a {kind.__name__}")
-            if any(e.get(name) != extra[name] for e in extras):
+        for name, kind in (("wrapper", type(self)), ("inner", type(self.inner))):
+            saved = extra.get(name, kind.__name__)  # absent from state dicts of snoo <= 0.1.0.dev0
+            if saved != kind.__name__:
+                what = "it" if name == "wrapper" else "its inner optimizer"
+                raise ValueError(
+                    f"the state dict was saved by {extra.get('wrapper', 'a wrapper')!r} around {extra.get('inner')!r}, "
+                    f"not by {type(self).__name__} around {type(self.inner).__name__}: {what} keeps other state. "
+                    f"Build the optimizer the checkpoint was saved from to continue the run"
+                )
+        steps = extra.get("inner_steps")
+        checks.integer(steps, f"param_groups[0]['{self.state_prefix}']['inner_steps']", checks.NON_NEGATIVE)
+        checks.flag(extra.get("training"), f"param_groups[0]['{self.state_prefix}']['training']")
+        for name in ("wrapper", "inner", "inner_steps", "training"):
+            if any(e.get(name) != extra.get(name) for e in extras):
                 raise ValueError(f"the parameter groups of the state dict disagree on '{self.state_prefix}.{name}'")
+        return {"inner_steps": steps, "training": extra["training"]}
 
-        def apply() -> None:
-            self._inner_steps = extra["inner_steps"]
-            self.training = extra["training"]
-
-        return apply
+    def _apply_extra_state(self, values: dict[str, Any]) -> None:
+        """Set what :meth:`_parse_extra_state` returned; cannot fail."""
+        self._inner_steps = values["inner_steps"]
+        self.training = values["training"]
 
     def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
         """The per-parameter state tensors this wrapper may hold for ``param``, with their dtypes."""
-        return {self.train_point: param.dtype}
+        return {self.train_point: param.dtype, **dict.fromkeys(self.state_names, state_dtype(param))}
 
     def state_dict(self) -> dict[str, Any]:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -357,19 +479,40 @@ class Wrapper(Optimizer):
         return keep
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this wrapper (``state_dict()``'s layout): everything is checked first, then applied
+        at once, so a refused state dict (``ValueError`` or ``TypeError``) leaves the optimizer as it was."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        plan = self._plan_load(state_dict)
+        self._commit_load(plan)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _plan_load(self, state_dict: Any) -> LoadPlan:
+        """Validate and parse ``state_dict``; change nothing."""
         name = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(f"{name}.load_state_dict expects a dict from {name}.state_dict()")
-        saved_groups = state_dict["param_groups"]
+        if (
+            not isinstance(state_dict, Mapping)
+            or not {"state", "param_groups"} <= state_dict.keys()
+            or not isinstance(state_dict["state"], Mapping)
+            or not isinstance(state_dict["param_groups"], (list, tuple))
+            or not all(
+                isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple))
+                for g in state_dict["param_groups"]
+            )
+        ):
+            raise ValueError(
+                f"{name}.load_state_dict expects a dict from {name}.state_dict(): 'state' (a dict) and "
+                f"'param_groups' (a list of dicts, each with its 'params')"
+            )
+        saved_groups = list(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
             )
-        if not all(isinstance(saved.get(self.state_prefix), dict) for saved in saved_groups):
+        if not all(isinstance(saved.get(self.state_prefix), Mapping) for saved in saved_groups):
             raise ValueError(
                 f"the parameter groups of this state dict have no '{self.state_prefix}' entry, so it was not saved "
                 f"by {name} (a state dict of the inner optimizer alone belongs in {name}.inner.load_state_dict)"
@@ -380,30 +523,61 @@ class Wrapper(Optimizer):
                     f"parameter group {g} has {len(saved['params'])} parameters in the state dict and "
                     f"{len(group['params'])} in this optimizer"
                 )
-        schedules = self._schedules_to_keep(saved_groups)
         # saved ids (positions, or names under torch.distributed.checkpoint) -> parameters, like torch's optimizers
-        params = dict(
-            zip(
-                (i for saved in saved_groups for i in saved["params"]),
-                (p for group in self.param_groups for p in group["params"]),
-            )
+        saved_ids = [i for saved in saved_groups for i in saved["params"]]
+        if not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in saved_ids):
+            raise ValueError("the parameter ids of the state dict must be positions (ints) or names (strings)")
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        if len(params) != len(saved_ids):
+            raise ValueError("the state dict lists a parameter id in more than one place")
+        extra = self._parse_extra_state(
+            [dict(saved[self.state_prefix]) for saved in saved_groups],
+            [group["params"] for group in self.param_groups],
         )
+        schedules = self._schedules_to_keep(saved_groups)
+        # the hyperparameters of wrappers inside this one are theirs to check, when they load their part
+        stacked: set[str] = {"params"}
+        nested: Optimizer = self
+        while isinstance(nested, Wrapper):
+            stacked.update(nested._own_defaults, [nested.state_prefix])
+            nested = nested.inner
+        inner_groups = []
+        for g, (saved, group, kept) in enumerate(zip(saved_groups, self.param_groups, schedules)):
+            inner_group = {k: v for k, v in saved.items() if k != self.state_prefix}
+            try:
+                self._check_group({**group, **inner_group, **kept})
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"parameter group {g} of the state dict: {e}") from None
+            for key, value in inner_group.items():
+                if key not in stacked and not _compatible(value, group.get(key)):
+                    raise ValueError(
+                        f"parameter group {g} of the state dict has {key}={value!r}, where this optimizer's "
+                        f"{type(self.inner).__name__} has {group.get(key)!r}"
+                    )
+            inner_groups.append(inner_group)
         prefix = self.state_prefix + "."
         inner_state: dict[Any, dict[str, Any]] = {}
         own: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key, entry in state_dict["state"].items():
             if key not in params:
                 raise ValueError(f"the state dict has state for parameter {key!r}, which none of its groups lists")
-            rest = {k: v for k, v in entry.items() if not k.startswith(prefix)}
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"the state of parameter {key!r} must be a dict, got {type(entry).__name__}")
+            rest = {k: v for k, v in entry.items() if not (isinstance(k, str) and k.startswith(prefix))}
             if rest:
+                self._check_inner_param_state(key, params[key], rest)
                 inner_state[key] = rest
-            mine = {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)}
+            mine = {k[len(prefix) :]: v for k, v in entry.items() if isinstance(k, str) and k.startswith(prefix)}
             if mine:
                 own[params[key]] = self._load_param_state(key, params[key], mine)
-        apply_extra = self._load_extra_state(
-            [saved[self.state_prefix] for saved in saved_groups], [group["params"] for group in self.param_groups]
-        )
-        if not saved_groups[0][self.state_prefix]["training"]:
+        if extra["training"]:
+            stale = [key for key, p in params.items() if self.train_point in own.get(p, {})]
+            if stale:
+                raise ValueError(
+                    f"the state dict was saved in train mode but holds a training point ('{self.state_prefix}."
+                    f"{self.train_point}') for parameter {stale[0]!r}: it is not a state dict that {name} saved"
+                )
+        else:
             lacking = [key for key, p in params.items() if p in own and self.train_point not in own[p]]
             if lacking:
                 raise ValueError(
@@ -412,14 +586,51 @@ class Wrapper(Optimizer):
                     f"(torch.distributed.checkpoint loads only the entries that a fresh optimizer has: call train() "
                     f"before saving with it.)"
                 )
-        inner_groups = [{k: v for k, v in saved.items() if k != self.state_prefix} for saved in saved_groups]
-        self.inner.load_state_dict({**state_dict, "state": inner_state, "param_groups": inner_groups})
-        for group, kept in zip(self.param_groups, schedules):
+        inner = {**state_dict, "state": inner_state, "param_groups": inner_groups}
+        return LoadPlan(inner=inner, own=own, schedules=schedules, extra=extra)
+
+    def _check_inner_param_state(self, key: Any, param: torch.Tensor, saved: Mapping[Any, Any]) -> None:
+        """Refuse inner state that no optimizer keeps (strings, objects), and tensors whose shape differs from the
+        state the inner optimizer already has for ``param``."""
+        current = self.inner.state.get(param, {}) if not isinstance(self.inner, Wrapper) else {}
+        for name, value in saved.items():
+            if not _plain_state_value(value):
+                raise ValueError(
+                    f"state of parameter {key!r}: {name!r} is a {type(value).__name__}, which no optimizer keeps"
+                )
+            now = current.get(name)
+            if isinstance(now, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.shape != now.shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"state of parameter {key!r}: {name!r} is {shape}, where {type(self.inner).__name__} keeps a "
+                    f"tensor of shape {tuple(now.shape)}"
+                )
+
+    def _commit_load(self, plan: LoadPlan) -> None:
+        """Apply a checked :class:`LoadPlan`. The inner optimizer checks its own part as it loads it; if it refuses,
+        its previous state is put back, so the wrapper is left as it was."""
+        own_before = [{k: g[k] for k in self._own_defaults if k in g} for g in self.param_groups]
+        before = self.inner.state_dict()  # the live tensors: loading them back restores the state exactly
+        # without our hyperparameters, which may be schedules (not for the inner's loader to deep-copy)
+        before["param_groups"] = [
+            {k: v for k, v in g.items() if k not in self._own_defaults} for g in before["param_groups"]
+        ]
+        try:
+            self.inner.load_state_dict(plan.inner)
+        except Exception as e:
+            self.inner.load_state_dict(before)
+            for group, own in zip(self.param_groups, own_before):
+                group.update(own)
+            if isinstance(e, (TypeError, ValueError)):
+                raise
+            raise ValueError(
+                f"{type(self.inner).__name__} refused its part of the state dict ({type(e).__name__}: {e}): it was "
+                f"not saved by {type(self).__name__} around {type(self.inner).__name__}"
+            ) from e
+        for group, kept in zip(self.param_groups, plan.schedules):
             group.update(kept)
-        self.state = defaultdict(dict, own)
-        apply_extra()
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        self.state = defaultdict(dict, plan.own)
+        self._apply_extra_state(plan.extra)
 
     def _load_param_state(self, i: Any, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
         dtypes = self._state_dtypes(param)
@@ -432,6 +643,8 @@ class Wrapper(Optimizer):
                 raise ValueError(f"{where} must be a floating-point tensor, got {type(value).__name__}")
             if value.shape != param.shape:
                 raise ValueError(f"{where} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where} holds NaN or infinite values: the run had diverged when it was saved")
             loaded[name] = self._new_state(param, value, dtypes[name])
         return loaded
 
@@ -442,3 +655,40 @@ class Wrapper(Optimizer):
     def __repr__(self) -> str:
         own = ", ".join(f"{k}={v}" for k, v in self._own_defaults.items())
         return f"{type(self).__name__}({own})\n  around " + repr(self.inner).replace("\n", "\n  ")
+
+
+class LookaheadPointWrapper(Wrapper):
+    """Base of the wrappers whose parameters hold a lookahead point (EMA-Nesterov, Nesterov): each keeps the real
+    iterate (``"iterate"``, what ``eval()`` puts in) and one direction tensor (``state_names[1]``, zero at the
+    first step), and after each inner step updates both and the lookahead point from coefficients of the *next*
+    step. A subclass names its state and implements :meth:`_coefficients` and :meth:`_update`."""
+
+    holds_lookahead = True
+    evaluation_key = "iterate"
+    train_point = "lookahead_point"
+
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        iterate = self._new_state(param, param, state_dtype(param))  # the real iterate starts at the parameter
+        return {"iterate": iterate, self.state_names[1]: torch.zeros_like(iterate)}  # and no lookahead yet
+
+    def _coefficients(self, group: dict[str, Any], n: int) -> dict[str, float]:
+        """The keyword arguments of :meth:`_update` for ``group`` when the next gradient is that of step ``n``."""
+        raise NotImplementedError
+
+    def _update(
+        self, params: list[torch.Tensor], iterates: list[torch.Tensor], directions: list[torch.Tensor], **kwargs: float
+    ) -> None:
+        """The update of one bucket of tensors that share device and dtype (a foreach kernel)."""
+        raise NotImplementedError
+
+    def _after_inner_step(self) -> None:
+        # a parameter with no gradient was not moved by the inner step: its state and lookahead point stay
+        next_step = self._inner_steps + 1
+        direction = self.state_names[1]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p in self.state]
+            if not params:
+                continue
+            coefficients = self._coefficients(group, next_step)
+            for bucket, states in bucket_by_device_and_dtype(params, self.state, "iterate"):
+                self._update(bucket, [st["iterate"] for st in states], [st[direction] for st in states], **coefficients)
