@@ -9,8 +9,7 @@ built with ``process_group=``.
 
 from __future__ import annotations
 
-import os
-import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,51 +109,10 @@ def _buckets(tensors: list[torch.Tensor], itemsize: int) -> list[list[torch.Tens
     return [b for b in out if b]
 
 
-def load_evaluation_weights(
-    checkpoint_id: str | os.PathLike,
-    model: torch.nn.Module,
-    *,
-    model_key: str = "model",
-    optimizer_key: str = "optim",
-) -> dict[str, torch.Tensor]:
-    """The evaluation (slow) weights of a ``torch.distributed.checkpoint`` checkpoint, as a state dict for ``model``.
+def __getattr__(name: str) -> Any:
+    # moved to snoo.checkpoint, which sits above the wrappers and can ask them where their evaluation weights are
+    if name == "load_evaluation_weights":
+        from snoo.checkpoint import load_evaluation_weights
 
-    The checkpoint is one that a distributed run saved with the usual recipe::
-
-        model_sd, optim_sd = torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer)
-        torch.distributed.checkpoint.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-
-    where the model's parameters hold the fast weights. This reads, in one process or on any number of ranks, each
-    parameter's ``"snoo.slow"`` entry (the slow weights of :class:`snoo.SNOO` or :class:`snoo.Lookahead`) in place
-    of the parameter, and the model's own entry for everything else (buffers, and parameters that have no slow
-    weights yet), cast to the model's dtypes; the names of a tied weight share one tensor, the slow weights.
-    ``model_key`` and ``optimizer_key`` name the two parts of the checkpoint.
-
-    Under DiLoCo the ranks' fast weights and inner state differ, and DCP writes one copy of what every rank saves
-    under the same key: save rank 0's as above (their slow weights are the same on every rank).
-    """
-    import torch.distributed.checkpoint as dcp
-
-    names = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
-    # a tied weight (a head sharing the embedding) has several names in the state dict but slow weights under one
-    aliases: dict[int, list[str]] = {}
-    entries = model.state_dict(keep_vars=True)
-    for name, t in entries.items():
-        aliases.setdefault(id(t), []).append(name)
-    target: dict[str, torch.Tensor] = {}
-    request: dict[str, dict] = {model_key: {}, optimizer_key: {"state": {}}}
-    for tied in aliases.values():
-        t = torch.empty_like(entries[tied[0]].detach())
-        target.update(dict.fromkeys(tied, t))
-        with_slow = [name for name in tied if f"{optimizer_key}.state.{name}.snoo.slow" in names]
-        if with_slow:
-            dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype  # as SNOO keeps it
-            request[optimizer_key]["state"][with_slow[0]] = {"snoo.slow": torch.empty_like(t, dtype=dtype)}
-        else:
-            request[model_key][tied[0]] = t
-    with warnings.catch_warnings():  # loading in one process is what this function is for
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(request, checkpoint_id=checkpoint_id)
-    for name, entry in request[optimizer_key]["state"].items():
-        target[name].copy_(entry["snoo.slow"])
-    return target
+        return load_evaluation_weights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
