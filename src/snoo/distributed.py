@@ -14,30 +14,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-if dist.is_available():
-    from torch.distributed.tensor import DTensor
-else:  # a build of torch without torch.distributed: nothing is sharded
-    DTensor = ()  # type: ignore[assignment,misc]
+from snoo.optim.tensors import foreach_copy_, is_dtensor, local
+
+__all__ = ["BUCKET_BYTES", "all_reduce_mean_", "check_process_group", "foreach_copy_", "is_dtensor", "local"]
 
 #: Largest flat buffer one all-reduce sends; larger sets of tensors are sent in several buckets of about this size,
 #: so the temporary buffer stays small next to the model.
 BUCKET_BYTES = 256 * 2**20
-
-
-def is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (a parameter sharded by ``fully_shard``, or any tensor over a device mesh)."""
-    return isinstance(tensor, DTensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of ``tensor`` this rank holds: the local shard of a DTensor, else the tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
-def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor], non_blocking: bool = False) -> None:
-    """``torch._foreach_copy_`` that also takes DTensors sharded alike (DTensor has no rule for it): the copy is
-    elementwise, so it runs shard by shard."""
-    torch._foreach_copy_([local(t) for t in dst], [local(t) for t in src], non_blocking=non_blocking)
 
 
 def check_process_group(process_group: dist.ProcessGroup | None) -> None:

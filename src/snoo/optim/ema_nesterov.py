@@ -12,8 +12,8 @@ from torch.optim import Optimizer
 
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
-from snoo.distributed import foreach_copy_
 from snoo.optim.schedules import Coefficient, lr_ratio, value_at
+from snoo.optim.tensors import foreach_copy_
 from snoo.optim.wrapper import LookaheadPointWrapper, as_state_tensors
 
 

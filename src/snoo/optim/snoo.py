@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
-from snoo.distributed import all_reduce_mean_, check_process_group, foreach_copy_, is_dtensor, local
 from snoo.optim.schedules import Coefficient, value_at
+from snoo.optim.tensors import foreach_copy_, is_dtensor, local
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
 
@@ -103,7 +103,10 @@ class SNOO(Wrapper):
         process_group: dist.ProcessGroup | None = None,
         reduce_dtype: torch.dtype | None = None,
     ) -> None:
-        check_process_group(process_group)
+        if process_group is not None:  # snoo.distributed is imported by those who use it
+            from snoo.distributed import check_process_group
+
+            check_process_group(process_group)
         if reduce_dtype is not None:
             if process_group is None:
                 raise ValueError("reduce_dtype sets what the pseudo-gradients are averaged in: it needs process_group")
@@ -212,6 +215,8 @@ class SNOO(Wrapper):
         """DiLoCo: average the pseudo-gradients over the process group (one all-reduce per dtype, with a flag per
         parameter saying whether any rank gave it a gradient this cycle), then the outer step on every parameter
         that some rank touched."""
+        from snoo.distributed import all_reduce_mean_
+
         assert self.process_group is not None
         neg_s = [
             torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans

@@ -28,6 +28,7 @@ algorithm:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +39,7 @@ import torch
 from torch.optim import Optimizer
 
 from snoo import checks
-from snoo.distributed import foreach_copy_, is_dtensor
+from snoo.optim.tensors import foreach_copy_, is_dtensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -151,6 +152,22 @@ class LoadPlan:
     schedules: list[dict[str, Any]]
     #: the scalars of :meth:`Wrapper._extra_state`, parsed by :meth:`Wrapper._parse_extra_state`
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _eager_under_compile:
+    """``torch.compiler.disable`` for a method, applied when the method is first looked up rather than when the class
+    is defined: ``torch.compiler.disable`` imports ``torch._dynamo``, which takes seconds, and ``import snoo`` should
+    not. (``Optimizer.__init__`` looks ``step`` up on the class to add its hooks, so the first optimizer built does.)"""
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self.method = method
+        self.disabled: Callable[..., Any] | None = None
+        functools.update_wrapper(self, method)  # type: ignore[arg-type]
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if self.disabled is None:
+            self.disabled = torch.compiler.disable(self.method)
+        return self.disabled if obj is None else self.disabled.__get__(obj, owner)
 
 
 class Wrapper(Optimizer):
@@ -304,7 +321,7 @@ class Wrapper(Optimizer):
 
     # Dynamo traced this step but dropped the update of the step counter (torch 2.13), so the outer step never fired:
     # under torch.compile(opt.step) the wrapper's step runs eagerly. Compile the model; the step is a few foreach ops.
-    @torch.compiler.disable
+    @_eager_under_compile
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Take one step of the inner optimizer (with ``closure`` if given), then this wrapper's own update."""
         if not self.training:
