@@ -1,5 +1,8 @@
 """The optimizer SPEC grammar: parsing, validation, overrides, grids, config tables and building."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -125,3 +128,37 @@ def test_every_registered_name_builds_and_steps(name):
     model(x, x).backward()
     opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_floats_from_tables_and_config_files_are_exact():
+    lr = 0.00123456789
+    assert spec.from_tables([{"name": "adamw", "lr": lr}])[0].params["lr"] == lr
+    text = spec.from_config([{"name": "snoo", "lr": 0.123456789}, {"name": "adamw", "lr": lr}])
+    stages = spec.parse(text)
+    assert stages[0].params["lr"] == 0.123456789 and stages[1].params["lr"] == lr
+    assert spec.canonical("adamw(lr=2e-3)") == "adamw(lr=0.002)"  # short where 6 digits are exact
+
+
+def test_out_of_range_says_the_range_the_constructor_checks():
+    with pytest.raises(ValueError, match=r"snoo: k=0 is out of range: k must be >= 1"):
+        spec.parse("snoo(k=0)+adamw")
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        spec.parse("nesterov(momentum=1)+sgd")
+    # the ranges are the constructors' own: SCALE takes lr=0 (a frozen run), SGD-LL refuses tau=0
+    spec.parse("scale(lr=0)")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        spec.parse("sgdll(tau=0)")
+
+
+def test_import_snoo_is_cheap_and_its_submodules_load_on_first_use():
+    code = (
+        "import sys, torch, snoo\n"
+        "heavy = [m for m in ('snoo.distributed', 'snoo.spec', 'torch.distributed.tensor', 'torch._dynamo',"
+        " 'transformers', 'lightning') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "opt = snoo.spec.build('snoo-adamw', torch.nn.Linear(2, 2))\n"
+        "assert type(opt).__name__ == 'SNOO' and snoo.distributed.load_evaluation_weights\n"
+        "assert snoo.integrations.config.build_optimizer and 'snoo.integrations.hf' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

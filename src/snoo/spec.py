@@ -35,19 +35,25 @@ import torch
 from torch import nn
 
 import snoo
+from snoo import checks
+from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
 
 Params = nn.Module | Iterable[torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One name of the grammar: a base optimizer (built from a model) or a wrapper (built around an optimizer)."""
+    """One name of the grammar: a base optimizer (built from a model) or a wrapper (built around an optimizer).
+
+    ``ranges`` holds the range of each numeric key: for the package's own optimizers, the ranges their constructors
+    check (their ``hyperparameter_ranges``), so a SPEC is refused at parse time with the constructor's own limits."""
 
     name: str
     kind: str  # "base" or "wrapper"
     defaults: dict[str, Any]
     make: Callable[..., torch.optim.Optimizer]
     doc: str = ""
+    ranges: Mapping[str, checks.Range] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,14 @@ class Stage:
 
 
 def _fmt(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+    """A value as the grammar writes it; a float in 6 significant digits when that is exact, else in full (so that
+    parsing it back gives the same float)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------- base optimizers
@@ -127,34 +140,46 @@ def _registry() -> dict[str, Entry]:
             dict(lr=2e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
             _adamw,
             "torch.optim.AdamW; weight decay on matrices only",
+            dict(lr=POSITIVE, beta1=UNIT, beta2=UNIT, eps=POSITIVE, weight_decay=NON_NEGATIVE),
         ),
-        Entry("sgd", "base", dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0), _sgd, "torch.optim.SGD"),
+        Entry(
+            "sgd",
+            "base",
+            dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0),
+            _sgd,
+            "torch.optim.SGD",
+            dict(lr=POSITIVE, momentum=UNIT, weight_decay=NON_NEGATIVE),
+        ),
     ]
-    # the library's own inner optimizers, where this version of snoo has them
-    for name, attr in (("scale", "SCALE"), ("sgdll", "SGDLL"), ("muon", "MuonAdamW")):
-        cls = getattr(snoo, attr, None)
-        if cls is not None and hasattr(snoo, "param_groups"):
-            entries.append(
-                Entry(
-                    name,
-                    "base",
-                    _signature_defaults(cls, ("params", "groups")),
-                    _grouped(cls),
-                    f"snoo.{attr} over snoo.param_groups(model)",
-                )
+    # the library's own inner optimizers, over the parameter roles of snoo.param_groups
+    for name, cls in (("scale", snoo.SCALE), ("sgdll", snoo.SGDLL), ("muon", snoo.MuonAdamW)):
+        entries.append(
+            Entry(
+                name,
+                "base",
+                _signature_defaults(cls, ("params",)),
+                _grouped(cls),
+                f"snoo.{cls.__name__} over snoo.param_groups(model)",
+                cls.hyperparameter_ranges,
             )
+        )
     # wrappers: everything after `inner` in the constructor; telemetry is the trainer's choice, not the SPEC's
-    for name, attr in (
-        ("snoo", "SNOO"),
-        ("lookahead", "Lookahead"),
-        ("ema_nesterov", "EMANesterov"),
-        ("nesterov", "Nesterov"),
+    for name, cls in (
+        ("snoo", snoo.SNOO),
+        ("lookahead", snoo.Lookahead),
+        ("ema_nesterov", snoo.EMANesterov),
+        ("nesterov", snoo.Nesterov),
     ):
-        cls = getattr(snoo, attr, None)
-        if cls is not None:
-            entries.append(
-                Entry(name, "wrapper", _signature_defaults(cls, ("inner", "track_norms")), cls, f"snoo.{attr}")
+        entries.append(
+            Entry(
+                name,
+                "wrapper",
+                _signature_defaults(cls, ("inner", "track_norms")),
+                cls,
+                f"snoo.{cls.__name__}",
+                cls.hyperparameter_ranges,
             )
+        )
     return {e.name: e for e in entries}
 
 
@@ -186,17 +211,9 @@ def split_list(text: str) -> list[str]:
 
 
 def _check_value(name: str, key: str, value: Any) -> None:
-    ok = True
-    if key == "k":
-        ok = value >= 1
-    elif key in ("lr", "eps", "alpha", "tau", "delta") or key.endswith("_lr"):
-        ok = value > 0
-    elif "momentum" in key or key.startswith("beta") or key == "gamma":
-        ok = 0 <= value < 1
-    elif key == "weight_decay":
-        ok = value >= 0
-    if not ok:
-        raise ValueError(f"{name}: {key}={_fmt(value)} is out of range")
+    within = NAMES[name].ranges.get(key)
+    if within is not None and not isinstance(value, bool) and value not in within:
+        raise ValueError(f"{name}: {key}={_fmt(value)} is out of range: {key} must be {within}")
 
 
 def parse_value(name: str, key: str, text: str) -> Any:
@@ -336,7 +353,8 @@ def from_tables(tables: Sequence[Mapping[str, Any]]) -> list[Stage]:
     stages, checked as a SPEC's are and with the same messages, ready for :func:`build`.
 
     A value is a number or a boolean, or a string of the grammar (YAML reads ``3e-3`` as text). Names ignore case
-    (``AdamW``). Floats are kept exactly: a SPEC string, ``canonical`` included, writes 6 significant digits.
+    (``AdamW``). Floats are kept exactly, here and in the SPEC string ``canonical`` writes (which uses 6
+    significant digits only where they are exact).
     """
     if (
         isinstance(tables, (str, Mapping))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import AdamW, Muon, Optimizer
@@ -52,6 +52,17 @@ class MuonAdamW(Optimizer):
         adamw_foreach: AdamW's ``foreach`` (``None``: torch picks).
     """
 
+    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    hyperparameter_ranges: ClassVar[dict[str, Range]] = {
+        "lr": NON_NEGATIVE,
+        "momentum": UNIT,
+        "weight_decay": NON_NEGATIVE,
+        "ns_steps": Range(1, 100, high_open=True),
+        "adamw_lr": NON_NEGATIVE,
+        "adamw_eps": NON_NEGATIVE,
+        "adamw_weight_decay": NON_NEGATIVE,
+    }
+
     def __init__(
         self,
         params: Iterable[dict[str, Any]],
@@ -69,7 +80,12 @@ class MuonAdamW(Optimizer):
     ) -> None:
         owner = "MuonAdamW"
         checks.flag(nesterov, "nesterov", owner=owner)
-        checks.integer(ns_steps, "ns_steps", Range(1, 100, high_open=True), owner=owner)
+        ranges = MuonAdamW.hyperparameter_ranges
+
+        def number(value: Any, name: str) -> float:
+            return checks.number(value, name, ranges[name], owner=owner)
+
+        checks.integer(ns_steps, "ns_steps", ranges["ns_steps"], owner=owner)
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(
                 f"{owner}: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}"
@@ -77,18 +93,18 @@ class MuonAdamW(Optimizer):
         if adamw_foreach is not None and not isinstance(adamw_foreach, bool):
             raise TypeError(f"{owner}: adamw_foreach must be True, False or None, got {adamw_foreach!r}")
         self._muon_defaults: dict[str, Any] = {
-            "lr": checks.number(lr, "lr", NON_NEGATIVE, owner=owner),
-            "momentum": checks.number(momentum, "momentum", UNIT, owner=owner),
-            "weight_decay": checks.number(weight_decay, "weight_decay", NON_NEGATIVE, owner=owner),
+            "lr": number(lr, "lr"),
+            "momentum": number(momentum, "momentum"),
+            "weight_decay": number(weight_decay, "weight_decay"),
             "nesterov": nesterov,
             "ns_steps": ns_steps,
             "adjust_lr_fn": adjust_lr_fn,
         }
         self._adamw_defaults: dict[str, Any] = {
-            "lr": checks.number(adamw_lr, "adamw_lr", NON_NEGATIVE, owner=owner),
+            "lr": number(adamw_lr, "adamw_lr"),
             "betas": checks.pair(adamw_betas, "adamw_betas", UNIT, owner=owner),
-            "eps": checks.number(adamw_eps, "adamw_eps", NON_NEGATIVE, owner=owner),
-            "weight_decay": checks.number(adamw_weight_decay, "adamw_weight_decay", NON_NEGATIVE, owner=owner),
+            "eps": number(adamw_eps, "adamw_eps"),
+            "weight_decay": number(adamw_weight_decay, "adamw_weight_decay"),
             "foreach": adamw_foreach,
         }
         self._muon: Muon | None = None

@@ -5,7 +5,7 @@ Yau, Li, Glentis, Boreiko, Wai, Hong 2026, arXiv 2605.25395.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -79,6 +79,15 @@ class EMANesterov(LookaheadPointWrapper):
 
     state_prefix = "ema_nesterov"
     state_names = ("iterate", "update_ema")  # x, m
+    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
+        "beta": NON_NEGATIVE,
+        "gamma": UNIT,
+        "lr_peak": POSITIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "rest_steps": NON_NEGATIVE,
+        "total_steps": POSITIVE,
+    }
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ From the note "Fixes for Nesterov momentum in ML" (research.novelai.net/nesterov
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -73,6 +73,8 @@ class Nesterov(LookaheadPointWrapper):
 
     state_prefix = "nesterov"
     state_names = ("iterate", "lookahead")  # theta, phi - theta
+    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {"momentum": UNIT, "weight_decay": NON_NEGATIVE}
 
     def __init__(
         self,

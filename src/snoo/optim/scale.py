@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -54,6 +54,14 @@ class SCALE(RoleOptimizer):
         foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it when the parameters are on an
             accelerator.
     """
+
+    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
+        "lr": NON_NEGATIVE,
+        "momentum": UNIT,
+        "eps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+    }
 
     def __init__(
         self,
@@ -131,12 +139,7 @@ class SCALE(RoleOptimizer):
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    for name, within in (
-        ("lr", NON_NEGATIVE),
-        ("momentum", UNIT),
-        ("eps", NON_NEGATIVE),
-        ("weight_decay", NON_NEGATIVE),
-    ):
+    for name, within in SCALE.hyperparameter_ranges.items():
         group[name] = checks.number(group[name], name, within, owner="SCALE")
     group["betas"] = checks.pair(group["betas"], "betas", UNIT, owner="SCALE")
 

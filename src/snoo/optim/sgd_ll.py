@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -52,6 +52,14 @@ class SGDLL(RoleOptimizer):
     The paper trains without weight decay, and so does this optimizer (there is no ``weight_decay`` argument).
     """
 
+    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
+        "lr": NON_NEGATIVE,
+        "momentum": UNIT,
+        "tau": POSITIVE,
+        "delta": POSITIVE,
+    }
+
     def __init__(
         self,
         params: Iterable[dict[str, Any]],
@@ -90,7 +98,7 @@ class SGDLL(RoleOptimizer):
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    for name, within in (("lr", NON_NEGATIVE), ("momentum", UNIT), ("tau", POSITIVE), ("delta", POSITIVE)):
+    for name, within in SGDLL.hyperparameter_ranges.items():
         group[name] = checks.number(group[name], name, within, owner="SGDLL")
 
 

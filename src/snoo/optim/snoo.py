@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from itertools import compress
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,13 @@ from snoo import checks
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.tensors import foreach_copy_, is_dtensor, local
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+
+#: :math:`K \ge 1`.
+K_RANGE = checks.Range(1)
+#: :math:`\eta > 0` (above 1 overshoots the fast weights, which some runs want).
+OUTER_LR_RANGE = checks.POSITIVE
+#: :math:`\mu \in [0, 1)`.
+OUTER_MOMENTUM_RANGE = checks.UNIT
 
 
 class SNOO(Wrapper):
@@ -86,6 +93,12 @@ class SNOO(Wrapper):
     """
 
     state_prefix = "snoo"
+    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
+        "k": K_RANGE,
+        "lr": OUTER_LR_RANGE,
+        "momentum": OUTER_MOMENTUM_RANGE,
+    }
     state_names = ("slow", "momentum")
     evaluation_key = "slow"
     train_point = "fast"
@@ -314,14 +327,6 @@ class OuterPlan(NamedTuple):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov}
 
 
-#: :math:`K \ge 1`.
-K_RANGE = checks.Range(1)
-#: :math:`\eta > 0` (above 1 overshoots the fast weights, which some runs want).
-OUTER_LR_RANGE = checks.POSITIVE
-#: :math:`\mu \in [0, 1)`.
-OUTER_MOMENTUM_RANGE = checks.UNIT
-
-
 def _check_outer_lr(lr: Any, where: str = "") -> float:
     return checks.number(lr, "lr (outer learning rate)", OUTER_LR_RANGE, where=where)
 
@@ -437,6 +442,11 @@ class Lookahead(SNOO):
     are SNOO's. Defaults ``k=5, alpha=0.5`` are the paper's.
     """
 
+    hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
+        "k": K_RANGE,
+        "alpha": checks.Range(0, 1, low_open=True),
+    }
+
     def __init__(
         self,
         inner: Optimizer,
@@ -446,7 +456,7 @@ class Lookahead(SNOO):
         state_device: torch.device | str | None = None,
         track_norms: bool = False,
     ) -> None:
-        checks.number(alpha, "alpha (slow weights step size)", checks.Range(0, 1, low_open=True))
+        checks.number(alpha, "alpha (slow weights step size)", Lookahead.hyperparameter_ranges["alpha"])
         super().__init__(
             inner,
             k=k,
