@@ -205,9 +205,10 @@ class RoleOptimizer(Optimizer):
         return buffers
 
     def _groups_with_grads(self) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
-        """``(group, params, grads)`` for each group, over the parameters that have a gradient."""
+        """``(group, params, grads)`` for each group, over the parameters that have a gradient (and any element:
+        a 0-element tensor has no row to normalise and nothing to update)."""
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
             grads = [p.grad for p in params]

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_adamw
 
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, UNIT
@@ -99,8 +100,6 @@ class SCALE(RoleOptimizer):
             role = group["role"]
             if role == "vector":
                 states = [self._adam_state(p) for p in params]
-                for s in states:
-                    s["step"] += 1
                 beta1, beta2 = group["betas"]
                 adamw_update(
                     params,
@@ -130,11 +129,14 @@ class SCALE(RoleOptimizer):
         return loss
 
     def _adam_state(self, p: Tensor) -> dict[str, Any]:
+        """``torch.optim.AdamW``'s state for ``p``: a float32 step count and the two moments."""
         state = self.state[p]
         if not state:
-            state["step"] = 0
+            state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not isinstance(state["step"], Tensor):  # an int, as snoo <= 0.1.0.dev0 saved it
+            state["step"] = torch.tensor(float(state["step"]))
         return state
 
 
@@ -226,7 +228,7 @@ def adamw_update(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    steps: list[int],
+    steps: list[Tensor],
     *,
     lr: float,
     beta1: float,
@@ -235,27 +237,24 @@ def adamw_update(
     weight_decay: float,
     foreach: bool = False,
 ) -> None:
-    """Bias-corrected AdamW with decoupled weight decay; ``steps`` holds each tensor's ``t`` after this step.
+    """Bias-corrected AdamW with decoupled weight decay, by ``torch.optim.adamw.adamw`` (torch's own single-tensor
+    or foreach kernel); ``steps`` holds each tensor's float32 step count ``t``, which this increments.
 
     ``p = p*(1 - lr*wd) - lr * (a / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)``.
     """
-    bias1 = [1 - beta1**t for t in steps]
-    bias2_sqrt = [math.sqrt(1 - beta2**t) for t in steps]
-    if foreach:
-        if weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bias1])
-        return
-    for i, p in enumerate(params):
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        exp_avgs[i].lerp_(grads[i], 1 - beta1)
-        exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
-        denom = exp_avg_sqs[i].sqrt().div_(bias2_sqrt[i]).add_(eps)
-        p.addcdiv_(exp_avgs[i], denom, value=-lr / bias1[i])
+    torch_adamw(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        foreach=foreach,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=False,
+    )

@@ -116,27 +116,50 @@ def sgd_ll_update(
     """SGD-LL's step for one group: momentum, head-row clip (when ``delta`` is given), update clip, descent.
 
     The clip factor stays on the device (no host sync): ``p.addcmul_(d, min(1, tau / (lr * rms)), value=-lr)``.
+    ``foreach`` picks the multi-tensor twin, which computes the same.
     """
     assert len(momentum_buffers) == len(params)
     # tau / lr: the bound on rms(d); no bound when lr == 0 (the step moves nothing then).
     rms_limit = tau / lr if lr > 0 else math.inf
-    if foreach:
-        torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)  # m
-        directions = momentum_buffers if delta is None else [_clip_rows(m, delta) for m in momentum_buffers]
-        factors = torch._foreach_norm(directions)
-        torch._foreach_mul_(factors, [1.0 / math.sqrt(d.numel()) for d in directions])  # rms(d)
-        torch._foreach_clamp_min_(factors, RMS_FLOOR)
-        torch._foreach_reciprocal_(factors)
-        torch._foreach_mul_(factors, rms_limit)
-        torch._foreach_clamp_max_(factors, 1.0)
-        torch._foreach_addcmul_(params, directions, factors, value=-lr)
-        return
+    twin = _sgd_ll_foreach if foreach else _sgd_ll_single_tensor
+    twin(params, grads, momentum_buffers, lr, momentum, rms_limit, delta)
+
+
+def _sgd_ll_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    momentum: float,
+    rms_limit: float,
+    delta: float | None,
+) -> None:
     for i, p in enumerate(params):
         m = momentum_buffers[i].lerp_(grads[i], 1 - momentum)
         direction = m if delta is None else _clip_rows(m, delta)
         factor = torch.linalg.vector_norm(direction).mul_(1.0 / math.sqrt(direction.numel()))
         factor = factor.clamp_min_(RMS_FLOOR).reciprocal_().mul_(rms_limit).clamp_max_(1.0)
         p.addcmul_(direction, factor, value=-lr)
+
+
+def _sgd_ll_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    momentum: float,
+    rms_limit: float,
+    delta: float | None,
+) -> None:
+    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)  # m
+    directions = momentum_buffers if delta is None else [_clip_rows(m, delta) for m in momentum_buffers]
+    factors = torch._foreach_norm(directions)
+    torch._foreach_mul_(factors, [1.0 / math.sqrt(d.numel()) for d in directions])  # rms(d)
+    torch._foreach_clamp_min_(factors, RMS_FLOOR)
+    torch._foreach_reciprocal_(factors)
+    torch._foreach_mul_(factors, rms_limit)
+    torch._foreach_clamp_max_(factors, 1.0)
+    torch._foreach_addcmul_(params, directions, factors, value=-lr)
 
 
 def _clip_rows(m: Tensor, delta: float) -> Tensor:
