@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import snoo
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -34,6 +36,28 @@ class WithRareParameter(torch.nn.Module):
     def forward(self, x: torch.Tensor, use_rare: bool) -> torch.Tensor:
         out = self.body(x)
         return out + self.rare if use_rare else out
+
+
+# -- the inner optimizers the wrapper tests run over ------------------------------------------------------------------
+
+#: torch's own optimizers over a list of tensors.
+TORCH_INNER: dict[str, Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]] = {
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "SGD-nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+}
+
+
+def inner_optimizers(adam: type[torch.optim.Optimizer] = torch.optim.AdamW) -> dict[str, Callable]:
+    """Factories ``model -> optimizer`` of torch's and this package's inner optimizers, for a `make_model()` model
+    (its last layer is the head); ``adam`` is the Adam-family optimizer to include (AdamW or Adam)."""
+    return {
+        adam.__name__: lambda m: adam(m.parameters(), lr=1e-2),
+        "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+        "SCALE": lambda m: snoo.SCALE(snoo.param_groups(m, head=m[2]), lr=1e-2),
+        "SGDLL": lambda m: snoo.SGDLL(snoo.param_groups(m, head=m[2]), lr=100.0),
+        "MuonAdamW": lambda m: snoo.MuonAdamW(snoo.param_groups(m, head=m[2]), lr=0.02),
+    }
 
 
 def batch(t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

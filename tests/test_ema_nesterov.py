@@ -1,5 +1,5 @@
-"""EMA-Nesterov against its equations (ALGORITHMS.md), its special cases, and optimizer behaviour. Run as a script,
-this file is the fresh process that resumes a checkpoint."""
+"""EMA-Nesterov against its equations (docs/ema-nesterov.md), its special cases, and optimizer behaviour. Run as a
+script, this file is the fresh process that resumes a checkpoint."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from helpers import (
     CountOps,
     assert_fresh_process_finishes_the_same,
     batch,
+    inner_optimizers,
     make_model,
     params_of,
     resume_and_finish,
@@ -292,17 +293,7 @@ def test_refuses_bad_arguments_naming_them():
         train_step(model, opt, 2)
 
 
-@pytest.mark.parametrize(
-    "make_inner",
-    [
-        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
-        lambda m: snoo.SCALE(snoo.param_groups(m, head=m[2]), lr=1e-2),
-        lambda m: snoo.SGDLL(snoo.param_groups(m, head=m[2]), lr=100.0),
-        lambda m: snoo.MuonAdamW(snoo.param_groups(m, head=m[2]), lr=0.02),
-    ],
-    ids=["AdamW", "SGD", "SCALE", "SGDLL", "MuonAdamW"],
-)
+@pytest.mark.parametrize("make_inner", inner_optimizers().values(), ids=inner_optimizers().keys())
 def test_wraps_torch_and_snoo_optimizers_and_lowers_the_loss(make_inner):
     model = make_model()
     opt = snoo.EMANesterov(make_inner(model), beta=0.5, gamma=0.9)

@@ -1,4 +1,4 @@
-"""Nesterov for any optimizer against the note's equations (ALGORITHMS.md), its special cases, the comparison with
+"""Nesterov for any optimizer against the note's equations (docs/nesterov.md), its special cases, the comparison with
 NAdam, and optimizer behaviour. Run as a script, this file is the fresh process that resumes a checkpoint."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from helpers import (
     CountOps,
     assert_fresh_process_finishes_the_same,
     batch,
+    inner_optimizers,
     make_model,
     params_of,
     resume_and_finish,
@@ -262,15 +263,7 @@ def test_refuses_bad_arguments_naming_them():
 
 
 @pytest.mark.parametrize(
-    "make_inner",
-    [
-        lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
-        lambda m: snoo.SCALE(snoo.param_groups(m, head=m[2]), lr=1e-2),
-        lambda m: snoo.SGDLL(snoo.param_groups(m, head=m[2]), lr=100.0),
-        lambda m: snoo.MuonAdamW(snoo.param_groups(m, head=m[2]), lr=0.02),
-    ],
-    ids=["Adam", "SGD", "SCALE", "SGDLL", "MuonAdamW"],
+    "make_inner", inner_optimizers(torch.optim.Adam).values(), ids=inner_optimizers(torch.optim.Adam).keys()
 )
 def test_wraps_torch_and_snoo_optimizers_and_lowers_the_loss(make_inner):
     model = make_model()

@@ -41,7 +41,7 @@ def make_grads(params: dict[str, list[torch.Tensor]], step: int) -> dict[str, li
 
 
 def scale_reference(p, g, state, role, lr, momentum, betas, eps, weight_decay):
-    """One SCALE step on one tensor, written from ALGORITHMS.md."""
+    """One SCALE step on one tensor, written from the equations of docs/scale.md."""
     p = p * (1 - lr * weight_decay)
     if role == "vector":
         b1, b2 = betas

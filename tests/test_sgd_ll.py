@@ -13,7 +13,8 @@ SHAPES = {"embedding": [(10, 4)], "matrix": [(6, 5), (3, 4, 2)], "head": [(7, 4)
 
 
 def sgd_ll_reference(p, g, state, role, lr, momentum, tau, delta, flags):
-    """One SGD-LL step on one tensor, written from ALGORITHMS.md; ``flags`` records which clips fired."""
+    """One SGD-LL step on one tensor, written from the equations of docs/sgd-ll.md; ``flags`` records which clips
+    fired."""
     state["m"] = momentum * state.get("m", torch.zeros_like(p)) + (1 - momentum) * g
     d = state["m"].clone()
     if role == "head":

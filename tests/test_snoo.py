@@ -1,4 +1,5 @@
-"""SNOO and Lookahead against the equations of ALGORITHMS.md, their special cases, and optimizer behaviour."""
+"""SNOO and Lookahead against the equations of docs/snoo.md and docs/lookahead.md, their special cases, and optimizer
+behaviour."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snoo
-from helpers import CountOps, batch, make_model, params_of, train_step
+from helpers import TORCH_INNER, CountOps, batch, make_model, params_of, train_step
 
 
 def reference_snoo(
@@ -214,14 +215,7 @@ def test_dtypes_and_float32_state_for_low_precision(dtype):
         assert torch.equal(p, slow.to(dtype))
 
 
-@pytest.mark.parametrize(
-    "make_inner",
-    [
-        lambda ps: torch.optim.Adam(ps, lr=1e-2),
-        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
-        lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
-    ],
-)
+@pytest.mark.parametrize("make_inner", TORCH_INNER.values(), ids=TORCH_INNER.keys())
 def test_wraps_common_torch_optimizers_and_lowers_the_loss(make_inner):
     model = make_model()
     opt = snoo.SNOO(make_inner(model.parameters()), k=5)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["NotANumberError", "Range", "flag", "integer", "is_number", "number", "pair"]
+__all__ = ["NotANumberError", "Range", "flag", "integer", "is_number", "number", "pair", "show"]
 
 
 class NotANumberError(TypeError, ValueError):
@@ -67,6 +67,14 @@ UNIT = Range(0, 1, high_open=True)  # a momentum or EMA coefficient: [0, 1)
 ANY = Range()
 
 
+def show(value: Any) -> str:
+    """``value`` for an error message: one line, at most about 80 characters (a tensor by its shape and dtype)."""
+    if type(value).__name__ in ("Tensor", "Parameter", "DTensor"):
+        return f"a tensor of shape {tuple(value.shape)} ({str(value.dtype).removeprefix('torch.')})"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _prefix(owner: str) -> str:
     return f"{owner}: " if owner else ""
 
@@ -76,10 +84,10 @@ def number(value: Any, name: str, within: Range = ANY, *, owner: str = "", where
     ``within`` the range (``ValueError`` otherwise). ``owner`` and ``where`` (e.g. ``" (at step 3)"``) go into the
     message."""
     if not is_number(value):
-        raise NotANumberError(f"{_prefix(owner)}{name} must be a real number {within}, got {value!r}{where}")
+        raise NotANumberError(f"{_prefix(owner)}{name} must be a real number {within}, got {show(value)}{where}")
     value = float(value)
     if value not in within:
-        raise ValueError(f"{_prefix(owner)}{name} must be a finite number {within}, got {value!r}{where}")
+        raise ValueError(f"{_prefix(owner)}{name} must be a finite number {within}, got {show(value)}{where}")
     return value
 
 
@@ -87,23 +95,23 @@ def integer(value: Any, name: str, within: Range = ANY, *, owner: str = "", wher
     """``value`` after checking that it is an int (not a bool; :class:`NotANumberError` otherwise) ``within`` the range
     (``ValueError`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise NotANumberError(f"{_prefix(owner)}{name} must be an int {within}, got {value!r}{where}")
+        raise NotANumberError(f"{_prefix(owner)}{name} must be an int {within}, got {show(value)}{where}")
     if value not in within:
-        raise ValueError(f"{_prefix(owner)}{name} must be an int {within}, got {value!r}{where}")
+        raise ValueError(f"{_prefix(owner)}{name} must be an int {within}, got {show(value)}{where}")
     return value
 
 
 def flag(value: Any, name: str, *, owner: str = "") -> bool:
     """``value`` after checking that it is a bool (:class:`NotANumberError` otherwise)."""
     if not isinstance(value, bool):
-        raise NotANumberError(f"{_prefix(owner)}{name} must be a bool, got {value!r}")
+        raise NotANumberError(f"{_prefix(owner)}{name} must be a bool, got {show(value)}")
     return value
 
 
 def pair(value: Any, name: str, within: Range = ANY, *, owner: str = "") -> tuple[float, float]:
     """A pair of numbers such as Adam's ``betas``, each checked like :func:`number` (``name[0]``, ``name[1]``)."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise NotANumberError(f"{_prefix(owner)}{name} must be a pair of numbers {within}, got {value!r}")
+        raise NotANumberError(f"{_prefix(owner)}{name} must be a pair of numbers {within}, got {show(value)}")
     return (
         number(value[0], f"{name}[0]", within, owner=owner),
         number(value[1], f"{name}[1]", within, owner=owner),

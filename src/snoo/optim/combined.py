@@ -52,6 +52,8 @@ class MuonAdamW(Optimizer):
         adamw_foreach: AdamW's ``foreach`` (``None``: torch picks).
     """
 
+    #: Per-parameter state is the parameter's shape or one number (what ``Wrapper.load_state_dict`` checks).
+    elementwise_state: ClassVar[bool] = True
     #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
     hyperparameter_ranges: ClassVar[dict[str, Range]] = {
         "lr": NON_NEGATIVE,

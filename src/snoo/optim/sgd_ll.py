@@ -52,6 +52,8 @@ class SGDLL(RoleOptimizer):
     The paper trains without weight decay, and so does this optimizer (there is no ``weight_decay`` argument).
     """
 
+    #: Per-parameter state is the parameter's shape or one number (what ``Wrapper.load_state_dict`` checks).
+    elementwise_state: ClassVar[bool] = True
     #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "lr": NON_NEGATIVE,

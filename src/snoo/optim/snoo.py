@@ -288,7 +288,7 @@ class SNOO(Wrapper):
         saved_k = extras[0].get("k")
         if saved_k != self.k or isinstance(saved_k, bool):
             raise ValueError(
-                f"the state dict was saved with k={saved_k!r}, this {type(self).__name__} has k={self.k}: "
+                f"the state dict was saved with k={checks.show(saved_k)}, this {type(self).__name__} has k={self.k}: "
                 f"build it with the same k to continue the run"
             )
         skipped = extras[0].get("skipped_outer_steps", 0)  # absent from state dicts of snoo <= 0.1.0.dev0

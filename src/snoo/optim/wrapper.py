@@ -111,12 +111,12 @@ def check_state_device(state_device: Any) -> torch.device | None:
 
 def _compatible(saved: Any, current: Any) -> bool:
     """Whether a value a state dict brings may replace ``current``: the same kind of thing (a number for a number,
-    a flag for a flag, a pair for a pair), finite where ``current`` is. ``None`` on either side is accepted (torch's
-    optimizers use it for "pick for me")."""
-    if saved is None or current is None:
-        return True
-    if isinstance(current, bool) or isinstance(saved, bool):
-        return isinstance(current, bool) and isinstance(saved, bool)
+    a flag for a flag, a pair for a pair), finite where ``current`` is. ``None`` and flags stand for each other
+    (torch's ``foreach=None`` means "pick for me")."""
+    if current is None or isinstance(current, bool):
+        return saved is None or isinstance(saved, bool)
+    if saved is None or isinstance(saved, bool):
+        return False
     if isinstance(current, torch.Tensor) and current.numel() == 1:
         current = current.item()
     if isinstance(saved, torch.Tensor) and saved.numel() == 1:
@@ -126,6 +126,26 @@ def _compatible(saved: Any, current: Any) -> bool:
     if isinstance(current, (tuple, list)):
         return isinstance(saved, (tuple, list)) and len(saved) == len(current) and all(map(_compatible, saved, current))
     return type(saved) is type(current)
+
+
+#: Optimizers whose per-parameter state tensors are the parameter's shape or hold a single number (a step count).
+#: An optimizer of the package says so with ``elementwise_state = True``.
+ELEMENTWISE_STATE: tuple[type[Optimizer], ...] = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Muon")
+    if hasattr(torch.optim, name)
+)
+
+
+#: The ranges torch's optimizers check in their constructors, for the names they share; a state dict's value for an
+#: optimizer of :data:`ELEMENTWISE_STATE` is checked against them (``betas``: each of the pair).
+INNER_RANGES: dict[str, checks.Range] = {
+    "lr": checks.NON_NEGATIVE,
+    "eps": checks.NON_NEGATIVE,
+    "weight_decay": checks.NON_NEGATIVE,
+    "momentum": checks.NON_NEGATIVE,
+    "betas": checks.UNIT,
+}
 
 
 def _plain_state_value(value: Any) -> bool:
@@ -184,6 +204,9 @@ class Wrapper(Optimizer):
     #: The one of :attr:`state_names` that ``eval()`` puts into the parameters (SNOO's ``"slow"``), and that
     #: :func:`snoo.checkpoint.load_evaluation_weights` reads from a checkpoint.
     evaluation_key: ClassVar[str]
+    #: Of :attr:`state_names`, those a parameter with any state must have (a state dict lacking one is refused);
+    #: ``None``: :attr:`evaluation_key` alone.
+    required_state: ClassVar[tuple[str, ...] | None] = None
     #: Name under which ``eval()`` keeps the training point of each parameter while the evaluation weights are in.
     train_point: ClassVar[str] = "train_point"
     #: True when, between steps, the parameters hold a lookahead point that this wrapper derives from its own state
@@ -420,7 +443,8 @@ class Wrapper(Optimizer):
             if saved != kind.__name__:
                 what = "it" if name == "wrapper" else "its inner optimizer"
                 raise ValueError(
-                    f"the state dict was saved by {extra.get('wrapper', 'a wrapper')!r} around {extra.get('inner')!r}, "
+                    f"the state dict was saved by {checks.show(extra.get('wrapper', 'a wrapper'))} around "
+                    f"{checks.show(extra.get('inner'))}, "
                     f"not by {type(self).__name__} around {type(self.inner).__name__}: {what} keeps other state. "
                     f"Build the optimizer the checkpoint was saved from to continue the run"
                 )
@@ -552,6 +576,7 @@ class Wrapper(Optimizer):
             [group["params"] for group in self.param_groups],
         )
         schedules = self._schedules_to_keep(saved_groups)
+        elementwise = isinstance(self.inner, ELEMENTWISE_STATE) or getattr(self.inner, "elementwise_state", False)
         # the hyperparameters of wrappers inside this one are theirs to check, when they load their part
         stacked: set[str] = {"params"}
         nested: Optimizer = self
@@ -565,25 +590,55 @@ class Wrapper(Optimizer):
                 self._check_group({**group, **inner_group, **kept})
             except (TypeError, ValueError) as e:
                 raise type(e)(f"parameter group {g} of the state dict: {e}") from None
+            lacking = [
+                key
+                for key, value in group.items()
+                if key not in inner_group and key not in stacked and not (value is None or isinstance(value, bool))
+            ]
+            if lacking:  # (a flag that a newer torch added, the inner optimizer's loader fills in)
+                raise ValueError(f"parameter group {g} of the state dict has no {lacking[0]!r}")
+            if elementwise:
+                for key, within in INNER_RANGES.items():
+                    value = inner_group.get(key)
+                    if key in group and isinstance(value, (int, float, tuple, list)) and not isinstance(value, bool):
+                        values = value if isinstance(value, (tuple, list)) else [value]
+                        if not all(checks.is_number(v) and v in within for v in values):
+                            raise ValueError(
+                                f"parameter group {g} of the state dict has {key}={checks.show(value)}, where "
+                                f"{type(self.inner).__name__} takes {key} {within}"
+                            )
             for key, value in inner_group.items():
-                if key not in stacked and not _compatible(value, group.get(key)):
+                # a key this optimizer does not have yet (a scheduler's "initial_lr") is taken as it comes
+                if key in group and key not in stacked and not _compatible(value, group[key]):
                     raise ValueError(
-                        f"parameter group {g} of the state dict has {key}={value!r}, where this optimizer's "
-                        f"{type(self.inner).__name__} has {group.get(key)!r}"
+                        f"parameter group {g} of the state dict has {key}={checks.show(value)}, where this "
+                        f"optimizer's {type(self.inner).__name__} has {checks.show(group[key])}"
                     )
             inner_groups.append(inner_group)
         prefix = self.state_prefix + "."
+        group_of = {i: g for g, saved in enumerate(saved_groups) for i in saved["params"]}
+        inner_keys: dict[int, tuple[Any, dict]] = {}  # per group: the first parameter's inner state keys
         inner_state: dict[Any, dict[str, Any]] = {}
         own: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for key, entry in state_dict["state"].items():
             if key not in params:
-                raise ValueError(f"the state dict has state for parameter {key!r}, which none of its groups lists")
+                raise ValueError(
+                    f"the state dict has state for parameter {checks.show(key)}, which none of its groups lists"
+                )
             if not isinstance(entry, Mapping):
                 raise ValueError(f"the state of parameter {key!r} must be a dict, got {type(entry).__name__}")
             rest = {k: v for k, v in entry.items() if not (isinstance(k, str) and k.startswith(prefix))}
             if rest:
                 self._check_inner_param_state(key, params[key], rest)
                 inner_state[key] = rest
+                kinds = {k: v is None for k, v in rest.items()}
+                first, expected = inner_keys.setdefault(group_of[key], (key, kinds))
+                if elementwise and kinds != expected:  # the optimizer makes the same state for a whole group
+                    raise ValueError(
+                        f"the state of parameter {key!r} has {sorted(map(str, rest))}, that of parameter {first!r} "
+                        f"of the same group {sorted(map(str, expected))} (or one holds None where the other a "
+                        f"tensor): {type(self.inner).__name__} keeps the same state for every parameter of a group"
+                    )
             mine = {k[len(prefix) :]: v for k, v in entry.items() if isinstance(k, str) and k.startswith(prefix)}
             if mine:
                 own[params[key]] = self._load_param_state(key, params[key], mine)
@@ -608,12 +663,35 @@ class Wrapper(Optimizer):
 
     def _check_inner_param_state(self, key: Any, param: torch.Tensor, saved: Mapping[Any, Any]) -> None:
         """Refuse inner state that no optimizer keeps (strings, objects), and tensors whose shape differs from the
-        state the inner optimizer already has for ``param``."""
+        state the inner optimizer already has for ``param`` (or, for optimizers whose state is elementwise, from the
+        parameter's shape)."""
         current = self.inner.state.get(param, {}) if not isinstance(self.inner, Wrapper) else {}
+        elementwise = isinstance(self.inner, ELEMENTWISE_STATE) or getattr(self.inner, "elementwise_state", False)
         for name, value in saved.items():
             if not _plain_state_value(value):
                 raise ValueError(
                     f"state of parameter {key!r}: {name!r} is a {type(value).__name__}, which no optimizer keeps"
+                )
+            if elementwise and not (value is None or isinstance(value, torch.Tensor)):
+                raise ValueError(
+                    f"state of parameter {key!r}: {name!r} is {checks.show(value)}, where "
+                    f"{type(self.inner).__name__} keeps a tensor"
+                )
+            if (
+                elementwise
+                and name == "step"
+                and not (
+                    isinstance(value, torch.Tensor)
+                    and value.numel() == 1
+                    and math.isfinite(value.item())
+                    and value >= 0
+                )
+            ):
+                raise ValueError(f"state of parameter {key!r}: 'step' must be a count >= 0, got {checks.show(value)}")
+            if elementwise and isinstance(value, torch.Tensor) and value.numel() > 1 and value.shape != param.shape:
+                raise ValueError(
+                    f"state of parameter {key!r}: {name!r} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(param.shape)}: {type(self.inner).__name__} keeps its state elementwise"
                 )
             now = current.get(name)
             if isinstance(now, torch.Tensor) and (not isinstance(value, torch.Tensor) or value.shape != now.shape):
@@ -663,6 +741,13 @@ class Wrapper(Optimizer):
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{where} holds NaN or infinite values: the run had diverged when it was saved")
             loaded[name] = self._new_state(param, value, dtypes[name])
+        required = self.required_state if self.required_state is not None else (self.evaluation_key,)
+        lacking = [name for name in required if name not in loaded]
+        if lacking:
+            raise ValueError(
+                f"state of parameter {i!r} has {', '.join(f'{self.state_prefix}.{n}' for n in sorted(loaded))} but "
+                f"not '{self.state_prefix}.{lacking[0]}', which {type(self).__name__} keeps for every parameter"
+            )
         return loaded
 
     def __getstate__(self) -> dict[str, Any]:
@@ -683,6 +768,10 @@ class LookaheadPointWrapper(Wrapper):
     holds_lookahead = True
     evaluation_key = "iterate"
     train_point = "lookahead_point"
+
+    @property
+    def required_state(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.state_names
 
     def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         iterate = self._new_state(param, param, state_dtype(param))  # the real iterate starts at the parameter
