@@ -21,7 +21,8 @@ from snoo.optim.sgd_ll import SGDLL
 from snoo.optim.snoo import SNOO, Lookahead
 
 if TYPE_CHECKING:
-    from snoo import checkpoint, distributed, integrations, spec
+    from snoo import checkpoint, distributed, spec
+    from snoo import integrations as integrations
 
 #: Submodules imported on first access as ``snoo.<name>``.
 _LAZY = ("checkpoint", "distributed", "integrations", "spec")
@@ -37,7 +38,6 @@ __all__ = [
     "checkpoint",
     "checks",
     "distributed",
-    "integrations",
     "param_groups",
     "schedules",
     "spec",

@@ -160,7 +160,7 @@ def _registry() -> dict[str, Entry]:
                 _signature_defaults(cls, ("params",)),
                 _grouped(cls),
                 f"snoo.{cls.__name__} over snoo.param_groups(model)",
-                cls.hyperparameter_ranges,
+                getattr(cls, "hyperparameter_ranges", {}),
             )
         )
     # wrappers: everything after `inner` in the constructor; telemetry is the trainer's choice, not the SPEC's
@@ -177,7 +177,7 @@ def _registry() -> dict[str, Entry]:
                 _signature_defaults(cls, ("inner", "track_norms")),
                 cls,
                 f"snoo.{cls.__name__}",
-                cls.hyperparameter_ranges,
+                getattr(cls, "hyperparameter_ranges", {}),
             )
         )
     return {e.name: e for e in entries}
