@@ -323,3 +323,26 @@ def test_fuzzed_state_dicts_are_refused_cleanly_or_load_and_step(name):
         except (ValueError, TypeError) as e:  # a clear error at the step is acceptable too
             assert "\n" not in str(e), str(e)
     assert refused >= 20, f"only {refused} of 60 damaged state dicts were refused"
+
+
+def test_with_a_process_group_the_averaged_pseudo_gradient_is_checked(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = make_model()
+        opt = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.05), k=2, process_group=dist.group.WORLD)
+        for t in range(2):
+            train_step(model, opt, t)
+        slow = [opt.state[p]["slow"].clone() for p in model.parameters()]
+        train_step(model, opt, 2)
+        model(torch.randn(4, 6)).sum().backward()
+        model[2].bias.grad[0] = float("-inf")
+        with pytest.warns(RuntimeWarning, match="averaged pseudo-gradient held NaN or infinite"):
+            opt.step()
+        assert opt.skipped_outer_steps == 1
+        assert all(torch.equal(opt.state[p]["slow"], w) and torch.equal(p, w) for p, w in zip(model.parameters(), slow))
+    finally:
+        dist.destroy_process_group()
