@@ -148,6 +148,10 @@ INNER_RANGES: dict[str, checks.Range] = {
 }
 
 
+def _number_like(value: Any) -> bool:
+    return not (value is None or isinstance(value, bool))
+
+
 def _plain_state_value(value: Any) -> bool:
     """What an optimizer's per-parameter state may hold: tensors, numbers, flags, None, and lists, tuples and dicts
     of them (no strings or objects: torch's loader would turn a string into garbage)."""
@@ -531,6 +535,10 @@ class Wrapper(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    @property
+    def _inner_state_is_elementwise(self) -> bool:
+        return isinstance(self.inner, ELEMENTWISE_STATE) or getattr(self.inner, "elementwise_state", False)
+
     def _plan_load(self, state_dict: Any) -> LoadPlan:
         """Validate and parse ``state_dict``; change nothing."""
         name = type(self).__name__
@@ -576,51 +584,66 @@ class Wrapper(Optimizer):
             [group["params"] for group in self.param_groups],
         )
         schedules = self._schedules_to_keep(saved_groups)
-        elementwise = isinstance(self.inner, ELEMENTWISE_STATE) or getattr(self.inner, "elementwise_state", False)
+        inner_groups = [
+            self._plan_inner_group(g, saved, group, kept)
+            for g, (saved, group, kept) in enumerate(zip(saved_groups, self.param_groups, schedules))
+        ]
+        inner_state, own = self._plan_param_states(state_dict["state"], params, saved_groups)
+        self._check_training_points(extra["training"], params, own)
+        inner = {**state_dict, "state": inner_state, "param_groups": inner_groups}
+        return LoadPlan(inner=inner, own=own, schedules=schedules, extra=extra)
+
+    def _plan_inner_group(
+        self, g: int, saved: Mapping[str, Any], group: dict[str, Any], kept: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Group ``g`` of a state dict as the inner optimizer will load it (this wrapper's entry taken out), after
+        checking this wrapper's hyperparameters, and the inner optimizer's against the kind and range it has."""
+        inner_group = {k: v for k, v in saved.items() if k != self.state_prefix}
+        try:
+            self._check_group({**group, **inner_group, **kept})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"parameter group {g} of the state dict: {e}") from None
         # the hyperparameters of wrappers inside this one are theirs to check, when they load their part
         stacked: set[str] = {"params"}
         nested: Optimizer = self
         while isinstance(nested, Wrapper):
             stacked.update(nested._own_defaults, [nested.state_prefix])
             nested = nested.inner
-        inner_groups = []
-        for g, (saved, group, kept) in enumerate(zip(saved_groups, self.param_groups, schedules)):
-            inner_group = {k: v for k, v in saved.items() if k != self.state_prefix}
-            try:
-                self._check_group({**group, **inner_group, **kept})
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"parameter group {g} of the state dict: {e}") from None
-            lacking = [
-                key
-                for key, value in group.items()
-                if key not in inner_group and key not in stacked and not (value is None or isinstance(value, bool))
-            ]
-            if lacking:  # (a flag that a newer torch added, the inner optimizer's loader fills in)
-                raise ValueError(f"parameter group {g} of the state dict has no {lacking[0]!r}")
-            if elementwise:
-                for key, within in INNER_RANGES.items():
-                    value = inner_group.get(key)
-                    if key in group and isinstance(value, (int, float, tuple, list)) and not isinstance(value, bool):
-                        values = value if isinstance(value, (tuple, list)) else [value]
-                        if not all(checks.is_number(v) and v in within for v in values):
-                            raise ValueError(
-                                f"parameter group {g} of the state dict has {key}={checks.show(value)}, where "
-                                f"{type(self.inner).__name__} takes {key} {within}"
-                            )
-            for key, value in inner_group.items():
-                # a key this optimizer does not have yet (a scheduler's "initial_lr") is taken as it comes
-                if key in group and key not in stacked and not _compatible(value, group[key]):
-                    raise ValueError(
-                        f"parameter group {g} of the state dict has {key}={checks.show(value)}, where this "
-                        f"optimizer's {type(self.inner).__name__} has {checks.show(group[key])}"
-                    )
-            inner_groups.append(inner_group)
+        # a flag that a newer torch added may be missing (the inner optimizer's loader fills it in), a number not
+        lacking = [k for k, v in group.items() if k not in inner_group and k not in stacked and _number_like(v)]
+        if lacking:
+            raise ValueError(f"parameter group {g} of the state dict has no {lacking[0]!r}")
+        for key, value in inner_group.items():
+            # a key this optimizer does not have yet (a scheduler's "initial_lr") is taken as it comes
+            if key not in group or key in stacked:
+                continue
+            if not _compatible(value, group[key]):
+                raise ValueError(
+                    f"parameter group {g} of the state dict has {key}={checks.show(value)}, where this "
+                    f"optimizer's {type(self.inner).__name__} has {checks.show(group[key])}"
+                )
+            within = INNER_RANGES.get(key) if self._inner_state_is_elementwise else None
+            if within is None or isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
+                continue  # (torch takes a tensor lr too)
+            values = value if isinstance(value, (tuple, list)) else [value]
+            if not all(checks.is_number(v) and v in within for v in values):
+                raise ValueError(
+                    f"parameter group {g} of the state dict has {key}={checks.show(value)}, where "
+                    f"{type(self.inner).__name__} takes {key} {within}"
+                )
+        return inner_group
+
+    def _plan_param_states(
+        self, saved_state: Mapping[Any, Any], params: dict[Any, torch.Tensor], saved_groups: list[Mapping[str, Any]]
+    ) -> tuple[dict[Any, dict[str, Any]], dict[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Each parameter's state: the inner optimizer's part, checked, and this wrapper's, as fresh tensors."""
         prefix = self.state_prefix + "."
         group_of = {i: g for g, saved in enumerate(saved_groups) for i in saved["params"]}
         inner_keys: dict[int, tuple[Any, dict]] = {}  # per group: the first parameter's inner state keys
         inner_state: dict[Any, dict[str, Any]] = {}
         own: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        for key, entry in state_dict["state"].items():
+        elementwise = self._inner_state_is_elementwise
+        for key, entry in saved_state.items():
             if key not in params:
                 raise ValueError(
                     f"the state dict has state for parameter {checks.show(key)}, which none of its groups lists"
@@ -642,12 +665,18 @@ class Wrapper(Optimizer):
             mine = {k[len(prefix) :]: v for k, v in entry.items() if isinstance(k, str) and k.startswith(prefix)}
             if mine:
                 own[params[key]] = self._load_param_state(key, params[key], mine)
-        if extra["training"]:
+        return inner_state, own
+
+    def _check_training_points(
+        self, training: bool, params: dict[Any, torch.Tensor], own: dict[torch.Tensor, dict[str, torch.Tensor]]
+    ) -> None:
+        """A state saved in eval mode holds the training point of each parameter with state, one in train mode none."""
+        if training:
             stale = [key for key, p in params.items() if self.train_point in own.get(p, {})]
             if stale:
                 raise ValueError(
                     f"the state dict was saved in train mode but holds a training point ('{self.state_prefix}."
-                    f"{self.train_point}') for parameter {stale[0]!r}: it is not a state dict that {name} saved"
+                    f"{self.train_point}') for parameter {stale[0]!r}: so {type(self).__name__} did not save it"
                 )
         else:
             lacking = [key for key, p in params.items() if p in own and self.train_point not in own[p]]
@@ -658,15 +687,13 @@ class Wrapper(Optimizer):
                     f"(torch.distributed.checkpoint loads only the entries that a fresh optimizer has: call train() "
                     f"before saving with it.)"
                 )
-        inner = {**state_dict, "state": inner_state, "param_groups": inner_groups}
-        return LoadPlan(inner=inner, own=own, schedules=schedules, extra=extra)
 
     def _check_inner_param_state(self, key: Any, param: torch.Tensor, saved: Mapping[Any, Any]) -> None:
         """Refuse inner state that no optimizer keeps (strings, objects), and tensors whose shape differs from the
         state the inner optimizer already has for ``param`` (or, for optimizers whose state is elementwise, from the
         parameter's shape)."""
         current = self.inner.state.get(param, {}) if not isinstance(self.inner, Wrapper) else {}
-        elementwise = isinstance(self.inner, ELEMENTWISE_STATE) or getattr(self.inner, "elementwise_state", False)
+        elementwise = self._inner_state_is_elementwise
         for name, value in saved.items():
             if not _plain_state_value(value):
                 raise ValueError(
