@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from itertools import compress
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo.distributed import all_reduce_mean_, check_process_group, foreach_copy_, is_dtensor, local
+from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
@@ -51,9 +53,10 @@ class SNOO(Wrapper):
             a schedule, like ``lr``. A step whose momentum is 0 leaves the buffer as it is, like ``torch.optim.SGD``.
         nesterov: Nesterov (the paper) or heavy-ball momentum; stored in each group as ``"outer_nesterov"``.
         state_device: where the slow weights and momentum live. ``None``: beside each parameter. ``"cpu"`` with a
-            model on a GPU: in pinned host memory, so the GPU holds no extra state; each outer step then copies the
-            fast weights to the host and the new weights back (one transfer each way every K steps) and does the
-            outer arithmetic on the host.
+            model on a GPU: in pinned host memory, so the GPU holds no extra state between outer steps; each outer
+            step streams them through the GPU in chunks, double-buffered, and updates them there (:attr:`offload`,
+            a :class:`snoo.optim.offload.HostOffload`: set its ``chunk_numel`` to trade GPU memory for launches),
+            bit for bit the same as with the state on the GPU.
         track_norms: after each outer step, put the l2 norms of the pseudo-gradient, momentum and slow weights over
             all parameters in :attr:`outer_norms` (0-d tensors, so reading them is the caller's synchronisation).
             Costs one extra read of each of those tensors per outer step.
@@ -121,6 +124,9 @@ class SNOO(Wrapper):
         self.reduce_dtype = reduce_dtype
         #: bytes this rank has sent into all-reduces of pseudo-gradients (DiLoCo); 0 without a process group.
         self.communicated_bytes = 0
+        # -- host offload (offload.py): the outer step of state kept on state_device streams through the device --
+        #: streams the state through the parameters' device when ``state_device`` is set; None otherwise.
+        self.offload = HostOffload() if state_device is not None else None
         super().__init__(
             inner,
             {"outer_lr": lr, "outer_momentum": momentum, "outer_nesterov": nesterov},
@@ -166,7 +172,8 @@ class SNOO(Wrapper):
                 plans.append((bucket, states, hyper))
         if self.process_group is None:
             squares = [
-                outer_step(
+                # host offload hook: with state_device set, the same outer_step runs chunk by chunk (offload.py)
+                (outer_step if self.offload is None else partial(self.offload.apply, outer_step))(
                     bucket,
                     [st["slow"] for st in states],
                     self._momentum_buffers(states, hyper["momentum"]),
