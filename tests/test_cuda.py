@@ -130,7 +130,8 @@ def test_wrapper_on_the_device_follows_the_float64_reference(name, dtype):
             if isinstance(value, torch.Tensor) and value.ndim:  # the wrapper's own state: float32 for bf16
                 assert value.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype), key
                 assert value.device.type == ("cpu" if "host" in name else DEVICE.type), key
-                assert value.is_pinned() == ("host" in name and DEVICE.type == "cuda"), key
+                if name.startswith("snoo"):  # what HostOffload streams must be pinned for the copies to overlap
+                    assert value.is_pinned() == ("host" in name and DEVICE.type == "cuda"), key
 
 
 def _leaves(params: dict[str, list[torch.Tensor]], device: torch.device, dtype: torch.dtype):

@@ -142,8 +142,15 @@ class SNOO(Wrapper):
     def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = {"slow": self._new_state(param, param, state_dtype(param))}
         if group["outer_momentum"] != 0:  # a schedule too: b = 0 at the start; Lookahead keeps none
-            state["momentum"] = torch.zeros_like(state["slow"])
+            state["momentum"] = self._zeros_like_state(state["slow"])
         return state
+
+    @staticmethod
+    def _zeros_like_state(like: torch.Tensor) -> torch.Tensor:
+        # host offload: zeros_like does not pin, and copies to or from pageable memory make the host wait
+        if like.device.type == "cpu" and like.is_pinned():
+            return torch.zeros(like.shape, dtype=like.dtype, pin_memory=True)
+        return torch.zeros_like(like)
 
     def _state_dtypes(self, param: torch.Tensor) -> dict[str, torch.dtype]:
         return {**super()._state_dtypes(param), "slow": state_dtype(param), "momentum": state_dtype(param)}
@@ -238,7 +245,7 @@ class SNOO(Wrapper):
             return None
         for st in states:
             if "momentum" not in st:  # the momentum of a group was 0 when its state was made, and is not now
-                st["momentum"] = torch.zeros_like(st["slow"])
+                st["momentum"] = self._zeros_like_state(st["slow"])
         return [st["momentum"] for st in states]
 
     def _extra_state(self) -> dict[str, Any]:
