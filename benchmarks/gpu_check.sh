@@ -145,9 +145,9 @@ fi
 part environment 30 env.txt environment
 part cuda-tests "$tests_limit" pytest_cuda.txt "$python" -m pytest -m cuda tests/test_cuda.py -q -rs \
     -p no:cacheprovider --junitxml="$out/pytest_cuda.xml"
-part outer-step 120 outer_step_gpu.md "$python" benchmarks/outer_step_gpu.py "${bench_flags[@]}"
+part outer-step 150 outer_step_gpu.md "$python" benchmarks/outer_step_gpu.py "${bench_flags[@]}"
 part offload 90 offload_step.md "$python" benchmarks/offload_step.py "${offload_flags[@]}"
-part lab 330 lab.md lab
+part lab 300 lab.md lab
 
 echo "| total | - | $((SECONDS - start)) |" >>"$out/summary.md"
 cat "$out/summary.md"

@@ -7,8 +7,9 @@ parameters), with float32 parameters and with bf16 parameters (float32 slow weig
   floor; and of the parameters and slow weights only, Lookahead's floor;
 - the outer step as SNOO runs it (``snoo.optim.snoo.outer_step``: a few ``torch._foreach_*`` passes), Nesterov, and
   Lookahead's (lerp and copy);
-- with ``--fused``, the same ``outer_step`` under ``torch.compile`` (Inductor fuses the passes), checked against the
-  foreach result: the measurement that decides whether a fused kernel is worth adding to the library;
+- with ``--fused`` (timed last), the same ``outer_step`` under ``torch.compile`` (Inductor fuses the passes), with its
+  difference to the foreach result: the measurement that decides whether a fused kernel is worth adding to the
+  library;
 - one training step of that model (forward and backward under bf16 autocast, ``torch.compile``\\d unless
   ``--no-compile``, AdamW), at the lab's ``base`` micro-batch (16 x 1024 tokens), and the outer step amortised over
   K=20 such steps as a share of it (a real step of the lab's ``base`` preset accumulates 4 micro-batches, so this
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -74,13 +74,15 @@ def nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def outer_step_rows(
-    params: list[torch.Tensor], measure: Callable, repeats: int, fused: bool
-) -> tuple[list[tuple[str, float, str]], float]:
-    """Rows (what, ms, ratio) for one parameter dtype, and the ms of SNOO's outer step."""
-    state_dtype = torch.float32
-    slow = [p.detach().to(state_dtype, copy=True) for p in params]
-    momentum = [torch.zeros_like(w) for w in slow]
+def state_for(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Float32 slow weights and momentum for ``params``, as SNOO keeps them."""
+    slow = [p.detach().to(torch.float32, copy=True) for p in params]
+    return slow, [torch.zeros_like(w) for w in slow]
+
+
+def outer_step_rows(params: list[torch.Tensor], measure: Callable, repeats: int) -> list[tuple[str, float, str]]:
+    """Rows (what, ms, ratio) for one parameter dtype; the second is SNOO's outer step."""
+    slow, momentum = state_for(params)
     sources = params + slow + momentum
     targets = [torch.empty_like(t) for t in sources]
     two = len(params) * 2
@@ -97,19 +99,32 @@ def outer_step_rows(
     rows.append(("copy of p, w (Lookahead's floor2)", floor2, "1.00x floor2"))
     look = measure(lambda: outer_step(params, slow, None, lr=0.5, momentum=0.0, nesterov=False), repeats)
     rows.append(("Lookahead outer step (lerp + copy)", look, f"{look / floor2:.2f}x floor2"))
-    if fused:
-        compiled = torch.compile(outer_step)
-        check = [[t.detach().clone() for t in ts] for ts in (params, slow, momentum)]
-        want = [[t.detach().clone() for t in ts] for ts in (params, slow, momentum)]
-        compiled(*check, lr=0.7, momentum=0.5, nesterov=True)
-        outer_step(*want, lr=0.7, momentum=0.5, nesterov=True)
-        error = max((a.float() - b.float()).abs().max().item() for x, y in zip(check, want) for a, b in zip(x, y))
-        t0 = time.perf_counter()
-        ms = measure(lambda: compiled(params, slow, momentum, lr=0.7, momentum=0.5, nesterov=True), repeats)
-        what = f"SNOO outer step, torch.compile'd (max diff to foreach {error:.1e})"
-        rows.append((what, ms, f"{ms / floor:.2f}x floor"))
-        print(f"(compiling the fused outer step took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    return rows, snoo_ms
+    return rows
+
+
+def fused_row(params: list[torch.Tensor], floor_ms: float, measure: Callable, repeats: int) -> tuple[str, float, str]:
+    """``outer_step`` under ``torch.compile`` (Inductor fuses its passes into few kernels), with its largest difference
+    to the foreach result after one step from the same tensors."""
+    slow, momentum = state_for(params)
+    compiled = torch.compile(outer_step)
+    check = [[t.detach().clone() for t in ts] for ts in (params, slow, momentum)]
+    want = [[t.detach().clone() for t in ts] for ts in (params, slow, momentum)]
+    t0 = time.perf_counter()
+    compiled(*check, lr=0.7, momentum=0.5, nesterov=True)
+    seconds = time.perf_counter() - t0
+    outer_step(*want, lr=0.7, momentum=0.5, nesterov=True)
+    error = max((a.float() - b.float()).abs().max().item() for x, y in zip(check, want) for a, b in zip(x, y))
+    del check, want
+    ms = measure(lambda: compiled(params, slow, momentum, lr=0.7, momentum=0.5, nesterov=True), repeats)
+    what = f"SNOO outer step, torch.compile'd (compiled in {seconds:.0f} s; max diff to foreach {error:.1e})"
+    return what, ms, f"{ms / floor_ms:.2f}x floor"
+
+
+def print_table(title: str, rows: list[tuple[str, float, str]]) -> None:
+    print(f"### {title}\n\n| what | ms | ratio |\n|---|---:|---:|")
+    for what, ms, ratio in rows:
+        print(f"| {what} | {ms:.3f} | {ratio} |")
+    print(flush=True)
 
 
 def training_step_ms(
@@ -153,17 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{n / 1e6:.1f}M parameters ({len(list(model.parameters()))} tensors), {name}, torch {torch.__version__}")
     print(f"median of {repeats} calls, CUDA events\n" if device.type == "cuda" else f"median of {repeats} calls\n")
 
-    snoo_ms = {}
+    def parameters(dtype: torch.dtype) -> list[torch.Tensor]:
+        return [p.detach().to(dtype, copy=True) for p in model.parameters()]
+
+    def kind(dtype: torch.dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    dtypes = (torch.float32, torch.bfloat16)
+    tables = {}
     with torch.no_grad():
-        for dtype in (torch.float32, torch.bfloat16):
-            params = [p.detach().to(dtype, copy=True) for p in model.parameters()]
-            rows, snoo_ms[dtype] = outer_step_rows(params, measure, repeats, args.fused and not args.quick)
-            print(f"### {str(dtype).removeprefix('torch.')} parameters, float32 state\n")
-            print("| what | ms | ratio |\n|---|---:|---:|")
-            for what, ms, ratio in rows:
-                print(f"| {what} | {ms:.3f} | {ratio} |")
-            print(flush=True)
-            del params, rows
+        for dtype in dtypes:
+            tables[dtype] = outer_step_rows(parameters(dtype), measure, repeats)
+            print_table(f"{kind(dtype)} parameters, float32 state", tables[dtype])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -173,9 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     how = "bf16 autocast, compiled" if compile else ("bf16 autocast, eager" if device.type == "cuda" else "eager")
     print(f"### amortised at K={args.k}: one training step ({tokens} tokens, {how}, AdamW) = {step_ms:.1f} ms\n")
     print("| parameters | outer step ms | per inner step ms | share of a training step |\n|---|---:|---:|---:|")
-    for dtype, ms in snoo_ms.items():
-        share = ms / args.k / step_ms
-        print(f"| {str(dtype).removeprefix('torch.')} | {ms:.3f} | {ms / args.k:.4f} | {100 * share:.3f}% |")
+    for dtype in dtypes:
+        ms = tables[dtype][1][1]
+        print(f"| {kind(dtype)} | {ms:.3f} | {ms / args.k:.4f} | {100 * ms / args.k / step_ms:.3f}% |")
+    print(flush=True)
+
+    if args.fused and not args.quick:  # last: compiling takes a while, and the tables above are out already
+        with torch.no_grad():
+            for dtype in dtypes:
+                try:
+                    row = fused_row(parameters(dtype), tables[dtype][0][1], measure, repeats)
+                except Exception as e:  # a failure to compile is a result too; the tables above stand
+                    row = (f"torch.compile'd outer step failed: {type(e).__name__}: {e}"[:300], float("nan"), "-")
+                print_table(f"{kind(dtype)} parameters, fused", [row])
 
 
 if __name__ == "__main__":
