@@ -84,3 +84,16 @@ def test_gpu_check_script_parses_runs_the_lab_part_and_keeps_to_its_budget(tmp_p
     summary = (tmp_path / "late" / "summary.md").read_text()
     for name in ("environment", "cuda-tests", "outer-step", "offload", "lab"):
         assert f"| {name} | skipped: out of time |" in summary
+
+
+def test_the_cuda_tests_that_need_no_streams_run_on_the_cpu():
+    """tests/test_cuda.py imports the references of the other test files and calls them: run its float32 wrapper
+    tests on the CPU (SNOO_TEST_DEVICE=cpu), so that a change to a reference breaks here and not on a GPU."""
+    env = {**os.environ, "SNOO_TEST_DEVICE": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-k", "wrapper and float32",
+         str(ROOT / "tests" / "test_cuda.py")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"\b8 passed\b", done.stdout), done.stdout
