@@ -41,15 +41,19 @@ STEPS = 12
 FLOAT32 = dict(rtol=1e-5, atol=1e-5)
 
 
-def max_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return max((g.detach().cpu().double() - w).abs().max().item() for g, w in zip(got, want, strict=True))
+def rms_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The root mean square over all elements of ``got - want``: steadier than the largest, which one unlucky
+    rounding decides."""
+    diff = torch.cat([(g.detach().cpu().double() - w.double()).flatten() for g, w in zip(got, want, strict=True)])
+    return diff.square().mean().sqrt().item()
 
 
-def assert_near(got, want, start, dtype: torch.dtype, on_cpu: list[torch.Tensor] | None) -> None:
+def assert_near(got, want, start, dtype: torch.dtype, on_cpu: list[torch.Tensor] | None, slack: float = 1e-4) -> None:
     """``got`` (on the device, in ``dtype``) follows the float64 reference ``want``: within float32 rounding, or
     (where ``on_cpu`` is given, as for bf16, where rounding the weights at every step costs far more) at most twice
-    as far from it as the same code in the same dtype on the CPU (``on_cpu``) ends, plus a bf16 ulp. And ``want``
-    moved from ``start`` by several times that bound, so that a step that did nothing or the wrong thing fails."""
+    as far from it (root mean square) as the same code in the same dtype on the CPU (``on_cpu``) ends. In bf16 that
+    is a few times less than the inner optimizer alone would end from a wrapper's reference. And ``want`` moved from
+    ``start`` by several times the bound, so that a step that did nothing or the wrong thing fails."""
     for g in got:
         assert g.device.type == DEVICE.type and g.dtype == dtype
     if not on_cpu:
@@ -58,13 +62,13 @@ def assert_near(got, want, start, dtype: torch.dtype, on_cpu: list[torch.Tensor]
             torch.testing.assert_close(g.detach().cpu().double(), w, **FLOAT32)
         bound = FLOAT32["atol"]
     else:
-        bound = 2 * max_error(on_cpu, want) + 2e-3
-        error = max_error(got, want)
+        bound = 2 * rms_error(on_cpu, want) + slack
+        error = rms_error(got, want)
         assert error <= bound, (
-            f"{dtype} on {DEVICE}: {error:.2e} from float64, on the CPU {max_error(on_cpu, want):.2e}"
+            f"{dtype} on {DEVICE}: {error:.2e} from float64 (rms), on the CPU {rms_error(on_cpu, want):.2e}"
         )
-    moved = max((w - s.double()).abs().max().item() for w, s in zip(want, start))
-    assert moved > 3 * bound, f"the reference moved only {moved}: the test could not tell a wrong step"
+    moved = rms_error(start, want)
+    assert moved > 5 * bound, f"the reference moved only {moved} (rms): the test could not tell a wrong step"
 
 
 def run(
@@ -237,9 +241,10 @@ def test_muon_adamw_on_the_device_is_torch_muon_and_adamw_and_follows_float64(dt
         return
     want = muon_adamw_run(torch.device("cpu"), torch.float64, combined=False)
     start = [0.1 * p.detach().double() for p in test_combined.make_params()]
-    # Muon orthogonalises in bf16 whatever the parameters' dtype: float32 follows float64 only as closely as the
-    # same code on the CPU does, up to the bf16 matmuls of another device
-    assert_near(ours, want, start, dtype, muon_adamw_run(torch.device("cpu"), dtype))
+    # Muon orthogonalises in bf16 whatever the parameters' dtype: float32 follows float64 as closely as the same code
+    # on the CPU does, up to the bf16 matmuls of another device, which may round each update differently by about a
+    # bf16 ulp (2^-8 of lr = 0.02, over 4 steps: 3e-4)
+    assert_near(ours, want, start, dtype, muon_adamw_run(torch.device("cpu"), dtype), slack=1e-3)
 
 
 # -- state in host memory: streamed through the GPU --------------------------------------------------------------
