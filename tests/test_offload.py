@@ -132,3 +132,24 @@ def test_chunk_size_is_checked_and_a_copy_makes_its_own_buffers(one_thread):
     for clone in (copy.deepcopy(opt.offload), pickle.loads(pickle.dumps(opt.offload))):
         assert clone.chunk_numel == 96 and not clone._staging and not clone._lanes
     assert repr(opt.offload) == "HostOffload(chunk_numel=96)"
+
+
+def test_staging_slots_are_kept_across_buckets_and_outer_steps_and_shrink_with_the_chunk(one_thread):
+    model = make_model()
+    *body, last = list(model.parameters())
+    inner = torch.optim.AdamW([{"params": body}, {"params": [last], "lr": 1e-3}], lr=1e-2)  # two buckets
+    opt = snoo.SNOO(inner, k=2, state_device="cpu")
+    opt.offload.chunk_numel = 96
+    seen = set()
+    for t in range(1, 7):
+        train_step(model, opt, t)
+        if t % 2 == 0:
+            (slots,) = opt.offload._staging.values()
+            seen.add(tuple(b.data_ptr() for slot in slots for b in slot))
+    assert len(seen) == 1, "the same two slots served both buckets at every outer step"
+    assert slots[0][0].numel() == 96
+    opt.offload.chunk_numel = 64
+    train_step(model, opt, 7)
+    train_step(model, opt, 8)
+    (slots,) = opt.offload._staging.values()
+    assert slots[0][0].numel() == 64

@@ -199,9 +199,11 @@ class HostOffload:
         return self._lanes[device]
 
     def _slots(self, device: torch.device, dtype: torch.dtype, count: int, numel: int) -> list[list[torch.Tensor]]:
-        """Two staging slots of ``count`` flat buffers of ``numel`` elements each, kept between outer steps."""
+        """Two staging slots of ``count`` flat buffers of at least ``numel`` elements each, kept between outer steps
+        (and between the buckets of one), and no larger than a chunk unless a chunk needs it."""
         slots = self._staging.get((device, dtype))
-        if slots is None or len(slots[0]) < count or slots[0][0].numel() != numel:
+        size = slots[0][0].numel() if slots else 0
+        if slots is None or len(slots[0]) < count or not numel <= size <= max(numel, self.chunk_numel):
             self._staging.pop((device, dtype), None)  # free the old ones first: at most two slots at a time
             slots = [[torch.empty(numel, device=device, dtype=dtype) for _ in range(count)] for _ in range(2)]
             if device.type == "cuda":
