@@ -36,7 +36,8 @@ out=$(cd "$out" && pwd)
 cd "$root" || exit 1
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python || command -v python3)}
+if [ -z "$python" ]; then echo "no python or python3 on PATH (or set PYTHON)" >&2; exit 2; fi
 budget=${SNOO_GPU_CHECK_BUDGET:-470}
 start=$SECONDS
 data_flag=()
