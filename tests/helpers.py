@@ -67,7 +67,9 @@ def batch(t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, tor
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, t: int) -> float:
-    x, y = batch(t, next(model.parameters()).dtype)
+    """One step on the batch of step ``t``, in the dtype and on the device of the model's parameters."""
+    p = next(model.parameters())
+    x, y = (b.to(p.device) for b in batch(t, p.dtype))
     loss = (model(x) - y).square().mean()
     loss.backward()
     opt.step()

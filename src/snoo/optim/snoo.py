@@ -6,6 +6,7 @@ SNOO: Kallusky, Rao, Nandavanam, Shi, arXiv 2510.15830. Lookahead: Zhang, Lucas,
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from itertools import compress
 from typing import Any, ClassVar, NamedTuple
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
+from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.tensors import foreach_copy_, is_dtensor, local
 from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
@@ -58,9 +60,10 @@ class SNOO(Wrapper):
             a schedule, like ``lr``. A step whose momentum is 0 leaves the buffer as it is, like ``torch.optim.SGD``.
         nesterov: Nesterov (the paper) or heavy-ball momentum; stored in each group as ``"outer_nesterov"``.
         state_device: where the slow weights and momentum live. ``None``: beside each parameter. ``"cpu"`` with a
-            model on a GPU: in pinned host memory, so the GPU holds no extra state; each outer step then copies the
-            fast weights to the host and the new weights back (one transfer each way every K steps) and does the
-            outer arithmetic on the host.
+            model on a GPU: in pinned host memory, so the GPU holds no extra state between outer steps; each outer
+            step streams them through the GPU in chunks, double-buffered, and updates them there (:attr:`offload`,
+            a :class:`snoo.optim.offload.HostOffload`: set its ``chunk_numel`` to trade GPU memory for launches),
+            bit for bit the same as with the state on the GPU.
         track_norms: after each outer step, put the l2 norms of the pseudo-gradient, momentum and slow weights over
             all parameters in :attr:`outer_norms` (0-d tensors, so reading them is the caller's synchronisation).
             Costs one extra read of each of those tensors per outer step.
@@ -138,6 +141,9 @@ class SNOO(Wrapper):
         self.reduce_dtype = reduce_dtype
         #: bytes this rank has sent into all-reduces of pseudo-gradients (DiLoCo); 0 without a process group.
         self.communicated_bytes = 0
+        # -- host offload (offload.py): the outer step of state kept on state_device streams through the device --
+        #: streams the state through the parameters' device when ``state_device`` is set; None otherwise.
+        self.offload = HostOffload() if state_device is not None else None
         super().__init__(
             inner,
             {"outer_lr": lr, "outer_momentum": momentum, "outer_nesterov": nesterov},
@@ -163,8 +169,15 @@ class SNOO(Wrapper):
     def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = {"slow": self._new_state(param, param, state_dtype(param))}
         if group["outer_momentum"] != 0:  # a schedule too: b = 0 at the start; Lookahead keeps none
-            state["momentum"] = torch.zeros_like(state["slow"])
+            state["momentum"] = self._zeros_like_state(state["slow"])
         return state
+
+    @staticmethod
+    def _zeros_like_state(like: torch.Tensor) -> torch.Tensor:
+        # host offload: zeros_like does not pin, and copies to or from pageable memory make the host wait
+        if like.device.type == "cpu" and like.is_pinned():
+            return torch.zeros(like.shape, dtype=like.dtype, pin_memory=True)
+        return torch.zeros_like(like)
 
     def _after_inner_step(self) -> None:
         self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
@@ -176,7 +189,8 @@ class SNOO(Wrapper):
                 squares = self._skip_outer_step(plans, "the fast weights")
             else:
                 squares = [
-                    outer_step(
+                    # host offload hook: with state_device set, the same outer_step runs chunk by chunk (offload.py)
+                    (outer_step if self.offload is None else partial(self.offload.apply, outer_step))(
                         plan.params,
                         [st["slow"] for st in plan.states],
                         self._momentum_buffers(plan.states, plan.momentum),
@@ -271,7 +285,7 @@ class SNOO(Wrapper):
             return None
         for st in states:
             if "momentum" not in st:  # the momentum of a group was 0 when its state was made, and is not now
-                st["momentum"] = torch.zeros_like(st["slow"])
+                st["momentum"] = self._zeros_like_state(st["slow"])
         return [st["momentum"] for st in states]
 
     def _extra_state(self) -> dict[str, Any]:

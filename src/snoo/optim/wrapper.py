@@ -339,7 +339,10 @@ class Wrapper(Optimizer):
             device=device,
             pin_memory=device.type == "cpu" and param.device.type != "cpu",
         )
-        return out.copy_(source.detach(), non_blocking=True)
+        out.copy_(source.detach(), non_blocking=True)
+        if device.type == "cpu" and source.device.type != "cpu":
+            synchronize_for_host([source])  # the host may read it next (state_dict, torch.save)
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
