@@ -4,6 +4,8 @@ A page is run the way a reader pastes it: its blocks in order, in one fresh name
 earlier block of the same page defined, never what another page defined), in an empty temporary folder. A block
 that cannot run here (it needs a GPU, torchrun with several processes, or the network) is preceded by the comment
 ``<!-- not run: REASON -->`` on the line before its fence (blank lines between are allowed); the reason is required.
+A block preceded by ``<!-- new session -->`` is a separate program: it and the page's blocks after it run in a fresh
+process and namespace (for a framework whose global state one process cannot set twice).
 
 All pages run in one child process (``python tests/test_docs_snippets.py PAGE...``, which imports torch once) that
 forks a fresh process per page, so pages cannot leak state into each other and a hung page is killed on its own.
@@ -31,6 +33,7 @@ PAGE_TIMEOUT_S = 120.0  # one page, all its blocks; the slowest today takes a fe
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})\s*(?P<info>[^`\n]*?)\s*$")
 PYTHON_INFO = re.compile(r"^(python3?|py|\{code-block\}\s+python3?|\{code\}\s+python3?)$")
 NOT_RUN = re.compile(r"<!--\s*not run\b(?P<rest>.*?)-->", re.S)
+NEW_SESSION = re.compile(r"<!--\s*new session\s*-->")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Block:
     line: int  # 1-based line of the first line of code in the page
     source: str
     not_run: str | None  # the reason, when the block is marked not to run
+    new_session: bool = False  # the block starts a fresh process and namespace
 
 
 def blocks_of(page: Path) -> list[Block]:
@@ -59,12 +63,14 @@ def blocks_of(page: Path) -> list[Block]:
             first = 0
             while first < len(body) and body[first].startswith(":"):  # MyST directive options
                 first += 1
-            before = i - 1
-            while before >= 0 and not lines[before].strip():
+            comments, before = [], i - 1  # the HTML comments right above the fence
+            while before >= 0 and (not lines[before].strip() or lines[before].strip().startswith("<!--")):
+                comments.append(lines[before].strip())
                 before -= 1
-            marker = NOT_RUN.fullmatch(lines[before].strip()) if before >= 0 else None
+            marker = next(filter(None, (NOT_RUN.fullmatch(c) for c in comments)), None)
             reason = marker["rest"].strip().lstrip(":").strip() if marker else None
-            blocks.append(Block(page, i + 2 + first, "\n".join(body[first:]) + "\n", reason))
+            new_session = any(NEW_SESSION.fullmatch(c) for c in comments)
+            blocks.append(Block(page, i + 2 + first, "\n".join(body[first:]) + "\n", reason, new_session))
         i = end + 1
     return blocks
 
@@ -81,8 +87,19 @@ def _out_of_time(signum, frame) -> None:
     raise TimeoutError(f"the page took more than {PAGE_TIMEOUT_S:.0f} s")
 
 
-def _run_page_here(page: Path, out_path: Path) -> None:
-    """In the forked child: run the page's blocks in order, write the result as JSON, never return."""
+def sessions_of(page: Path) -> list[list[Block]]:
+    """The page's blocks to run, split where a block starts a new session."""
+    sessions: list[list[Block]] = [[]]
+    for block in blocks_of(page):
+        if block.new_session and sessions[-1]:
+            sessions.append([])
+        if block.not_run is None:
+            sessions[-1].append(block)
+    return [session for session in sessions if session]
+
+
+def _run_session_here(page: Path, session: list[Block], out_path: Path) -> None:
+    """In the forked child: run the blocks in order, write the result as JSON, never return."""
     result: dict = {"ok": True, "ran": 0}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,9 +110,7 @@ def _run_page_here(page: Path, out_path: Path) -> None:
             namespace = {"__name__": "__main__", "__file__": str(page)}
             signal.signal(signal.SIGALRM, _out_of_time)
             signal.alarm(int(PAGE_TIMEOUT_S))
-            for block in blocks_of(page):
-                if block.not_run is not None:
-                    continue
+            for block in session:
                 try:
                     # pad with empty lines so that a traceback gives the line number in the markdown page
                     code = compile("\n" * (block.line - 1) + block.source, relative(page), "exec")
@@ -123,27 +138,36 @@ def run_pages(pages: list[Path]) -> dict[str, dict]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n, page in enumerate(pages):
-            out_path = Path(tmp) / f"{n}.json"
-            pid = os.fork()
-            if pid == 0:
-                _run_page_here(page, out_path)
-            deadline = time.monotonic() + PAGE_TIMEOUT_S + 10
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
+            result = {"ok": True, "ran": 0}
+            for m, session in enumerate(sessions_of(page)):
+                out = run_session(page, session, Path(tmp) / f"{n}.{m}.json")
+                if not out["ok"]:
+                    result = out
                     break
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    status = None
-                    break
-                select.select([], [], [], 0.05)
-            if out_path.exists():
-                results[relative(page)] = json.loads(out_path.read_text())
-            else:
-                why = "timed out" if status is None else f"died with wait status {status}"
-                results[relative(page)] = {"ok": False, "line": 0, "error": f"the page's process {why}", "output": ""}
+                result["ran"] += out["ran"]
+            results[relative(page)] = result
     return results
+
+
+def run_session(page: Path, session: list[Block], out_path: Path) -> dict:
+    pid = os.fork()
+    if pid == 0:
+        _run_session_here(page, session, out_path)
+    deadline = time.monotonic() + PAGE_TIMEOUT_S + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = None
+            break
+        select.select([], [], [], 0.05)
+    if out_path.exists():
+        return json.loads(out_path.read_text())
+    why = "timed out" if status is None else f"died with wait status {status}"
+    return {"ok": False, "line": session[0].line, "error": f"the page's process {why}", "output": ""}
 
 
 def run_in_child(pages: list[Path]) -> dict[str, dict]:
@@ -169,6 +193,8 @@ SELF_TEST_PAGES = {
     "fails.md": "```python\nx = 1\n```\n\n```python\n\nassert x == 2, 'wrong'\n```\n",
     "skipped.md": "<!-- not run: needs eight GPUs -->\n```python\nraise SystemExit(3)\n```\n",
     "isolated.md": "```python\nassert 'x' not in globals()\n```\n",
+    "sessions.md": "```python\nx = 1\n```\n<!-- new session -->\n\n```python\nassert 'x' not in globals()\ny = 2\n```\n"
+    "```python\nassert y == 2\n```\n",
 }
 
 
@@ -187,6 +213,7 @@ def test_harness_reports_what_fails(tmp_path):
     assert 'fails.md", line 7' in by_name["fails.md"]["error"]  # the line of the assert in the markdown
     assert by_name["skipped.md"] == {"ok": True, "ran": 0}
     assert by_name["isolated.md"] == {"ok": True, "ran": 1}
+    assert by_name["sessions.md"] == {"ok": True, "ran": 3}
 
 
 def test_not_run_markers_have_a_reason_and_a_block():
