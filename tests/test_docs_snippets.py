@@ -26,6 +26,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PAGE_TIMEOUT_S = 120.0  # one page, all its blocks; the slowest today takes a few seconds
@@ -198,14 +200,18 @@ SELF_TEST_PAGES = {
 }
 
 
-def test_harness_reports_what_fails(tmp_path):
-    """The runner itself: a failing block fails with its markdown line, pages share nothing, markers skip."""
-    paths = []
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    """The docs' pages and the harness's own test pages, run in one child process (torch is imported once)."""
+    folder = tmp_path_factory.mktemp("pages")
     for name, text in SELF_TEST_PAGES.items():
-        (tmp_path / name).write_text(text)
-        paths.append(tmp_path / name)
-    results = run_in_child(paths)
-    by_name = {Path(page).name: result for page, result in results.items()}
+        (folder / name).write_text(text)
+    return run_in_child([*PAGES, *(folder / name for name in SELF_TEST_PAGES)])
+
+
+def test_harness_reports_what_fails(results):
+    """The runner itself: a failing block fails with its markdown line, pages share nothing, markers skip."""
+    by_name = {Path(page).name: result for page, result in results.items() if Path(page).name in SELF_TEST_PAGES}
     assert by_name["passes.md"] == {"ok": True, "ran": 2}
     assert not by_name["fails.md"]["ok"]
     assert by_name["fails.md"]["line"] == 6
@@ -234,10 +240,10 @@ def test_not_run_markers_have_a_reason_and_a_block():
     assert readme and readme[0].not_run is None, "the README's first snippet runs"
 
 
-def test_every_python_block_runs():
-    results = run_in_child(PAGES)
+def test_every_python_block_runs(results):
     failures = []
-    for page, result in results.items():
+    for page in map(relative, PAGES):
+        result = results[page]
         if not result["ok"]:
             failures.append(f"--- {page}, the block at line {result['line']}:\n{result['error']}\n{result['output']}")
     assert not failures, "\n".join(failures)
