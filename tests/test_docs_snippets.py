@@ -8,7 +8,8 @@ A block preceded by ``<!-- new session -->`` is a separate program: it and the p
 process and namespace (for a framework whose global state one process cannot set twice).
 
 All pages run in one child process (``python tests/test_docs_snippets.py PAGE...``, which imports torch once) that
-forks a fresh process per page, so pages cannot leak state into each other and a hung page is killed on its own.
+forks a fresh process per page (and per session), so pages cannot leak state into each other and a hung page is
+killed on its own. ``python tests/test_docs_snippets.py docs/faq.md`` runs one page and prints what happened.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Block:
 
 
 def blocks_of(page: Path) -> list[Block]:
-    """The page's Python code blocks, with the reason of a ``not run`` marker on the line before each (if any)."""
+    """The page's Python code blocks, with the markers in the one-line HTML comments right above each fence."""
     lines = page.read_text(encoding="utf-8").splitlines()
     blocks, i = [], 0
     while i < len(lines):
