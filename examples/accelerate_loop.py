@@ -23,9 +23,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
-from transformers.utils import logging
+
+try:
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+    from transformers.utils import logging
+except ImportError as missing:
+    name = missing.name or getattr(missing.__cause__, "name", None)  # snoo.integrations re-raises with a cause
+    raise SystemExit(
+        f'{Path(__file__).name} needs the integrations extra ({name} is missing): pip install -e ".[integrations]"'
+    ) from None
 
 import snoo
 

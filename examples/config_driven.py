@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from torch import nn
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    try:
+        import tomli as tomllib
+    except ImportError:
+        raise SystemExit(
+            f"{Path(__file__).name} reads TOML: it needs Python 3.11+ (tomllib), or on 3.10 `pip install tomli`"
+        ) from None
 
 from snoo import spec
 from snoo.integrations.config import build_optimizer, parse_config

@@ -20,10 +20,24 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.utils import logging
 
-from snoo.integrations.hf import EvaluationWeights, create_optimizer
+try:
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+    from transformers.utils import logging
+
+    from snoo.integrations.hf import EvaluationWeights, create_optimizer
+except ImportError as missing:
+    name = missing.name or getattr(missing.__cause__, "name", None)  # snoo.integrations re-raises with a cause
+    raise SystemExit(
+        f'{Path(__file__).name} needs the integrations extra ({name} is missing): pip install -e ".[integrations]"'
+    ) from None
 
 VOCAB, LENGTH = 64, 32
 # 64 steps = 8 outer steps of K = 8. Trainer evaluates at steps 25 and 50 and checkpoints at 30 and 60: all in the

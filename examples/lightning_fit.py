@@ -14,14 +14,22 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import snoo
-from snoo.integrations.lightning import EvaluationWeights
+
+try:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from snoo.integrations.lightning import EvaluationWeights
+except ImportError as missing:
+    name = missing.name or getattr(missing.__cause__, "name", None)  # snoo.integrations re-raises with a cause
+    raise SystemExit(
+        f'{Path(__file__).name} needs the integrations extra ({name} is missing): pip install -e ".[integrations]"'
+    ) from None
 
 EPOCHS, BATCHES, K = 4, 16, 10  # 64 steps: 6 outer steps; every epoch ends in the middle of an outer cycle
 
