@@ -104,7 +104,10 @@ def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, di
         flags["wandb"] = True
     if args.no_progress:
         flags["progress"] = False
-    flags["out"] = args.out or flags.get("out") or file.pop("out", None) or out_default
+    if args.out is not None:
+        flags["out"] = args.out
+    elif "out" not in flags:
+        flags["out"] = file.pop("out", None) or out_default
     return make_config(preset, **{**file, **flags}), extra
 
 

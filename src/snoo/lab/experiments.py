@@ -84,11 +84,11 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
     return f"{index:02d}-{safe}-x{budget:g}-s{seed}"
 
 
-def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
-    """Train every job ({optimizer, budget, seed, dir}, and optionally workers and parallel) that has no finished
-    result yet (with ``resume``). Every job's settings, and with ``resume`` every earlier run's, are checked before
-    the first one starts: a run directory of other settings (another optimizer, steps, data contents, ...) is
-    refused, never overwritten nor reported as done."""
+def check_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool) -> list[tuple[dict, TrainConfig, bool]]:
+    """Each job ({optimizer, budget, seed, dir}, and optionally workers and parallel) with its config and whether an
+    earlier run of it is there to keep or continue (with ``resume``). Every job's settings, and with ``resume``
+    every earlier run's, are checked here: a run directory of other settings (another optimizer, steps, data
+    contents, ...) is refused, never overwritten nor reported as done."""
     configs = [
         dataclasses.replace(
             cfg,
@@ -104,12 +104,17 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
     for run_cfg in configs:
         validate(run_cfg)
     corpus = fingerprint(cfg.data) if resume else ""
-    started = [
-        resume and _same_config(run_cfg, out / job["dir"] / "config.json", corpus)
+    return [
+        (job, run_cfg, resume and _same_config(run_cfg, out / job["dir"] / "config.json", corpus))
         for job, run_cfg in zip(jobs, configs)
     ]
-    for i, (job, run_cfg, same) in enumerate(zip(jobs, configs, started), 1):
-        if same and (out / job["dir"] / "result.json").exists():
+
+
+def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
+    """Train every job that has no finished result yet (with ``resume``), once all of them passed ``check_jobs``."""
+    planned = check_jobs(cfg, jobs, out, resume)
+    for i, (job, run_cfg, earlier) in enumerate(planned, 1):
+        if earlier and (out / job["dir"] / "result.json").exists():
             say(f"[{i}/{len(jobs)}] {job['dir']}: done before, kept")
             continue
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
@@ -117,7 +122,7 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
             f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
             f"{run_cfg.steps} steps"
         )
-        r = run(run_cfg, resume=same)
+        r = run(run_cfg, resume=earlier)
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
         say(f"    val loss {loss}, {r['wall_time']:.1f}s")
 
@@ -234,6 +239,7 @@ def _run_experiment(
     for i, job in enumerate(jobs):
         job["dir"] = _dirname(i, job["optimizer"], job["budget"], job["seed"])
     experiment["jobs"] = jobs
+    check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say)
     return summarize(out)
@@ -456,6 +462,7 @@ def _run_scale_out(
         "jobs": jobs,
         "config": dataclasses.asdict(cfg),
     }
+    check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say)
     return summarize(out)
