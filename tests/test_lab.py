@@ -392,6 +392,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     [
         (["--tokenizer", "bpe"], "tokenizers", "pip install tokenizers"),
         (["--tensorboard"], "tensorboard", "pip install tensorboard"),
+        (["--wandb"], "wandb", "pip install 'snoo[wandb]'"),
     ],
 )
 def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsys, monkeypatch, flag, module, words):
@@ -400,6 +401,18 @@ def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_wandb_logs_every_number_offline(tmp_path, corpus_file, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["train", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path), "--steps", "6", "--wandb"]
+    assert main([*args, "--no-progress"]) == 0
+    (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = run.read_bytes()
+    final = json.loads((tmp_path / "result.json").read_text())["final_val_loss"]
+    assert b"val_loss" in logged and b"outer/" not in logged and repr(final).encode() in logged
 
 
 def test_bpe_tokenizer_is_trained_on_the_corpus_offline(tmp_path, corpus_file):
