@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -410,9 +411,12 @@ def test_wandb_logs_every_number_offline(tmp_path, corpus_file, monkeypatch):
     args = ["train", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path), "--steps", "6", "--wandb"]
     assert main([*args, "--no-progress"]) == 0
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    final = repr(json.loads((tmp_path / "result.json").read_text())["final_val_loss"]).encode()
+    began = time.monotonic()  # wandb's service process may still be writing the run file when finish() returns
+    while final not in run.read_bytes() and time.monotonic() - began < 60:
+        time.sleep(0.2)
     logged = run.read_bytes()
-    final = json.loads((tmp_path / "result.json").read_text())["final_val_loss"]
-    assert b"val_loss" in logged and b"outer/" not in logged and repr(final).encode() in logged
+    assert b"val_loss" in logged and b"outer/" not in logged and final in logged
 
 
 def test_bpe_tokenizer_is_trained_on_the_corpus_offline(tmp_path, corpus_file):
