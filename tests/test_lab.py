@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,15 @@ import torch
 
 from helpers import LAB_TEXT as TEXT
 from snoo import spec
-from snoo.lab import data, experiments, train
+from snoo.lab import checkpoint, config, data, experiments, train
 from snoo.lab.cli import main
 from snoo.lab.model import GPT, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(out, corpus_file, **kw) -> train.TrainConfig:
-    return train.make_config("tiny", data=corpus_file, out=str(out), progress=False, **kw)
+def tiny(out, corpus_file, **kw) -> config.TrainConfig:
+    return config.make_config("tiny", data=corpus_file, out=str(out), progress=False, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -107,13 +108,13 @@ def test_model_flavours_forward_and_tying(flavour, tie):
 
 
 def test_lr_schedules():
-    cfg = train.TrainConfig(steps=100, warmup=0.1, min_lr=0.1)
-    f = [train.lr_schedule(cfg)(s) for s in range(100)]
+    cfg = config.TrainConfig(steps=100, warmup=0.1, min_lr=0.1)
+    f = [config.lr_schedule(cfg)(s) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[99] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in itertools.pairwise(f[10:]))
-    wsd = train.TrainConfig(steps=100, warmup=0.1, schedule="wsd", decay=0.2)
-    g = [train.lr_schedule(wsd)(s) for s in range(100)]
+    wsd = config.TrainConfig(steps=100, warmup=0.1, schedule="wsd", decay=0.2)
+    g = [config.lr_schedule(wsd)(s) for s in range(100)]
     assert g[50] == g[79] == 1.0 and g[80] == 1.0 and g[90] == pytest.approx(0.5) and g[99] == pytest.approx(0.05)
 
 
@@ -123,7 +124,7 @@ def test_lr_schedules():
 def test_train_writes_metrics_and_result(tmp_path, corpus_file):
     r = train.train(tiny(tmp_path, corpus_file, optimizer="snoo(k=5)+adamw"))
     assert r["status"] == "ok" and r["steps"] == 40 and r["tokens"] == 40 * 8 * 32
-    metrics = train.read_metrics(tmp_path / "metrics.jsonl")
+    metrics = checkpoint.read_metrics(tmp_path / "metrics.jsonl")
     evals = [m for m in metrics if "val_loss" in m]
     assert [m["step"] for m in evals] == [0, 10, 20, 30, 40]
     assert evals[-1]["val_loss"] == r["final_val_loss"] < evals[0]["val_loss"] - 0.5
@@ -144,7 +145,7 @@ def test_eval_uses_the_optimizers_evaluation_weights(tmp_path, corpus_file):
 
 def _state(path: Path):
     ckpt = torch.load(path / "ckpt.pt", weights_only=True)
-    metrics = [{k: v for k, v in m.items() if k != "time"} for m in train.read_metrics(path / "metrics.jsonl")]
+    metrics = [{k: v for k, v in m.items() if k != "time"} for m in checkpoint.read_metrics(path / "metrics.jsonl")]
     return ckpt, metrics
 
 
@@ -176,14 +177,14 @@ def test_resume_is_bit_exact(tmp_path, corpus_file):
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train._atomic_save({"step": 1}, path)
+    checkpoint.atomic_save({"step": 1}, path)
 
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.os, "replace", crash)
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
     with pytest.raises(OSError):
-        train._atomic_save({"step": 2}, path)
+        checkpoint.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}  # the old checkpoint is whole
 
 
@@ -271,7 +272,7 @@ def test_compare_summary_and_report(tmp_path, corpus_file, capsys):
     # fairness: same seed -> same init, and one eval set -> the same loss at step 0 for every optimizer of a seed
     first = {}
     for r in runs:
-        m0 = train.read_metrics(out / "runs" / r["dir"] / "metrics.jsonl")[0]
+        m0 = checkpoint.read_metrics(out / "runs" / r["dir"] / "metrics.jsonl")[0]
         first.setdefault(r["seed"], set()).add(m0["val_loss"])
     assert all(len(v) == 1 for v in first.values()) and len(first) == 2
     assert first[0] != first[1]  # another seed, another init
@@ -392,6 +393,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     [
         (["--tokenizer", "bpe"], "tokenizers", "pip install tokenizers"),
         (["--tensorboard"], "tensorboard", "pip install tensorboard"),
+        (["--wandb"], "wandb", "pip install 'snoo[wandb]'"),
     ],
 )
 def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsys, monkeypatch, flag, module, words):
@@ -400,6 +402,21 @@ def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_wandb_logs_every_number_offline(tmp_path, corpus_file, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["train", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path), "--steps", "6", "--wandb"]
+    assert main([*args, "--no-progress"]) == 0
+    (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    final = repr(json.loads((tmp_path / "result.json").read_text())["final_val_loss"]).encode()
+    began = time.monotonic()  # wandb's service process may still be writing the run file when finish() returns
+    while final not in run.read_bytes() and time.monotonic() - began < 60:
+        time.sleep(0.2)
+    logged = run.read_bytes()
+    assert b"val_loss" in logged and b"outer/" not in logged and final in logged
 
 
 def test_bpe_tokenizer_is_trained_on_the_corpus_offline(tmp_path, corpus_file):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from snoo.lab import train, workers
+from snoo.lab import checkpoint, config, data, train, workers
 from snoo.lab.cli import main
 from snoo.lab.model import GPT, ModelConfig
 
@@ -40,14 +40,14 @@ def snoo_process(argv: list[str], timeout: float, **env: str) -> subprocess.Comp
     )
 
 
-def checkpoint(out: Path) -> dict:
+def sharded_state(out: Path) -> dict:
     """Every rank's part of OUT/ckpt.dcp, read in this one process."""
-    dcp_to_torch_save(out / workers.CHECKPOINT, out / "all.pt")
+    dcp_to_torch_save(out / checkpoint.SHARDED, out / "all.pt")
     return torch.load(out / "all.pt", weights_only=False)
 
 
 def metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "time"} for m in train.read_metrics(out / "metrics.jsonl")]
+    return [{k: v for k, v in m.items() if k != "time"} for m in checkpoint.read_metrics(out / "metrics.jsonl")]
 
 
 def tiny_model() -> GPT:
@@ -75,13 +75,13 @@ def test_each_rank_reads_its_own_batches_and_one_rank_reads_as_before():
 
 def test_one_worker_gives_the_numbers_it_gave_before(tmp_path, corpus_file):
     # recorded with this corpus before the lab could run on several workers; a changed batch order moves these by 1e-2
-    cfg = train.make_config("tiny", data=corpus_file, out=str(tmp_path), progress=False, steps=20, workers=1)
+    cfg = config.make_config("tiny", data=corpus_file, out=str(tmp_path), progress=False, steps=20, workers=1)
     r = train.train(dataclasses.replace(cfg, optimizer="snoo(k=5)+adamw"))
     evals = [m["val_loss"] for m in metrics(tmp_path) if "val_loss" in m]
     assert evals == pytest.approx([5.519284963607788, 4.480406761169434, 4.050426244735718], rel=1e-6, abs=0)
     assert r["final_val_loss"] == evals[-1] and r["tokens"] == 20 * BATCH * BLOCK
     assert (r["workers"], r["parallel"], r["communicated_bytes_per_step"]) == (1, None, 0.0)
-    assert (tmp_path / "ckpt.pt").exists() and not (tmp_path / workers.CHECKPOINT).exists()
+    assert (tmp_path / "ckpt.pt").exists() and not (tmp_path / checkpoint.SHARDED).exists()
 
 
 # ---------------------------------------------------------------------------------------------- DiLoCo and DDP
@@ -101,20 +101,20 @@ def test_diloco_on_two_workers(diloco_run):
     assert all(m["tokens"] == m["step"] * BATCH * BLOCK * 2 for m in logged)
     assert "outer/pseudo_grad" in logged[-2]
     # step 40 is 4 steps into a cycle: the ranks' fast weights differ (their batches do), their slow weights do not
-    saved = checkpoint(diloco_run)
+    saved = sharded_state(diloco_run)
     rank0, rank1 = saved, saved["rank1"]
     assert not torch.equal(rank0["model"]["blocks.0.attn.qkv.weight"], rank1["model"]["blocks.0.attn.qkv.weight"])
     for name, state in rank0["optim"]["state"].items():
         assert torch.equal(state["snoo.slow"], rank1["optim"]["state"][name]["snoo.slow"]), name
         assert not torch.equal(state["exp_avg"], rank1["optim"]["state"][name]["exp_avg"]), name
-    assert json.loads((diloco_run / workers.CHECKPOINT / workers.PROGRESS).read_text())["step"] == STEPS
+    assert json.loads((diloco_run / checkpoint.SHARDED / checkpoint.PROGRESS).read_text())["step"] == STEPS
     # the logged final loss is the slow weights' (SNOO's eval()), which the checkpoint holds
     model = tiny_model()
     slow = {**saved["model"], **{n: s["snoo.slow"] for n, s in rank0["optim"]["state"].items()}}
     slow["head.weight"] = slow["embed.weight"]  # tied: the optimizer state holds it under its first name only
     model.load_state_dict(slow)
-    corpus = train.load_corpus(saved_config(diloco_run)["data"])
-    batches = [train.get_batch(corpus.val, BATCH, BLOCK, train.EVAL_SEED, -1 - i) for i in range(2)]
+    corpus = data.load_corpus(saved_config(diloco_run)["data"])
+    batches = [data.get_batch(corpus.val, BATCH, BLOCK, train.EVAL_SEED, -1 - i) for i in range(2)]
     with torch.no_grad():
         loss = sum(model(x, y).item() for x, y in batches) / 2
     assert loss == pytest.approx(result["final_val_loss"], rel=1e-6)
@@ -155,14 +155,14 @@ def test_a_rank_that_dies_stops_the_run_and_a_fresh_launch_resumes_bit_exact(tmp
     assert time.monotonic() - began < 60
     last = died.stderr.strip().splitlines()[-1]
     assert last.startswith("snoo: error: the run on 2 ranks stopped before its end"), died.stderr[-3000:]
-    assert f"{tmp_path / workers.CHECKPOINT} (step 20): continue with --resume" in last
-    assert not (tmp_path / "result.json").exists() and not (tmp_path / f"{workers.CHECKPOINT}.tmp").exists()
+    assert f"{tmp_path / checkpoint.SHARDED} (step 20): continue with --resume" in last
+    assert not (tmp_path / "result.json").exists() and not (tmp_path / f"{checkpoint.SHARDED}.tmp").exists()
 
     assert main([*argv, "--resume"]) == 0
     assert metrics(tmp_path) == metrics(diloco_run)  # every logged number, once, as in the run that did not stop
     cut, straight = (json.loads((d / "result.json").read_text()) for d in (tmp_path, diloco_run))
     assert {k: v for k, v in cut.items() if k != "wall_time"} == {k: v for k, v in straight.items() if k != "wall_time"}
-    a, b = checkpoint(tmp_path), checkpoint(diloco_run)
+    a, b = sharded_state(tmp_path), sharded_state(diloco_run)
     for part in ("model", "optim", "rank1"):
         assert_same(a[part], b[part], part)
 
@@ -212,7 +212,7 @@ def test_a_checkpoint_that_stops_midway_leaves_the_previous_one(tmp_path, monkey
         model(torch.ones(3)).sum().backward()
         opt.step()
         world = workers.World(0, 1)
-        workers.save_checkpoint(tmp_path, model, opt, world, False, {"step": 1})
+        checkpoint.save_sharded(tmp_path, model, opt, world, False, {"step": 1})
         real_replace, calls = os.replace, []
 
         def crash_at_second_rename(src, dst):
@@ -221,17 +221,17 @@ def test_a_checkpoint_that_stops_midway_leaves_the_previous_one(tmp_path, monkey
                 raise OSError("killed")
             real_replace(src, dst)
 
-        monkeypatch.setattr(workers.os, "replace", crash_at_second_rename)
+        monkeypatch.setattr(checkpoint.os, "replace", crash_at_second_rename)
         first = model.weight.detach().clone()
         with torch.no_grad():
             model.weight.add_(1)
         with pytest.raises(OSError):
-            workers.save_checkpoint(tmp_path, model, opt, world, False, {"step": 2})
+            checkpoint.save_sharded(tmp_path, model, opt, world, False, {"step": 2})
         # between the two renames: ckpt.dcp is gone, ckpt.dcp.old is the whole previous checkpoint
-        assert workers.latest_checkpoint(tmp_path) == tmp_path / f"{workers.CHECKPOINT}.old"
+        assert checkpoint.latest_sharded(tmp_path) == tmp_path / f"{checkpoint.SHARDED}.old"
         fresh = torch.nn.Linear(3, 2)
         fresh_opt = torch.optim.AdamW(fresh.parameters())
-        assert workers.load_checkpoint(tmp_path, fresh, fresh_opt, world, False) == {"step": 1}
+        assert checkpoint.load_sharded(tmp_path, fresh, fresh_opt, world, False) == {"step": 1}
         assert torch.equal(fresh.weight, first)
         assert fresh_opt.state_dict()["state"][0]["step"] == 1
     finally:

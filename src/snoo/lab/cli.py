@@ -1,8 +1,11 @@
 """``snoo`` command line: train, compare, sweep, scale-out, report. See docs/lab.md and docs/distributed.md.
 
-Bad input (an unknown optimizer, key or preset, a bad value, missing or empty data) exits with status 2 and one
-line on stderr; a diverged run exits with status 1, and so does a run on several workers that stopped before its
-end (with torchrun's status). ``SNOO_DEBUG=1`` shows the traceback instead.
+Bad input (an unknown optimizer, key or preset, a bad value, missing or empty data, an ``--out`` that cannot be
+written or is in use, a checkpoint of another run or a damaged one, a full disk) exits with status 2 and one line
+on stderr; a diverged run exits with status 1, and so does a run on several workers that stopped before its end
+(with torchrun's status); Ctrl-C exits with status 130 and one line. ``SNOO_DEBUG=1`` shows the traceback instead.
+
+The torch-heavy modules are imported only once a command runs, so that ``snoo --help`` is quick.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from snoo import spec
-from snoo.lab import experiments, workers
-from snoo.lab.train import Diverged, TrainConfig, make_config, train
+if TYPE_CHECKING:
+    from snoo.lab.config import TrainConfig
+
+BUDGETS = "1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
 
 
 class UsageError(Exception):
@@ -24,8 +28,24 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    takes_specs = False  # a command that takes SPECs: its --help lists the optimizer names, read from the library then
+
     def error(self, message: str) -> NoReturn:  # one line, not usage + error
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def format_help(self) -> str:
+        if self.takes_specs:
+            from snoo import spec
+
+            names = ", ".join(f"{n} ({e.kind})" for n, e in spec.NAMES.items())
+            self.epilog = f"{SPEC_HELP} Names: {names}. See docs/lab.md."
+        return super().format_help()
+
+
+SPEC_HELP = (
+    "SPEC: name[(key=value,...)][+name...], outermost first, e.g. adamw, snoo-adamw, "
+    "'snoo(k=20,lr=0.7,momentum=0.5)+adamw(lr=2e-3)'; an optimizer's settings (lr, ...) go in its SPEC."
+)
 
 
 def _load_toml(path: str) -> dict[str, Any]:
@@ -36,8 +56,13 @@ def _load_toml(path: str) -> dict[str, Any]:
             import tomli as tomllib
         except ImportError:
             raise ImportError("--config needs Python 3.11+ or the `tomli` package: pip install tomli") from None
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
 
 
 def _value(text: str) -> Any:
@@ -50,13 +75,18 @@ def _value(text: str) -> Any:
 
 
 def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, dict[str, Any]]:
-    """Defaults < preset < --config file < command-line flags. Returns the config and the file's other keys."""
+    """Defaults < preset < --config file < --set < the other flags. Returns the config and the file's other keys."""
+    from snoo import spec
+    from snoo.lab.config import make_config
+
     file = _load_toml(args.config) if args.config else {}
     extra = {k: file.pop(k) for k in ("optimizers", "grid") if k in file}
     if "optimizer" in file:
         file["optimizer"] = spec.from_config(file["optimizer"])
     preset = args.preset or file.pop("preset", "small")
     file.pop("preset", None)
+    if not isinstance(preset, str):
+        raise UsageError(f"preset must be a name, got {preset!r}")
     flags: dict[str, Any] = {}
     for item in args.set or []:
         key, eq, value = item.partition("=")
@@ -70,13 +100,18 @@ def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, di
         flags["optimizer"] = args.optimizer
     if args.tensorboard:
         flags["tensorboard"] = True
+    if args.wandb:
+        flags["wandb"] = True
     if args.no_progress:
         flags["progress"] = False
-    flags["out"] = args.out or file.pop("out", None) or out_default
+    if args.out is not None:
+        flags["out"] = args.out
+    elif "out" not in flags:
+        flags["out"] = file.pop("out", None) or out_default
     return make_config(preset, **{**file, **flags}), extra
 
 
-def _common(p: argparse.ArgumentParser, workers: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, out: str, workers: bool = True) -> None:
     if workers:
         p.add_argument(
             "--workers",
@@ -87,7 +122,7 @@ def _common(p: argparse.ArgumentParser, workers: bool = True) -> None:
     p.add_argument("--preset", help="tiny, small (default) or base")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the batch order (default 0)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--out", help=f"output directory (default {out}); a new run refuses one that holds a run")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default) or bpe (needs `tokenizers`)")
     p.add_argument("--unique-tokens", type=int, help="train on only the first N tokens, for several epochs")
     p.add_argument("--schedule", choices=("cosine", "wsd", "constant"), help="inner lr schedule (default cosine)")
@@ -95,6 +130,11 @@ def _common(p: argparse.ArgumentParser, workers: bool = True) -> None:
     p.add_argument("--config", help="TOML file with any of these settings (flags win)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. n_layer=6")
     p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tb (needs `tensorboard`)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log to Weights & Biases (needs `wandb`; WANDB_MODE=offline: no network)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -106,26 +146,27 @@ def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    names = ", ".join(f"{n} ({e.kind})" for n, e in spec.NAMES.items())
     p = _Parser(
         prog="snoo",
         description="Train small language models and measure what SNOO saves.",
-        epilog=f"SPEC: name[(key=value,...)][+name...], outermost first, e.g. adamw, snoo-adamw, "
-        f"'snoo(k=20,lr=0.7,momentum=0.5)+adamw(lr=2e-3)'. Names: {names}. See docs/lab.md.",
+        epilog=f"{SPEC_HELP} `snoo train --help` lists the names. See docs/lab.md.",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train one model with one optimizer")
     t.add_argument("--optimizer", help="a SPEC, e.g. adamw or 'snoo(k=20)+adamw' (default adamw)")
-    t.add_argument("--resume", action="store_true", help="continue from DIR/ckpt.pt")
-    _common(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out, with the same settings")
+    _common(t, "runs/train")
+    t.takes_specs = True
     c = sub.add_parser("compare", help="the baseline (first SPEC) at several budgets against the others")
     c.add_argument("--optimizers", help="SPEC,SPEC,... the first is the baseline (default adamw,snoo-adamw)")
-    _common(c)
-    _experiment_flags(c, ",".join(f"{b:g}" for b in experiments.BUDGETS))
+    _common(c, "runs/compare")
+    c.takes_specs = True
+    _experiment_flags(c, BUDGETS)
     s = sub.add_parser("sweep", help="one SPEC over a grid of its keys, against its base optimizer")
     s.add_argument("--optimizer", help="the SPEC to sweep (default snoo-adamw)")
     s.add_argument("--grid", help="e.g. 'k=10,20,50 lr=0.3,0.5,0.7'; name.key picks a stage, e.g. adamw.lr=1e-3")
-    _common(s)
+    _common(s, "runs/sweep")
+    s.takes_specs = True
     _experiment_flags(s, "1")
     o = sub.add_parser("scale-out", help="SNOO on 1 worker against DiLoCo and DDP on N workers, at the same tokens")
     o.add_argument("--optimizer", help="the SNOO SPEC of the 1-worker and the DiLoCo runs (default snoo-adamw)")
@@ -137,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
         help="worker counts N, each run for steps/N steps (default 2,4)",
     )
     o.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
-    _common(o, workers=False)
+    _common(o, "runs/scale-out", workers=False)
     r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep or scale-out")
     r.add_argument("dir")
     return p
@@ -168,14 +209,20 @@ def _finish(summary: dict, out: Path) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from snoo import spec
+    from snoo.lab import experiments
+    from snoo.lab.config import TrainConfig
+    from snoo.lab.launch import run as run_one
+    from snoo.lab.workers import World
+
     if args.command == "report":
         out = Path(args.dir)
         _finish(experiments.summarize(out), out)
         return 0
     cfg, extra = _config(args, f"runs/{args.command}")
     if args.command == "train":
-        result = train(cfg, resume=args.resume)
-        if workers.World.from_env().rank != 0:  # under torchrun, rank 0 speaks for the run
+        result = run_one(cfg, resume=args.resume)
+        if World.from_env().rank != 0:  # under torchrun, rank 0 speaks for the run
             return 0 if result["status"] == "ok" else 1
         if result["status"] != "ok":
             print(f"snoo: {result['message']}", file=sys.stderr)
@@ -221,18 +268,33 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
-    except Diverged as e:  # an experiment with nothing left to compare against
-        print(f"snoo: {e}", file=sys.stderr)
-        return 1
-    except workers.LaunchFailed as e:  # a rank died or hung; torchrun stopped the others
-        print(f"snoo: error: {e}", file=sys.stderr)
-        return e.status
-    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+    except KeyboardInterrupt:
         if os.environ.get("SNOO_DEBUG"):
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print("snoo: interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        status = _status(e)
+        if status is None or (status == 2 and os.environ.get("SNOO_DEBUG")):
+            raise
+        return status
+
+
+def _status(e: Exception) -> int | None:
+    """Print the one line for ``e`` and return the exit status; None: a bug, whose traceback is shown."""
+    # the lab's own exceptions, if their modules were imported at all (not for a bad command line)
+    train, launch = sys.modules.get("snoo.lab.train"), sys.modules.get("snoo.lab.launch")
+    if train is not None and isinstance(e, train.Diverged):  # an experiment with nothing left to compare against
+        print(f"snoo: {e}", file=sys.stderr)
+        return 1
+    if launch is not None and isinstance(e, launch.LaunchFailed):  # a rank died or hung; torchrun stopped the others
+        print(f"snoo: error: {e}", file=sys.stderr)
+        return e.status
+    if isinstance(e, (UsageError, ValueError, OSError, ImportError)):  # OSError: a full disk, a read-only place, ...
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"snoo: error: {message}", file=sys.stderr)
         return 2
+    return None
 
 
 if __name__ == "__main__":

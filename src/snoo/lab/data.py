@@ -130,6 +130,19 @@ def load_corpus(
     return Corpus(train=train, val=val, vocab_size=vocab_size, info=info)
 
 
+def fingerprint(data: str | None) -> str:
+    """The sha256 (first 16 hex digits) that ``load_corpus(data).info`` records, without tokenizing: what identifies
+    a corpus by its contents, wherever it lies."""
+    files = default_corpus_files() if data is None else _text_files(data)
+    bins = [f for f in files if f.suffix == ".bin"]
+    if not bins:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.read_bytes())
+        return digest.hexdigest()[:16]
+    return load_corpus(data).info["sha256"]  # memory-mapped: cheap
+
+
 def check_size(corpus: Corpus, block_size: int, data: str | None) -> None:
     for name, split in (("train", corpus.train), ("val", corpus.val)):
         if len(split) <= block_size + 1:

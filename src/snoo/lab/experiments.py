@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from snoo import spec
-from snoo.lab import plots
-from snoo.lab.train import Diverged, TrainConfig, read_metrics, train, validate, write_json
+from snoo.lab import checkpoint, plots
+from snoo.lab.checkpoint import read_json, read_metrics, write_json
+from snoo.lab.config import TrainConfig, differences, identity, validate
+from snoo.lab.data import fingerprint
+from snoo.lab.launch import run
+from snoo.lab.train import Diverged
 
 BUDGETS = (1.0, 1.25, 1.5, 2.0, 2.5)
 TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr times these
@@ -80,9 +84,11 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
     return f"{index:02d}-{safe}-x{budget:g}-s{seed}"
 
 
-def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
-    """Train every job ({optimizer, budget, seed, dir}, and optionally workers and parallel) that has no finished
-    result yet (with ``resume``). Every job's settings are checked before the first one starts."""
+def check_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool) -> list[tuple[dict, TrainConfig, bool]]:
+    """Each job ({optimizer, budget, seed, dir}, and optionally workers and parallel) with its config and whether an
+    earlier run of it is there to keep or continue (with ``resume``). Every job's settings, and with ``resume``
+    every earlier run's, are checked here: a run directory of other settings (another optimizer, steps, data
+    contents, ...) is refused, never overwritten nor reported as done."""
     configs = [
         dataclasses.replace(
             cfg,
@@ -97,9 +103,18 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
     ]
     for run_cfg in configs:
         validate(run_cfg)
-    for i, (job, run_cfg) in enumerate(zip(jobs, configs), 1):
-        same = resume and _same_config(run_cfg, out / job["dir"] / "config.json")  # else its checkpoint is stale
-        if same and (out / job["dir"] / "result.json").exists():
+    corpus = fingerprint(cfg.data) if resume else ""
+    return [
+        (job, run_cfg, resume and _same_config(run_cfg, out / job["dir"] / "config.json", corpus))
+        for job, run_cfg in zip(jobs, configs)
+    ]
+
+
+def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
+    """Train every job that has no finished result yet (with ``resume``), once all of them passed ``check_jobs``."""
+    planned = check_jobs(cfg, jobs, out, resume)
+    for i, (job, run_cfg, earlier) in enumerate(planned, 1):
+        if earlier and (out / job["dir"] / "result.json").exists():
             say(f"[{i}/{len(jobs)}] {job['dir']}: done before, kept")
             continue
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
@@ -107,19 +122,35 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
             f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
             f"{run_cfg.steps} steps"
         )
-        r = train(run_cfg, resume=same)
+        r = run(run_cfg, resume=earlier)
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
         say(f"    val loss {loss}, {r['wall_time']:.1f}s")
 
 
-def _same_config(cfg: TrainConfig, path: Path) -> bool:
-    """Whether a finished run was trained with ``cfg`` (wherever its directory was then, with or without a bar; a
-    field that did not exist then had its default)."""
+def _same_config(cfg: TrainConfig, path: Path, corpus_sha256: str) -> bool:
+    """Whether the run in ``path``'s directory was started with ``cfg`` on data of these contents (wherever its
+    directory and its data were then, with or without a bar; a field that did not exist then had its default).
+    False: nothing is there yet. A run of other settings is a ``ValueError``: it is neither kept nor overwritten."""
     if not path.exists():
+        if any((path.parent / name).exists() for name in checkpoint.RUN_FILES):
+            raise ValueError(f"{path} is missing beside the files of an earlier run: start afresh with a new --out")
         return False
-    saved, wanted = json.loads(path.read_text())["config"], dataclasses.asdict(cfg)
-    defaults = dataclasses.asdict(TrainConfig())
-    return all(saved.get(k, defaults[k]) == v for k, v in wanted.items() if k not in ("out", "progress", "tensorboard"))
+    saved = read_json(path)
+    wanted = identity(cfg, corpus_sha256)
+    recorded = saved.get("run")
+    if not isinstance(recorded, dict):  # written before runs recorded their identity
+        config = saved.get("config", {})
+        recorded = {**config, "corpus": saved.get("corpus", {}).get("sha256")}
+        recorded["optimizer"] = identity(dataclasses.replace(cfg, optimizer=config.get("optimizer", "")), "")[
+            "optimizer"
+        ]
+    changed = differences(recorded, wanted)
+    if changed:
+        raise ValueError(
+            f"{path.parent} was trained with other settings ({'; '.join(changed[:3])}): it is kept as it is; "
+            f"give the experiment a new --out"
+        )
+    return True
 
 
 def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callable[[str], None]) -> float:
@@ -159,7 +190,26 @@ def run_experiment(
         raise ValueError("budgets must be positive multiples of the steps")
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
+        return _run_experiment(kind, cfg, optimizers, out, seeds, budgets, grid, tune_baseline, resume, say)
+
+
+#: what an experiment leaves in its directory; a fresh experiment refuses a directory that holds one
+EXPERIMENT_FILES = ("experiment.json", "runs", "tune", "summary.json")
+
+
+def _run_experiment(
+    kind: str,
+    cfg: TrainConfig,
+    optimizers: list[str],
+    out: Path,
+    seeds: int,
+    budgets: Sequence[float],
+    grid: dict[str, dict] | None,
+    tune_baseline: bool,
+    resume: bool,
+    say: Callable[[str], None],
+) -> dict:
     experiment: dict[str, Any] = {
         "kind": kind,
         "baseline": optimizers[0],
@@ -189,6 +239,7 @@ def run_experiment(
     for i, job in enumerate(jobs):
         job["dir"] = _dirname(i, job["optimizer"], job["budget"], job["seed"])
     experiment["jobs"] = jobs
+    check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say)
     return summarize(out)
@@ -389,16 +440,29 @@ def run_scale_out(
         safe = re.sub(r"[^a-z0-9.=+_-]+", "_", job["optimizer"])
         job["dir"] = f"{i:02d}-{safe}-{job['workers']}w{'-' + job['parallel'] if job['parallel'] else ''}"
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
+        return _run_scale_out(cfg, [snoo_spec, baseline], jobs, worker_counts, out, resume, say)
+
+
+def _run_scale_out(
+    cfg: TrainConfig,
+    optimizers: list[str],
+    jobs: list[dict],
+    worker_counts: Sequence[int],
+    out: Path,
+    resume: bool,
+    say: Callable[[str], None],
+) -> dict:
     experiment = {
         "kind": "scale-out",
-        "optimizers": [snoo_spec, baseline],
+        "optimizers": optimizers,
         "steps": cfg.steps,
         "worker_counts": list(worker_counts),
         "seeds": [cfg.seed],
         "jobs": jobs,
         "config": dataclasses.asdict(cfg),
     }
+    check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say)
     return summarize(out)

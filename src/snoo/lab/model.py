@@ -30,6 +30,11 @@ class ModelConfig:
             raise ValueError(f"model flavour must be 'gpt' or 'llama', got {self.flavour!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.flavour == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"flavour llama rotates pairs of channels: n_embd / n_head must be even, "
+                f"got {self.n_embd // self.n_head}"
+            )
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -122,8 +127,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters (a tied head counted once); ``embeddings=False`` leaves out the token and position embeddings
+        (and the head tied to them), the count that scaling laws use (Kaplan et al. 2020)."""
+        skip = set() if embeddings else {id(self.embed.weight), *([id(self.pos.weight)] if self.pos else [])}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or the mean cross-entropy when ``targets`` is given."""

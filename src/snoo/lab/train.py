@@ -1,220 +1,243 @@
-"""Train one model with one optimizer, top to bottom: config, data, model, optimizer, loop, checkpoints.
+"""Train one model with one optimizer, top to bottom: data, model, optimizer, resume, the loop, the result.
 
-Everything a run depends on is a field of ``TrainConfig``; a preset fills the size-related fields. A run directory
-holds ``config.json``, ``metrics.jsonl`` (one JSON object per line), ``ckpt.pt`` (the latest good checkpoint,
-written atomically) and ``result.json`` (written at the end). A run on several workers (``workers``, see
-``workers.py``) is the same loop on every rank, with a sharded checkpoint ``ckpt.dcp`` in place of ``ckpt.pt``.
+Everything a run depends on is a field of ``TrainConfig`` (``config.py``). A run directory holds ``config.json``,
+``metrics.jsonl`` (one JSON object per line), ``ckpt.pt`` (the latest good checkpoint, written atomically) and
+``result.json`` (written at the end); ``checkpoint.py`` says which run may write or continue there. Under torchrun
+(``launch.py``) this is one rank of several, with a sharded checkpoint ``ckpt.dcp`` in place of ``ckpt.pt``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from snoo import spec
-from snoo.lab import workers
-from snoo.lab.data import check_size, get_batch, limit_unique, load_corpus
+from snoo.lab import checkpoint, workers
+from snoo.lab.checkpoint import Progress
+from snoo.lab.config import TrainConfig, identity, lr_schedule, validate
+from snoo.lab.data import Corpus, check_size, get_batch, limit_unique, load_corpus
+from snoo.lab.logs import RunLog
 from snoo.lab.model import GPT, ModelConfig
-from snoo.optim import schedules
-
-
-@dataclass
-class TrainConfig:
-    optimizer: str = "adamw"  # a SPEC (snoo.spec)
-    # data
-    data: str | None = None  # None: the standard library's source
-    tokenizer: str = "byte"  # "byte" or "bpe"
-    bpe_vocab: int = 4096
-    unique_tokens: int | None = None  # train on only the first N tokens, repeated for several epochs
-    # model (the preset sets these)
-    flavour: str = "llama"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    tie_head: bool = True
-    # loop
-    steps: int = 500
-    batch_size: int = 8
-    grad_accum: int = 1
-    schedule: str = "cosine"  # "cosine" (warm-up + cosine), "wsd" (warm-up, stable, decay) or "constant"
-    warmup: float = 0.05  # fraction of the steps
-    decay: float = 0.2  # wsd: fraction of the steps spent decaying to zero
-    min_lr: float = 0.1  # cosine: the last lr as a fraction of the peak
-    grad_clip: float = 1.0  # 0: off
-    seed: int = 0
-    # evaluation and logging
-    eval_every: int = 50
-    eval_batches: int = 8
-    log_every: int = 10
-    ckpt_every: int = 100
-    out: str = "runs/train"
-    tensorboard: bool = False
-    progress: bool = True  # a tqdm bar, only when stderr is a terminal
-    # hardware: "auto" takes a GPU, bf16 autocast and torch.compile when there is a GPU
-    device: str = "auto"
-    autocast: str = "auto"  # "auto", "bf16" or "off"
-    compile: str = "auto"  # "auto", "on" or "off"
-    threads: int = 0  # CPU threads for torch; 0: torch's default. 1 is far faster on a machine busy with other jobs
-    # several worker processes on this machine (workers.py, docs/distributed.md)
-    workers: int = 1  # > 1: the run starts this many ranks under torchrun, each reading its own batches
-    parallel: str = "diloco"  # "diloco": SNOO averages pseudo-gradients every K steps; "ddp": gradients every step
-    reduce_dtype: str = "fp32"  # what the ranks average in: "fp32" or "bf16" (half the bytes)
-    dist_timeout: float = 300.0  # seconds a rank waits for the others in a collective before the run stops
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # seconds, for tests
-    "tiny": dict(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=8,
-        steps=40,
-        eval_every=10,
-        eval_batches=2,
-        log_every=5,
-        ckpt_every=10,
-    ),
-    # about 0.9M parameters; `snoo compare` with baseline budgets in under 10 minutes on 2 CPU cores
-    "small": dict(
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        block_size=128,
-        batch_size=8,
-        steps=500,
-        eval_every=50,
-        eval_batches=8,
-        log_every=10,
-        ckpt_every=100,
-    ),
-    # GPT-2 small (124M with GPT-2's 50304-token vocabulary, e.g. nanoGPT's openwebtext .bin); for a GPU
-    "base": dict(
-        flavour="gpt",
-        n_layer=12,
-        n_head=12,
-        n_embd=768,
-        block_size=1024,
-        batch_size=16,
-        grad_accum=4,
-        steps=5000,
-        warmup=0.04,
-        eval_every=250,
-        eval_batches=40,
-        log_every=10,
-        ckpt_every=500,
-    ),
-}
-
-
-def make_config(preset: str = "small", **overrides: Any) -> TrainConfig:
-    """Defaults, then the preset, then ``overrides`` (None values are ignored)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; keys: {', '.join(sorted(names))}")
-    cfg = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
-    for f in dataclasses.fields(cfg):  # values from --set and config files arrive untyped
-        value, default = getattr(cfg, f.name), f.default
-        if default is None or value is None:
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (
-            number
-            if isinstance(default, float)
-            else isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)
-        ):
-            raise ValueError(f"{f.name} must be {type(default).__name__}, got {value!r}")
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: TrainConfig) -> None:
-    spec.parse(cfg.optimizer)
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "ckpt_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.threads < 0:
-        raise ValueError(f"threads must be 0 (torch's default) or more, got {cfg.threads}")
-    if cfg.schedule not in ("cosine", "wsd", "constant"):
-        raise ValueError(f"schedule must be cosine, wsd or constant, got {cfg.schedule!r}")
-    for name, value in (("warmup", cfg.warmup), ("decay", cfg.decay), ("min_lr", cfg.min_lr)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} is a fraction in [0, 1], got {value}")
-    ModelConfig(n_head=cfg.n_head, n_embd=cfg.n_embd, flavour=cfg.flavour)  # its own checks
-    lr_schedule(cfg)  # and the schedule's
-    workers.check(cfg)
-
-
-def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
-    """``s -> `` the inner lr of the step after ``s`` completed steps, as a fraction of the peak.
-
-    Built from ``snoo.optim.schedules``: random access, so a resumed run gets exactly the lr it would have had.
-    """
-    warmup = round(cfg.warmup * cfg.steps)
-    if cfg.schedule == "wsd":
-        after = schedules.warmup_stable_decay(1.0, warmup, round(cfg.decay * cfg.steps), cfg.steps)
-    elif cfg.schedule == "constant":
-        after = schedules.constant(1.0)
-    else:
-        cosine = schedules.cosine(1.0, cfg.min_lr, max(1, cfg.steps - warmup))
-        after = lambda s: cosine(s - warmup)  # noqa: E731
-    if warmup == 0:
-        return after
-    ramp = schedules.linear_warmup(0.0, 1.0, warmup)
-    return lambda s: ramp(s + 1) if s < warmup else after(s)
-
+from snoo.lab.workers import World
 
 EVAL_SEED = 0  # the held-out batches do not depend on the run's seed
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Diverged(RuntimeError):
     pass
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary file beside ``path``, then rename it: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    claim: bool = True,
+) -> dict:
+    """Run (or continue) one training run in this process; returns what ``result.json`` holds.
+
+    ``callback(step, loss)`` is called after every optimizer step (tests use it to interrupt a run). A non-finite
+    loss stops the run before the step that would have used it: the last checkpoint stays good. Under torchrun this
+    is one rank; ``snoo.lab.launch.run`` starts the ranks of a run with ``workers > 1``. ``claim=False``: the caller
+    holds ``OUT``'s lock and checked the directory (the process that launched the ranks).
+    """
+    world = World.from_env()
+    if cfg.workers > 1 and not world.launched:
+        raise ValueError("a run with workers > 1 starts its ranks with snoo.lab.launch.run, not train")
+    cfg = workers.adopt(cfg, world)
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = workers.device(cfg, world)
+    owner = claim and world.rank == 0  # rank 0 writes the files
+    with checkpoint.claimed(Path(cfg.out), fresh=not resume) if owner else contextlib.nullcontext():
+        if owner and resume:
+            checkpoint.check_kind(cfg)
+        with workers.process_group(cfg, world, device):
+            return _train(cfg, world, device, resume, callback)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+def _train(
+    cfg: TrainConfig, world: World, device: torch.device, resume: bool, callback: Callable[[int, float], None] | None
+) -> dict:
+    out, main, amp = Path(cfg.out), world.rank == 0, _autocast(cfg, device)
+    corpus, train_tokens, eval_batches = _data(cfg, device)
+    model, opt = _model_and_optimizer(cfg, corpus, world, device)
+    net, gradient_bytes = workers.wrap_ddp(cfg, model, device) if _ddp(cfg, world) else (model, None)
+    forward = torch.compile(net) if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda") else net
+    run = identity(cfg, corpus.info["sha256"])
+    at = _resume(cfg, world, model, opt, gradient_bytes, run, device) if resume else Progress()
+    info = _info(cfg, corpus, model, device, run)
+    if main:
+        checkpoint.write_json(info, out / "config.json")
+    schedule, tokens_per_step = lr_schedule(cfg), cfg.batch_size * cfg.block_size * cfg.grad_accum * world.size
+    status, message, val, norm = "ok", "", math.nan, math.nan
+    with RunLog(cfg, out, enabled=main, step=at.step, tokens_per_step=tokens_per_step, info=info) as log:
+        t0 = time.perf_counter()
+        try:
+            while True:
+                if at.step % cfg.eval_every == 0 or at.step >= cfg.steps:
+                    val, norm = evaluate(model, opt, eval_batches, amp)
+                    log.emit(at.step, at.wall, {"val_loss": val, "weight_norm": norm})
+                if at.step >= cfg.steps:
+                    break
+                if world.size > 1:
+                    workers.fault_point(world, at.step)
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * schedule(at.step)
+                loss = _step(cfg, world, at.step, net, forward, model, opt, train_tokens, device, amp)
+                if not math.isfinite(loss):
+                    raise Diverged(f"loss is {loss} at step {at.step}: the run diverged; {_last_good(out, world)}")
+                at.step += 1
+                at.wall += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if at.step % cfg.log_every == 0:
+                    outer = {f"outer/{k}": v for k, v in _outer_norms(opt, at).items()}
+                    log.emit(at.step, at.wall, {"train_loss": loss, "lr": opt.param_groups[0]["lr"], **outer})
+                if at.step % cfg.ckpt_every == 0 or at.step == cfg.steps:
+                    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+                        raise Diverged(
+                            f"non-finite weights after step {at.step}: the run diverged; {_last_good(out, world)}"
+                        )
+                    at.communicated_bytes, at.outer_norms = _sent(opt, gradient_bytes), _outer_norms(opt, at)
+                    checkpoint.save(out, model, opt, world, cfg, at, run)
+                    t0 = time.perf_counter()  # checkpoint I/O is not training time
+                log.advance(at.step, at.wall, loss)
+                if callback is not None:
+                    callback(at.step, loss)
+        except Diverged as e:
+            status, message = "diverged", str(e)
+            log.emit(at.step, at.wall, {"diverged": message})
+    result = _result(cfg, world, corpus, info, at, status, message, val, norm, _sent(opt, gradient_bytes))
+    if main:
+        checkpoint.write_json(result, out / "result.json")
+    return result
 
 
-def write_json(obj: Any, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+# ---------------------------------------------------------------------------------------------- the pieces
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    cuda = device.type == "cuda"
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda and torch.cuda.is_bf16_supported())
 
 
-def _modes(opt: torch.optim.Optimizer) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def _autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    bf16 = _bf16(cfg, device)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _data(cfg: TrainConfig, device: torch.device) -> tuple[Corpus, torch.Tensor, Batches]:
+    """The corpus, the train tokens, and the eval batches: one fixed set for every seed, so a spread over seeds is
+    the training's, not that of different held-out text. Every train batch is a function of (seed, step, rank)."""
+    corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
+    check_size(corpus, cfg.block_size, cfg.data)
+    train_tokens = limit_unique(corpus.train, cfg.unique_tokens)
+    check_size(dataclasses.replace(corpus, train=train_tokens), cfg.block_size, cfg.data)
+    eval_batches = [
+        (x.to(device), y.to(device))
+        for x, y in (
+            get_batch(corpus.val, cfg.batch_size, cfg.block_size, EVAL_SEED, -1 - i) for i in range(cfg.eval_batches)
+        )
+    ]
+    return corpus, train_tokens, eval_batches
+
+
+def _model_and_optimizer(
+    cfg: TrainConfig, corpus: Corpus, world: World, device: torch.device
+) -> tuple[GPT, torch.optim.Optimizer]:
+    """The init depends on the seed only, so every optimizer (and every rank) starts from the same weights."""
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(
+        vocab_size=corpus.vocab_size,
+        block_size=cfg.block_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        flavour=cfg.flavour,
+        tie_head=cfg.tie_head,
+    )
+    model = GPT(model_cfg).to(device)
+    distributed = world.size > 1
+    opt = workers.build_optimizer(cfg, model) if distributed else spec.build(cfg.optimizer, model, track_norms=True)
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]  # the schedule scales each group's own lr (torch's name for the peak)
+    return model, opt
+
+
+def _ddp(cfg: TrainConfig, world: World) -> bool:
+    return world.size > 1 and cfg.parallel == "ddp"
+
+
+def _resume(
+    cfg: TrainConfig,
+    world: World,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    gradient_bytes: workers.GradientBytes | None,
+    run: dict,
+    device: torch.device,
+) -> Progress:
+    """Load the checkpoint (if there is one yet) and cut ``metrics.jsonl`` back to it."""
+    out = Path(cfg.out)
+    at = checkpoint.load(out, model, opt, world, cfg, run, device) or Progress()
+    if gradient_bytes is not None:
+        gradient_bytes.sent = at.communicated_bytes
+    elif hasattr(opt, "communicated_bytes"):
+        opt.communicated_bytes = at.communicated_bytes
+    if world.rank == 0:
+        checkpoint.keep_metrics_until(out / "metrics.jsonl", at.step)
+    return at
+
+
+def _step(
+    cfg: TrainConfig,
+    world: World,
+    step: int,
+    net: torch.nn.Module,
+    forward: Callable,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    device: torch.device,
+    amp: Callable[[], contextlib.AbstractContextManager],
+) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; the summed loss, or non-finite with no step taken."""
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(
+            tokens, cfg.batch_size, cfg.block_size, cfg.seed, world.batch_index(step * cfg.grad_accum + micro)
+        )
+        # DDP averages the gradients once, after the last micro-batch
+        with net.no_sync() if _ddp(cfg, world) and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
+            with amp():
+                loss = forward(x.to(device), y.to(device)) / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    if math.isfinite(loss_sum):
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _modes(opt: torch.optim.Optimizer) -> tuple[Callable[[], object], Callable[[], object]]:
     """(to evaluation weights, back to training weights); a plain torch optimizer has only one set."""
     return getattr(opt, "eval", lambda: None), getattr(opt, "train", lambda: None)
 
 
 @torch.no_grad()
-def evaluate(model: GPT, opt: torch.optim.Optimizer, batches: list, amp: Any) -> tuple[float, float]:
+def evaluate(
+    model: GPT, opt: torch.optim.Optimizer, batches: Batches, amp: Callable[[], contextlib.AbstractContextManager]
+) -> tuple[float, float]:
     """Mean loss over the held-out batches and the total l2 norm of the weights, both at the evaluation weights."""
     to_eval, to_train = _modes(opt)
     to_eval()
@@ -227,264 +250,83 @@ def evaluate(model: GPT, opt: torch.optim.Optimizer, batches: list, amp: Any) ->
     return loss, norm
 
 
-def _device(cfg: TrainConfig, world: workers.World) -> torch.device:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if world.size > 1 and device.type == "cuda":
-        return torch.device("cuda", world.local_rank)
-    return device
+def _sent(opt: torch.optim.Optimizer, gradient_bytes: workers.GradientBytes | None) -> int:
+    """Bytes this rank put into the all-reduces of gradients (DDP) or pseudo-gradients (DiLoCo)."""
+    return gradient_bytes.sent if gradient_bytes else getattr(opt, "communicated_bytes", 0)
 
 
-def _check_resumable(cfg: TrainConfig) -> None:
-    """A run continues only from a checkpoint of its own kind: one process (``ckpt.pt``) or the same workers."""
-    out = Path(cfg.out)
-    sharded, single = workers.latest_checkpoint(out), (out / "ckpt.pt").exists()
-    if cfg.workers == 1 and sharded and not single:
-        saved = workers.progress(sharded)
-        raise ValueError(
-            f"{sharded} was written by a run on {saved['workers']} workers: resume it with --workers {saved['workers']}"
-        )
-    if cfg.workers > 1 and not sharded and single:
-        raise ValueError(f"{out / 'ckpt.pt'} was written by a run without workers: resume it without --workers")
-    if cfg.workers > 1 and sharded:
-        saved = workers.progress(sharded)
-        if (saved["workers"], saved["parallel"]) != (cfg.workers, cfg.parallel):
-            raise ValueError(
-                f"{sharded} was written by a run with workers={saved['workers']}, parallel={saved['parallel']}: "
-                f"resume it with the same, or start afresh without --resume"
-            )
+def _outer_norms(opt: torch.optim.Optimizer, at: Progress) -> dict[str, float]:
+    """SNOO's norms after its latest outer step; right after a resume, before the next one, the checkpoint's."""
+    return {k: float(v) for k, v in getattr(opt, "outer_norms", {}).items()} or at.outer_norms
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, float], None] | None = None) -> dict:
-    """Run (or continue) one training run; returns what ``result.json`` holds.
-
-    ``callback(step, loss)`` is called after every optimizer step (tests use it to interrupt a run).
-    A non-finite loss stops the run before the step that would have used it: the last checkpoint stays good.
-    With ``cfg.workers > 1`` this process launches the ranks under torchrun and waits for them; under torchrun, it is
-    one of the ranks.
-    """
-    world = workers.World.from_env()
-    if cfg.workers > 1 and not world.launched:
-        validate(cfg)
-        if callback is not None:
-            raise ValueError("callback runs in this process, not in the ranks that a run with workers > 1 starts")
-        if resume:
-            _check_resumable(cfg)  # here, before any rank starts
-        return workers.launch(cfg, resume=resume)
-    cfg = workers.adopt(cfg, world)
-    validate(cfg)
-    if world.size == 1:
-        return _train(cfg, world, resume, callback)
-    workers.init_process_group(cfg, world, _device(cfg, world))
-    try:
-        return _train(cfg, world, resume, callback)
-    finally:
-        torch.distributed.destroy_process_group()
+def _last_good(out: Path, world: World) -> str:
+    path = out / (checkpoint.SHARDED if world.size > 1 else checkpoint.CHECKPOINT)
+    return f"the last good checkpoint is {path} (try a lower lr)"
 
 
-def _train(cfg: TrainConfig, world: workers.World, resume: bool, callback: Callable[[int, float], None] | None) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg, world)
-    cuda = device.type == "cuda"
-    use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and cuda and torch.cuda.is_bf16_supported())
-    distributed, main = world.size > 1, world.rank == 0  # rank 0 writes the files
-    diloco, ddp = distributed and cfg.parallel == "diloco", distributed and cfg.parallel == "ddp"
-
-    def amp() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    # data: every train batch is a function of (seed, step, rank); the eval batches are one fixed set for every seed,
-    # so a spread over seeds is the training's, not that of different held-out text
-    corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
-    check_size(corpus, cfg.block_size, cfg.data)
-    train_tokens = limit_unique(corpus.train, cfg.unique_tokens)
-    check_size(dataclasses.replace(corpus, train=train_tokens), cfg.block_size, cfg.data)
-    eval_batches = [
-        tuple(t.to(device) for t in get_batch(corpus.val, cfg.batch_size, cfg.block_size, EVAL_SEED, -1 - i))
-        for i in range(cfg.eval_batches)
-    ]
-
-    # model and optimizer: the init depends on the seed only, so every optimizer (and every rank) starts from the
-    # same weights
-    torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig(
-        vocab_size=corpus.vocab_size,
-        block_size=cfg.block_size,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_embd=cfg.n_embd,
-        flavour=cfg.flavour,
-        tie_head=cfg.tie_head,
-    )
-    model = GPT(model_cfg).to(device)
-    opt = workers.build_optimizer(cfg, model) if distributed else spec.build(cfg.optimizer, model, track_norms=True)
-    for group in opt.param_groups:
-        group["initial_lr"] = group["lr"]  # the schedule scales each group's own lr (torch's name for the peak)
-    schedule = lr_schedule(cfg)
-    net, gradient_bytes = workers.wrap_ddp(cfg, model, device) if ddp else (model, None)
-    forward = torch.compile(net) if cfg.compile == "on" or (cfg.compile == "auto" and cuda) else net
-
-    def sent() -> int:  # bytes this rank put into the all-reduces of gradients (DDP) or pseudo-gradients (DiLoCo)
-        return gradient_bytes.sent if gradient_bytes else getattr(opt, "communicated_bytes", 0)
-
-    step, wall = 0, 0.0
-    ckpt_path, metrics_path = out / (workers.CHECKPOINT if distributed else "ckpt.pt"), out / "metrics.jsonl"
-    if resume:
-        _check_resumable(cfg)
-    if resume and distributed:
-        progress = workers.load_checkpoint(out, model, opt, world, diloco)
-        if progress is not None:
-            step, wall = progress["step"], progress["wall"]
-            if gradient_bytes:
-                gradient_bytes.sent = progress["communicated_bytes"]
-            else:
-                opt.communicated_bytes = progress["communicated_bytes"]
-    elif resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, wall = ckpt["step"], ckpt["wall"]
-    if main and step > 0:
-        # keep what was logged up to the checkpoint; the loop logs the eval at `step` again
-        kept = [
-            m for m in read_metrics(metrics_path) if m["step"] < step or (m["step"] == step and "val_loss" not in m)
-        ]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    elif main and metrics_path.exists():
-        metrics_path.unlink()
-    info = {
+def _info(cfg: TrainConfig, corpus: Corpus, model: GPT, device: torch.device, run: dict) -> dict:
+    """What ``config.json`` holds: the settings, the resolved optimizer, the corpus, the regime, the run's identity."""
+    params, body = model.num_params(), model.num_params(embeddings=False)
+    tokens = cfg.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * cfg.workers
+    return {
         "config": dataclasses.asdict(cfg),
+        "spec": spec.canonical(cfg.optimizer),
         "optimizer": spec.resolved(cfg.optimizer),
         "corpus": corpus.info,
-        "params": model.num_params(),
+        **_regime(params, body, tokens),
         "torch": torch.__version__,
         "device": str(device),
-        "bf16": use_bf16,
+        "bf16": _bf16(cfg, device),
+        "run": run,
     }
-    if main:
-        write_json(info, out / "config.json")
 
-    writer = None
-    if cfg.tensorboard and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ImportError("--tensorboard needs the `tensorboard` package: pip install tensorboard") from None
-        writer = SummaryWriter(str(out / "tb"))
-    bar = None
-    if cfg.progress and main and sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ:
-        from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=spec.canonical(cfg.optimizer), dynamic_ncols=True)
+def _regime(params: int, params_non_embedding: int, tokens: int) -> dict:
+    """Tokens per parameter: the regime a result holds in (compute-optimal pre-training is about 20)."""
+    return {
+        "params": params,
+        "params_non_embedding": params_non_embedding,
+        "tokens_planned": tokens,
+        "tokens_per_param": tokens / params,
+        "tokens_per_non_embedding_param": tokens / params_non_embedding,
+    }
 
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world.size  # over all the workers
-    log = metrics_path.open("a") if main else None
 
-    def emit(record: dict) -> None:
-        if log is None:
-            return
-        record = {"step": step, "tokens": step * tokens_per_step, "time": round(wall, 3), **record}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, step)
-
-    status, message, last_val, last_norm = "ok", "", math.nan, math.nan
-    t0 = time.perf_counter()
-    try:
-        while True:
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_val, last_norm = evaluate(model, opt, eval_batches, amp)
-                emit({"val_loss": last_val, "weight_norm": last_norm})
-            if step == cfg.steps:
-                break
-            if distributed:
-                workers.fault_point(world, step)
-
-            factor = schedule(step)
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                index = world.batch_index(step * cfg.grad_accum + micro)
-                x, y = get_batch(train_tokens, cfg.batch_size, cfg.block_size, cfg.seed, index)
-                # DDP averages the gradients once, after the last micro-batch
-                with net.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
-                    with amp():
-                        loss = forward(x.to(device), y.to(device)) / cfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
-                raise Diverged(
-                    f"loss is {loss_sum} at step {step}: the run diverged; "
-                    f"the last good checkpoint is {ckpt_path} (try a lower lr)"
-                )
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            wall += time.perf_counter() - t0
-            t0 = time.perf_counter()
-
-            if step % cfg.log_every == 0:
-                outer = {f"outer/{k}": float(v) for k, v in getattr(opt, "outer_norms", {}).items()}
-                emit({"train_loss": loss_sum, "lr": opt.param_groups[0]["lr"], **outer})
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-                    raise Diverged(
-                        f"non-finite weights after step {step}: the run diverged; the last good "
-                        f"checkpoint is {ckpt_path} (try a lower lr)"
-                    )
-                if distributed:
-                    progress = dict(
-                        step=step, wall=wall, workers=world.size, parallel=cfg.parallel, communicated_bytes=sent()
-                    )
-                    workers.save_checkpoint(out, model, opt, world, diloco, progress)
-                else:
-                    _atomic_save(
-                        {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "wall": wall},
-                        ckpt_path,
-                    )
-                t0 = time.perf_counter()  # checkpoint I/O is not training time
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / max(wall, 1e-9) * step:.0f}")
-            if callback is not None:
-                callback(step, loss_sum)
-    except Diverged as e:
-        status, message = "diverged", str(e)
-        emit({"diverged": message})
-    finally:
-        if log is not None:
-            log.close()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-
+def _result(
+    cfg: TrainConfig,
+    world: World,
+    corpus: Corpus,
+    info: dict,
+    at: Progress,
+    status: str,
+    message: str,
+    val: float,
+    norm: float,
+    sent: int,
+) -> dict:
+    tokens = at.step * cfg.batch_size * cfg.block_size * cfg.grad_accum * world.size
     result = {
         "optimizer": cfg.optimizer,
         "spec": spec.canonical(cfg.optimizer),
         "seed": cfg.seed,
         "steps": cfg.steps,
         "status": status,
-        "final_val_loss": last_val if status == "ok" else None,
-        "weight_norm": last_norm if status == "ok" else None,
-        "tokens": step * tokens_per_step,
-        "wall_time": round(wall, 3),
+        "final_val_loss": val if status == "ok" else None,
+        "weight_norm": norm if status == "ok" else None,
+        "tokens": tokens,
+        **{
+            k: v
+            for k, v in _regime(info["params"], info["params_non_embedding"], tokens).items()
+            if k != "tokens_planned"
+        },
+        "wall_time": round(at.wall, 3),
         "workers": world.size,
-        "parallel": cfg.parallel if distributed else None,
-        "communicated_bytes_per_step": sent() / step if step else 0.0,
+        "parallel": cfg.parallel if world.size > 1 else None,
+        "communicated_bytes_per_step": sent / at.step if at.step else 0.0,
         "python": corpus.info["python"],
         "corpus_sha256": corpus.info["sha256"],
     }
     if status != "ok":
         result["message"] = message
-    if main:
-        write_json(result, out / "result.json")
     return result

@@ -1,0 +1,336 @@
+"""A run directory's files: claimed by one run at a time, written atomically, read back only when they check out.
+
+- ``claimed(out)``: an advisory lock (``OUT/.lock``, ``fcntl.flock``) for as long as a run writes there. A second
+  run into the same directory is refused with one line; the kernel drops the lock of a process that died, so a
+  killed run never blocks the next one. A fresh run (no ``--resume``) into a directory that holds an earlier run
+  is refused too, so nothing is overwritten.
+- ``write_json``, ``atomic_save``: a temporary file beside the target, then a rename: a crash leaves the old file or
+  the new one. ``read_metrics`` reads ``metrics.jsonl``, forgiving a last line torn by a crash.
+- ``save``/``load``: one checkpoint per run, ``ckpt.pt`` (one process) or ``ckpt.dcp`` (a
+  ``torch.distributed.checkpoint`` directory, several ranks). Each records the run's identity
+  (``config.identity``) and the progress (step, wall time, bytes sent, SNOO's last outer norms); ``load`` refuses a
+  checkpoint of another run, a damaged one (``ckpt.pt`` carries a sha256 of its contents) and one that does not fit
+  the model, each with one line, before anything is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from snoo.lab.config import TrainConfig, differences
+from snoo.lab.workers import World
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None  # type: ignore[assignment]
+
+CHECKPOINT = "ckpt.pt"  # one process
+SHARDED = "ckpt.dcp"  # several ranks
+PROGRESS = "progress.json"  # written into a sharded checkpoint last: its presence says the checkpoint is whole
+LOCK = ".lock"
+#: what a run leaves in its directory; one of them there means a fresh run would overwrite an earlier one
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, SHARDED, f"{SHARDED}.old", "result.json")
+
+
+@dataclass
+class Progress:
+    """Where a run stands, saved with its checkpoint."""
+
+    step: int = 0
+    wall: float = 0.0  # training seconds so far (checkpoints and evaluations not counted)
+    communicated_bytes: int = 0  # what this rank has put into all-reduces
+    outer_norms: dict[str, float] = field(default_factory=dict)  # SNOO's latest, logged until the next outer step
+
+
+# ---------------------------------------------------------------------------------------------- the directory
+
+
+@contextlib.contextmanager
+def claimed(out: Path, *, fresh: bool, earlier: tuple[str, ...] = RUN_FILES) -> Iterator[None]:
+    """Hold ``OUT``'s lock while the block runs; with ``fresh``, refuse a directory holding any of ``earlier``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory: choose a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror}): choose another directory") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                raise ValueError(
+                    f"{out} is in use by another run (process {holder}): wait for it to end, or choose another --out"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        found = [name for name in earlier if (out / name).exists()]
+        if fresh and found:
+            raise ValueError(
+                f"{out} holds an earlier run ({', '.join(found)}): continue it with --resume, or choose a new --out"
+            )
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write to a temporary file beside ``path``, then rename it: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj: Any, path: Path) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a ``ValueError`` that names the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}): delete it, or choose a new --out") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object): delete it, or choose a new --out")
+    return value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; a last line without its newline (a crash mid-write) is dropped."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: torn by a crash
+                break
+            raise ValueError(f"{path}, line {number}, is damaged ({e}): delete the line, or start afresh") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}, is not a metrics record: delete the line, or start afresh")
+        records.append(record)
+    return records
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Keep what was logged up to a checkpoint at ``step``; the loop logs the evaluation at ``step`` again."""
+    kept = [m for m in read_metrics(path) if m["step"] < step or (m["step"] == step and "val_loss" not in m)]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def latest_sharded(out: Path) -> Path | None:
+    """``OUT/ckpt.dcp``, or the one it replaces when a save stopped between the two renames."""
+    for path in (out / SHARDED, out / f"{SHARDED}.old"):
+        if (path / PROGRESS).exists():
+            return path
+    return None
+
+
+def read_progress(path: Path) -> dict:
+    """What a sharded checkpoint's ``progress.json`` says: step, wall, workers, parallel, bytes, run."""
+    return read_json(path / PROGRESS)
+
+
+def check_kind(cfg: TrainConfig) -> None:
+    """A run continues only from a checkpoint of its own kind: one process (``ckpt.pt``) or the same workers."""
+    out = Path(cfg.out)
+    sharded, single = latest_sharded(out), (out / CHECKPOINT).exists()
+    if cfg.workers == 1 and sharded and not single:
+        saved = read_progress(sharded)
+        raise ValueError(
+            f"{sharded} was written by a run on {saved['workers']} workers: resume it with --workers {saved['workers']}"
+        )
+    if cfg.workers > 1 and not sharded and single:
+        raise ValueError(f"{out / CHECKPOINT} was written by a run without workers: resume it without --workers")
+    if cfg.workers > 1 and sharded:
+        saved = read_progress(sharded)
+        if (saved.get("workers"), saved.get("parallel")) != (cfg.workers, cfg.parallel):
+            raise ValueError(
+                f"{sharded} was written by a run with workers={saved.get('workers')}, "
+                f"parallel={saved.get('parallel')}: resume it with the same, or start afresh with a new --out"
+            )
+
+
+def check_same_run(where: Path, saved: Any, run: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint written by another run (a different identity, see ``config.identity``)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where} does not say which run wrote it (an older snoo?): start afresh with a new --out")
+    changed = differences(saved, run)
+    if changed:
+        raise ValueError(
+            f"{where} is of another run ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}): resume "
+            f"with the settings it was trained with, or start afresh with a new --out"
+        )
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a checkpoint's contents (tensors by their bytes, dtypes and shapes): ``torch.load`` checks none."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}:".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def save(
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    world: World,
+    cfg: TrainConfig,
+    progress: Progress,
+    run: dict[str, Any],
+) -> None:
+    """The run's checkpoint: ``ckpt.pt`` from one process, ``ckpt.dcp`` from several ranks (every rank calls this)."""
+    record = {**dataclasses.asdict(progress), "run": run}
+    if world.size == 1:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), **record}
+        atomic_save({**state, "sha256": digest(state)}, out / CHECKPOINT)
+    else:
+        record.update(workers=world.size, parallel=cfg.parallel)
+        save_sharded(out, model, opt, world, cfg.parallel == "diloco", record)
+
+
+def load(
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    world: World,
+    cfg: TrainConfig,
+    run: dict[str, Any],
+    device: torch.device,
+) -> Progress | None:
+    """Load the run's checkpoint into ``model`` and ``opt`` once it checks out; None: there is none yet."""
+    sharded = world.size > 1
+    path = latest_sharded(out) if sharded else out / CHECKPOINT
+    if path is None or not path.exists():
+        return None
+    record = read_progress(path) if sharded else _read_checkpoint(path, device)
+    check_same_run(path, record.get("run"), run)
+    try:
+        if sharded:
+            load_sharded(out, model, opt, world, cfg.parallel == "diloco")
+        else:
+            model.load_state_dict(record["model"])
+            opt.load_state_dict(record["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} does not fit this model and optimizer ({first}): start afresh") from None
+    names = {f.name for f in dataclasses.fields(Progress)}
+    progress = Progress(**{k: v for k, v in record.items() if k in names})
+    if progress.step > cfg.steps:
+        raise ValueError(f"{path} is at step {progress.step}, past this run's {cfg.steps} steps")
+    return progress
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict:
+    """``ckpt.pt`` as saved, or a ``ValueError``: a file that torch cannot read, or whose contents changed."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # an untrusted file: whatever torch's reader raises on it
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}): it is damaged; start afresh") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "sha256"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a checkpoint of this lab (an older snoo, or damaged): start afresh")
+    saved = ckpt.pop("sha256")
+    if saved != digest(ckpt):
+        raise ValueError(f"{path} is damaged: its contents do not match the sha256 it was saved with; start afresh")
+    return ckpt
+
+
+def _sharded_state(model: nn.Module, opt: torch.optim.Optimizer, world: World, diloco: bool) -> dict[str, Any]:
+    """What this rank saves. DDP ranks hold the same tensors: DCP writes one copy of each. DiLoCo ranks hold their
+    own fast weights and inner-optimizer state, which DCP would also keep only one copy of under a shared key, so
+    each rank other than 0 saves under ``rank<r>``; rank 0's are the usual ``model`` and ``optim``, so that
+    :func:`snoo.distributed.load_evaluation_weights` reads any of the lab's checkpoints with its defaults."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    return {f"rank{world.rank}": state} if diloco and world.rank else state
+
+
+def save_sharded(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, world: World, diloco: bool, record: dict
+) -> None:
+    """Every rank writes its part into ``ckpt.dcp.tmp``; then rank 0 adds ``progress.json`` and swaps it in, so a
+    crash at any point leaves a whole checkpoint (``ckpt.dcp``, or ``ckpt.dcp.old`` between the two renames)."""
+    import torch.distributed.checkpoint as dcp
+
+    path, tmp, old = out / SHARDED, out / f"{SHARDED}.tmp", out / f"{SHARDED}.old"
+    if world.rank == 0 and tmp.exists():  # what a crashed save left
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_sharded_state(model, opt, world, diloco), checkpoint_id=tmp)  # returns once every rank's part is in
+    if world.rank == 0:
+        (tmp / PROGRESS).write_text(json.dumps(record) + "\n")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_sharded(out: Path, model: nn.Module, opt: torch.optim.Optimizer, world: World, diloco: bool) -> dict | None:
+    """Load this rank's part of the latest sharded checkpoint into ``model`` and ``opt``; return its progress record
+    (None: there is no checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = latest_sharded(out)
+    if path is None:
+        return None
+    state = _sharded_state(model, opt, world, diloco)
+    # UNTRUSTED INPUT (issue 12 item 10): the one place where the lab reads a DCP checkpoint. torch's reader unpickles
+    # path/.metadata; check it with the library's safe metadata check here, before dcp.load, once that exists.
+    dcp.load(state, checkpoint_id=path)
+    mine = state.get(f"rank{world.rank}", state)
+    set_state_dict(model, opt, model_state_dict=mine["model"], optim_state_dict=mine["optim"])
+    return read_progress(path)

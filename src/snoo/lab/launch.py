@@ -1,0 +1,112 @@
+"""Where a run runs: in this process, or on ``workers`` ranks under torchrun, with the rank entry point.
+
+``run(cfg)`` trains in this process when ``cfg.workers`` is 1 (or when this process is already a torchrun rank:
+``torchrun --nproc-per-node N -m snoo.lab.cli train ...``). With ``workers = N`` it claims ``OUT``, checks what a
+resume needs, writes ``OUT/launch.json`` and starts N ranks with torchrun, each running ``python -m snoo.lab.launch
+OUT/launch.json``; rank 0 writes the run's files. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from snoo.lab import checkpoint
+from snoo.lab.config import TrainConfig, identity, validate
+from snoo.lab.data import fingerprint
+from snoo.lab.train import train
+from snoo.lab.workers import World
+
+
+class LaunchFailed(RuntimeError):
+    """The ranks of a launched run stopped before the run's end; ``status`` is torchrun's exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Train ``cfg`` here, or on its ``workers`` ranks; return what ``result.json`` holds."""
+    validate(cfg)
+    if cfg.workers == 1 or World.from_env().launched:
+        return train(cfg, resume=resume)
+    out = Path(cfg.out)
+    with checkpoint.claimed(out, fresh=not resume):  # held while the ranks run
+        if resume:
+            checkpoint.check_kind(cfg)
+            found = checkpoint.latest_sharded(out)
+            if found is not None:  # here, before any rank starts
+                run_id = identity(cfg, fingerprint(cfg.data))
+                checkpoint.check_same_run(found, checkpoint.read_progress(found).get("run"), run_id)
+        return _launch(cfg, resume=resume)
+
+
+def _launch(cfg: TrainConfig, *, resume: bool) -> dict:
+    """Train ``cfg`` on ``cfg.workers`` ranks of this machine under torchrun; return rank 0's ``result.json``.
+
+    The config travels whole in ``OUT/launch.json``. torchrun stops every rank when one fails; then this raises
+    :class:`LaunchFailed` with what to do next (unless rank 0 wrote a result, e.g. of a diverged run).
+    """
+    out = Path(cfg.out)
+    request = out / "launch.json"
+    request.write_text(json.dumps({"config": dataclasses.asdict(cfg), "resume": resume}, indent=2) + "\n")
+    result = out / "result.json"
+    result.unlink(missing_ok=True)  # what is there now is from an earlier run
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.workers}"),
+        *("-m", "snoo.lab.launch", str(request)),
+    ]
+    # torchrun sets one thread per rank anyway, and says so unless asked
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(command, env=env)
+    try:
+        status = proc.wait()
+    except BaseException:  # Ctrl-C: torchrun stops its ranks on SIGTERM
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if result.exists():
+        return json.loads(result.read_text())
+    found = checkpoint.latest_sharded(out)
+    then = (
+        f"the last checkpoint is {found} (step {checkpoint.read_progress(found)['step']}): continue with --resume"
+        if found
+        else "no checkpoint was written yet: start it again"
+    )
+    raise LaunchFailed(
+        f"the run on {cfg.workers} ranks stopped before its end (torchrun exit status {status}; the ranks' "
+        f"messages are above): {then}",
+        status or 1,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """What torchrun runs on each rank of a launched run: ``python -m snoo.lab.launch OUT/launch.json``."""
+    (path,) = sys.argv[1:] if argv is None else argv
+    request = json.loads(Path(path).read_text())
+    rank = World.from_env().rank
+    try:
+        # the launching process holds OUT's lock and checked the directory
+        result = train(TrainConfig(**request["config"]), resume=request["resume"], claim=False)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        if os.environ.get("SNOO_DEBUG"):
+            raise
+        print(f"snoo: rank {rank}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1 if isinstance(e, RuntimeError) else 2
+    if result["status"] != "ok":
+        if rank != 0:  # rank 0's message is in result.json, which the launching process reports
+            print(f"snoo: rank {rank}: {result['message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
