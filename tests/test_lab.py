@@ -393,7 +393,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     [
         (["--tokenizer", "bpe"], "tokenizers", "pip install tokenizers"),
         (["--tensorboard"], "tensorboard", "pip install tensorboard"),
-        (["--wandb"], "wandb", "pip install 'snoo[wandb]'"),
+        (["--wandb"], "wandb", "pip install 'snoo-optim[wandb]'"),
     ],
 )
 def test_missing_optional_package_is_one_clear_line(tmp_path, corpus_file, capsys, monkeypatch, flag, module, words):

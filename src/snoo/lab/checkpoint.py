@@ -321,16 +321,17 @@ def save_sharded(
 def load_sharded(out: Path, model: nn.Module, opt: torch.optim.Optimizer, world: World, diloco: bool) -> dict | None:
     """Load this rank's part of the latest sharded checkpoint into ``model`` and ``opt``; return its progress record
     (None: there is no checkpoint)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from snoo.checkpoint import load_dcp
 
     path = latest_sharded(out)
     if path is None:
         return None
     state = _sharded_state(model, opt, world, diloco)
-    # UNTRUSTED INPUT (issue 12 item 10): the one place where the lab reads a DCP checkpoint. torch's reader unpickles
-    # path/.metadata; check it with the library's safe metadata check here, before dcp.load, once that exists.
-    dcp.load(state, checkpoint_id=path)
+    # untrusted input: the one place where the lab reads a DCP checkpoint. torch's reader unpickles path/.metadata
+    # and non-tensor entries; snoo.checkpoint.load_dcp checks the metadata first and loads the rest weights-only
+    load_dcp(state, path)
     mine = state.get(f"rank{world.rank}", state)
     set_state_dict(model, opt, model_state_dict=mine["model"], optim_state_dict=mine["optim"])
     return read_progress(path)

@@ -78,7 +78,7 @@ def _wandb(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Any:
         import wandb
     except ImportError:
         raise ImportError(
-            "--wandb needs the `wandb` package: pip install 'snoo[wandb]' (or pip install wandb)"
+            "--wandb needs the `wandb` package: pip install 'snoo-optim[wandb]' (or pip install wandb)"
         ) from None
     return wandb.init(
         project=os.environ.get("WANDB_PROJECT", "snoo-lab"),
