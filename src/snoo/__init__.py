@@ -4,6 +4,7 @@ from snoo import distributed
 from snoo.optim import schedules
 from snoo.optim.combined import MuonAdamW
 from snoo.optim.ema_nesterov import EMANesterov
+from snoo.optim.gpa import GPA
 from snoo.optim.groups import param_groups
 from snoo.optim.nesterov import Nesterov
 from snoo.optim.scale import SCALE
@@ -11,6 +12,7 @@ from snoo.optim.sgd_ll import SGDLL
 from snoo.optim.snoo import SNOO, Lookahead
 
 __all__ = [
+    "GPA",
     "SCALE",
     "SGDLL",
     "SNOO",

@@ -149,6 +149,7 @@ def _registry() -> dict[str, Entry]:
         ("lookahead", "Lookahead"),
         ("ema_nesterov", "EMANesterov"),
         ("nesterov", "Nesterov"),
+        ("gpa", "GPA"),
     ):
         cls = getattr(snoo, attr, None)
         if cls is not None:
@@ -191,7 +192,7 @@ def _check_value(name: str, key: str, value: Any) -> None:
         ok = value >= 1
     elif key in ("lr", "eps", "alpha", "tau", "delta") or key.endswith("_lr"):
         ok = value > 0
-    elif "momentum" in key or key.startswith("beta") or key == "gamma":
+    elif "momentum" in key or key.startswith(("beta", "mu_")) or key == "gamma":
         ok = 0 <= value < 1
     elif key == "weight_decay":
         ok = value >= 0
