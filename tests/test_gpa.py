@@ -55,7 +55,7 @@ def reference(make_inner, steps: int, mu_y: float, mu_x: float):
 @settings(max_examples=15, deadline=None)
 @given(
     inner=st.sampled_from(sorted(INNERS)),
-    mu_y=st.floats(0.0, 0.99),
+    mu_y=st.floats(0.0, 1.0),
     mu_x=st.one_of(st.floats(0.0, 0.999), st.just(0.9967)),
     steps=st.integers(1, 25),
 )
@@ -104,6 +104,23 @@ def test_mu_y_zero_takes_gradients_at_z_and_evaluates_an_ema_of_z(inner):
     for p, e in zip(a.parameters(), ema):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)  # float32 against float64
         assert not torch.equal(p, opt.state[p]["fast"])
+
+
+@pytest.mark.parametrize("mu", [0.5, 0.9])
+def test_mu_y_one_around_sgd_is_heavy_ball_momentum(mu):
+    """Gradients at x: x_{t+1} - x_t = (1 - mu)(z_t - x_t) - (1 - mu) lr g_t, and z_t - x_t = mu (x_t - x_{t-1}) /
+    (1 - mu), so x_{t+1} = x_t + mu (x_t - x_{t-1}) - (1 - mu) lr g_t: torch's SGD with momentum mu and lr
+    (1 - mu) lr, whose parameters are its iterate, as GPA's hold y = x."""
+    lr = 0.05
+    a, b = make_model(0, torch.float64), make_model(0, torch.float64)
+    opt = snoo.GPA(torch.optim.SGD(a.parameters(), lr=lr), mu_y=1.0, mu_x=mu)
+    ref = torch.optim.SGD(b.parameters(), lr=(1 - mu) * lr, momentum=mu)
+    for t in range(1, 41):
+        train_step(a, opt, t)
+        train_step(b, ref, t)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)
+            assert torch.equal(pa, opt.state[pa]["x"])
 
 
 def test_averaging_lowers_the_loss_of_noisy_sgd_at_a_constant_lr():
@@ -180,7 +197,7 @@ def test_per_group_values_and_a_scheduler_on_the_wrapper_moves_the_inner_lr():
 def test_refuses_bad_arguments_naming_them():
     inner = torch.optim.SGD(make_model().parameters(), lr=0.1)
     for kwargs, name in [
-        (dict(mu_y=1.0), "mu_y"),
+        (dict(mu_y=1.5), "mu_y"),
         (dict(mu_y=-0.1), "mu_y"),
         (dict(mu_x=1.0), "mu_x"),
         (dict(mu_x=float("nan")), "mu_x"),
@@ -312,7 +329,8 @@ def test_spec_names_gpa_around_any_stage_and_refuses_the_other_order():
     assert isinstance(spec.build("gpa+snoo+adamw", model).inner, snoo.SNOO)
     with pytest.raises(ValueError, match=r"cannot build 'snoo\+gpa\+adamw'.*lookahead point"):
         spec.build("snoo+gpa+adamw", model)
-    for bad in ("gpa(mu_x=1)+adamw", "gpa(mu_y=-0.5)+adamw"):
+    assert spec.canonical("gpa(mu_y=1)+sgd") == "gpa(mu_y=1)+sgd"
+    for bad in ("gpa(mu_x=1)+adamw", "gpa(mu_y=-0.5)+adamw", "gpa(mu_y=1.5)+adamw"):
         with pytest.raises(ValueError, match="out of range"):
             spec.parse(bad)
 

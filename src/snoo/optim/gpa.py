@@ -33,10 +33,11 @@ class GPA(Wrapper):
         &y_{t+1} = \mu_y x_{t+1} + (1 - \mu_y) z_{t+1}
 
     Special cases: :math:`\mu_x = 0` keeps :math:`x = z = y`, the inner optimizer alone (bit for bit: the update
-    is written so that its terms cancel exactly, see :func:`gpa_update`); :math:`\mu_y = 0` takes every gradient at
-    :math:`z`, so the parameters follow the inner optimizer alone (bit for bit too) and :math:`x` is an EMA of its
-    iterates that is evaluated; :math:`\mu_y = 1` would take every gradient at the average (primal averaging) and is
-    refused, like :math:`\mu_x = 1`, which would never move :math:`x`.
+    is written so that its terms cancel exactly, see :func:`gpa_update`). :math:`\mu_y = 0` takes every gradient at
+    :math:`z`, so the parameters follow the inner optimizer alone (bit for bit too) and :math:`x`, what is evaluated,
+    is an EMA of its iterates. :math:`\mu_y = 1` takes every gradient at the average :math:`x` (primal averaging):
+    around SGD with learning rate :math:`\alpha` it is heavy-ball momentum :math:`\mu_x` with learning rate
+    :math:`(1 - \mu_x)\alpha`. :math:`\mu_x = 1` would never move :math:`x` and is refused.
 
     ``eval()`` puts :math:`x` into the parameters (evaluate, export, save the model then); ``train()`` puts
     :math:`y` back exactly, and ``step()`` refuses to run in eval mode.
@@ -44,7 +45,7 @@ class GPA(Wrapper):
     Args:
         inner: the base optimizer :math:`A` (AdamW, SGD, ``torch.optim.Muon``, :class:`snoo.SCALE`, :class:`snoo.SNOO`
             around any of them, ...). Its ``param_groups`` are this optimizer's.
-        mu_y: interpolation :math:`0 \le \mu_y < 1` of the gradient point towards the average; stored in each group
+        mu_y: interpolation :math:`0 \le \mu_y \le 1` of the gradient point towards the average; stored in each group
             as ``"gpa_mu_y"``.
         mu_x: averaging coefficient :math:`0 \le \mu_x < 1` of :math:`x`; stored in each group as ``"gpa_mu_x"``.
             The average spans about :math:`1 / (1 - \mu_x)` steps (300 for the default).
@@ -81,10 +82,11 @@ class GPA(Wrapper):
         super().__init__(inner, {"gpa_mu_y": mu_y, "gpa_mu_x": mu_x}, state_device=state_device)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        for name in ("mu_y", "mu_x"):
-            value = group[f"gpa_{name}"]
-            if not is_number(value) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        mu_y, mu_x = group["gpa_mu_y"], group["gpa_mu_x"]
+        if not is_number(mu_y) or not 0 <= mu_y <= 1:
+            raise ValueError(f"mu_y must be a number in [0, 1], got {mu_y!r}")
+        if not is_number(mu_x) or not 0 <= mu_x < 1:
+            raise ValueError(f"mu_x must be a number in [0, 1) (1 would never move the average), got {mu_x!r}")
 
     def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         dtype = state_dtype(param)
