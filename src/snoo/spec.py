@@ -6,7 +6,8 @@ Grammar (whitespace ignored, names lower case)::
     STAGE  := NAME [ '(' KEY '=' VALUE (',' KEY '=' VALUE)* ')' ]
     VALUE  := number | true | false
 
-``snoo-adamw`` is shorthand for ``snoo+adamw``. Examples::
+``snoo-adamw`` is shorthand for ``snoo+adamw``; a name with an underscore may be written with a hyphen
+(``schedulefree-adamw``, ``ema-nesterov``). Examples::
 
     adamw
     adamw(lr=3e-3,weight_decay=0)
