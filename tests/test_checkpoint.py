@@ -30,6 +30,7 @@ WRAPPERS = {
     "Lookahead": lambda m: snoo.Lookahead(torch.optim.SGD(m.parameters(), lr=0.1), k=2),
     "EMANesterov": lambda m: snoo.EMANesterov(torch.optim.AdamW(m.parameters(), lr=1e-2), gamma=0.9),
     "Nesterov": lambda m: snoo.Nesterov(torch.optim.Adam(m.parameters(), lr=1e-2)),
+    "GPA": lambda m: snoo.GPA(torch.optim.AdamW(m.parameters(), lr=1e-2), mu_x=0.5),
     "EMANesterov(SNOO)": lambda m: snoo.EMANesterov(snoo.SNOO(torch.optim.AdamW(m.parameters(), lr=1e-2), k=2)),
 }
 

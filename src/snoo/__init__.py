@@ -14,6 +14,7 @@ from snoo import checks
 from snoo.optim import schedules
 from snoo.optim.combined import MuonAdamW
 from snoo.optim.ema_nesterov import EMANesterov
+from snoo.optim.gpa import GPA
 from snoo.optim.groups import param_groups
 from snoo.optim.nesterov import Nesterov
 from snoo.optim.scale import SCALE
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 _LAZY = ("checkpoint", "distributed", "integrations", "spec")
 
 __all__ = [
+    "GPA",
     "SCALE",
     "SGDLL",
     "SNOO",

@@ -6,7 +6,8 @@ Grammar (whitespace ignored, names lower case)::
     STAGE  := NAME [ '(' KEY '=' VALUE (',' KEY '=' VALUE)* ')' ]
     VALUE  := number | true | false
 
-``snoo-adamw`` is shorthand for ``snoo+adamw``. Examples::
+``snoo-adamw`` is shorthand for ``snoo+adamw``; a name with an underscore may be written with a hyphen
+(``schedulefree-adamw``, ``ema-nesterov``). Examples::
 
     adamw
     adamw(lr=3e-3,weight_decay=0)
@@ -24,6 +25,7 @@ This module imports only torch and snoo, so config-driven trainers can use it wi
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import itertools
 import re
@@ -54,6 +56,11 @@ class Entry:
     make: Callable[..., torch.optim.Optimizer]
     doc: str = ""
     ranges: Mapping[str, checks.Range] = field(default_factory=dict)
+    #: a package this entry needs beyond torch (checked when a SPEC names it, with the command that installs it)
+    requires: str | None = None
+    #: the optimizer keeps its own averaged iterate and wants no decaying lr schedule (schedule-free AdamW): it
+    #: stands alone in a SPEC, and a trainer holds its lr constant after the warm-up (:func:`is_schedule_free`)
+    schedule_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,24 @@ def _sgd(params: Params, lr: float, momentum: float, nesterov: bool, weight_deca
     return torch.optim.SGD(_decay_groups(params, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
 
 
+def _schedulefree_adamw(
+    params: Params, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, warmup_steps: int
+):
+    try:
+        import schedulefree
+    except ImportError:
+        raise ImportError(_missing("schedulefree_adamw", "schedulefree")) from None
+    opt = schedulefree.AdamWScheduleFree(
+        _decay_groups(params, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps, warmup_steps=warmup_steps
+    )
+    opt.train()  # ready to step, like every optimizer here; the package's own starts in eval mode
+    return opt
+
+
+def _missing(name: str, package: str) -> str:
+    return f"optimizer {name} needs the `{package}` package: pip install {package}"
+
+
 def _grouped(cls: type) -> Callable[..., torch.optim.Optimizer]:
     """SCALE, SGD-LL and Muon+AdamW treat the embedding, the head and hidden matrices differently: they need the
     model, not a flat list of tensors."""
@@ -150,6 +175,19 @@ def _registry() -> dict[str, Entry]:
             "torch.optim.SGD",
             dict(lr=POSITIVE, momentum=UNIT, weight_decay=NON_NEGATIVE),
         ),
+        # the `schedulefree` package's AdamW (optional extra); the lab gives it its warm-up and then a constant lr
+        Entry(
+            "schedulefree_adamw",
+            "base",
+            dict(lr=2.5e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, warmup_steps=0),
+            _schedulefree_adamw,
+            "schedulefree.AdamWScheduleFree; weight decay on matrices only; no lr schedule",
+            dict(
+                lr=POSITIVE, beta1=UNIT, beta2=UNIT, eps=POSITIVE, weight_decay=NON_NEGATIVE, warmup_steps=NON_NEGATIVE
+            ),
+            requires="schedulefree",
+            schedule_free=True,
+        ),
     ]
     # the library's own inner optimizers, over the parameter roles of snoo.param_groups
     for name, cls in (("scale", snoo.SCALE), ("sgdll", snoo.SGDLL), ("muon", snoo.MuonAdamW)):
@@ -169,6 +207,7 @@ def _registry() -> dict[str, Entry]:
         ("lookahead", snoo.Lookahead),
         ("ema_nesterov", snoo.EMANesterov),
         ("nesterov", snoo.Nesterov),
+        ("gpa", snoo.GPA),
     ):
         entries.append(
             Entry(
@@ -271,6 +310,8 @@ def parse(spec: str) -> list[Stage]:
     text = re.sub(r"\s+", "", spec).lower()
     if not text:
         raise ValueError("empty optimizer SPEC; try 'adamw' or 'snoo-adamw'")
+    for name in (n for n in NAMES if "_" in n):  # `ema-nesterov` for `ema_nesterov`: '-' also joins two stages
+        text = re.sub(rf"(?<![a-z0-9_]){re.escape(name.replace('_', '-'))}(?![a-z0-9_])", name, text)
     stages = [_parse_stage(part) for part in _split_top(text, "+-")]
     *wrappers, base = stages
     if NAMES[base.name].kind != "base":
@@ -281,6 +322,15 @@ def parse(spec: str) -> list[Stage]:
                 f"{st.name!r} is a base optimizer; only wrappers ({_names('wrapper')}) can stand "
                 f"before another stage in {spec!r}"
             )
+    if wrappers and NAMES[base.name].schedule_free:
+        raise ValueError(
+            f"{base.name} cannot be wrapped ({canonical(stages)!r}): its parameters hold an interpolation of its own "
+            f"averaged iterate, which a wrapper would take for the model; use it alone"
+        )
+    for st in stages:
+        package = NAMES[st.name].requires
+        if package and importlib.util.find_spec(package) is None:
+            raise ImportError(_missing(st.name, package))
     return stages
 
 
@@ -296,6 +346,11 @@ def canonical(spec: str | list[Stage]) -> str:
 def resolved(spec: str | list[Stage]) -> list[dict[str, Any]]:
     """Every stage with every hyperparameter, defaults filled in: what a result file should record."""
     return [{"name": st.name, **st.params} for st in (parse(spec) if isinstance(spec, str) else spec)]
+
+
+def is_schedule_free(spec: str | list[Stage]) -> bool:
+    """Whether the SPEC's optimizer wants a constant lr after the warm-up (it keeps its own average)."""
+    return NAMES[(parse(spec) if isinstance(spec, str) else spec)[-1].name].schedule_free
 
 
 def base(spec: str) -> str:

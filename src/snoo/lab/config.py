@@ -271,13 +271,14 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
     """``s -> `` the inner lr of the step after ``s`` completed steps, as a fraction of the peak.
 
-    Built from ``snoo.optim.schedules``: random access, so a resumed run gets exactly the lr it would have had.
+    Built from ``snoo.optim.schedules``: random access, so a resumed run gets exactly the lr it would have had. A
+    schedule-free optimizer (``spec.is_schedule_free``) gets the warm-up and then a constant lr, whatever the schedule.
     """
     warmup = round(cfg.warmup * cfg.steps)
-    if cfg.schedule == "wsd":
-        after = schedules.warmup_stable_decay(1.0, warmup, round(cfg.decay * cfg.steps), cfg.steps)
-    elif cfg.schedule == "constant":
+    if cfg.schedule == "constant" or spec.is_schedule_free(cfg.optimizer):
         after = schedules.constant(1.0)
+    elif cfg.schedule == "wsd":
+        after = schedules.warmup_stable_decay(1.0, warmup, round(cfg.decay * cfg.steps), cfg.steps)
     else:
         cosine = schedules.cosine(1.0, cfg.min_lr, max(1, cfg.steps - warmup))
         after = lambda s: cosine(s - warmup)  # noqa: E731
