@@ -18,49 +18,22 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from snoo import spec
-from snoo.lab import plots
-from snoo.lab.train import Diverged, TrainConfig, read_metrics, train, validate, write_json
+from snoo.lab import plots, stats
+from snoo.lab.stats import compute_factor, fit_log_steps
+from snoo.lab.train import Diverged, TrainConfig, read_metrics, snapshot_name, train, validate, write_json
 
 BUDGETS = (1.0, 1.25, 1.5, 2.0, 2.5)
 TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr times these
 
 
 # ---------------------------------------------------------------------------------------------- the math
-
-
-def fit_log_steps(steps: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
-    """Least squares ``loss = a + b * log(steps)``; returns (a, b)."""
-    xs = [math.log(s) for s in steps]
-    mx, my = statistics.fmean(xs), statistics.fmean(losses)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, losses)) / sxx
-    return my - b * mx, b
-
-
-def compute_factor(base_steps: Sequence[int], base_losses: Sequence[float], steps: int, loss: float):
-    """How many baseline steps match ``loss``, divided by ``steps``: a float, or a bound such as ``">2.5"``.
-
-    Bounds: beyond the largest budget the fit is not trusted (">"), nor below the smallest ("<"). ``None`` when the
-    baseline does not improve with more steps (nothing to measure against) or there are fewer than two budgets.
-    """
-    if len(set(base_steps)) < 2:
-        return None
-    a, b = fit_log_steps(base_steps, base_losses)
-    if b >= 0:
-        return None
-    matched = math.exp((loss - a) / b)
-    lo, hi = min(base_steps), max(base_steps)
-    if matched > hi:
-        return f">{hi / steps:.3g}"
-    if matched < lo:
-        return f"<{lo / steps:.3g}"
-    return matched / steps
 
 
 def steps_to_target(metrics: list[dict], target: float) -> int | None:
@@ -81,8 +54,14 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
 
 
 def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
-    """Train every job ({optimizer, budget, seed, dir}, and optionally workers and parallel) that has no finished
-    result yet (with ``resume``). Every job's settings are checked before the first one starts."""
+    """Train every job ({optimizer, budget, seed, dir}, and optionally workers, parallel, snapshots and branch_of /
+    from_step) that has no finished result yet (with ``resume``). Every job's settings are checked before the first
+    one starts.
+
+    ``snapshots``: steps at which the run also keeps a copy of its checkpoint (``ckpt-STEP.pt``); ``branch_of`` and
+    ``from_step``: the job starts from that snapshot of an earlier job in the list (the WSD ladder's decay branches):
+    a shortcut only, since the earlier job trained the same steps with the same lr up to there, so the branch ends
+    bit for bit where a run from scratch would."""
     configs = [
         dataclasses.replace(
             cfg,
@@ -103,13 +82,31 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
             say(f"[{i}/{len(jobs)}] {job['dir']}: done before, kept")
             continue
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
+        branch = ""
+        if "branch_of" in job and not same and _start_branch(out / job["branch_of"], job["from_step"], run_cfg):
+            same, branch = True, f", from step {job['from_step']} of {job['branch_of']}"
         say(
             f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
-            f"{run_cfg.steps} steps"
+            f"{run_cfg.steps} steps{branch}"
         )
-        r = train(run_cfg, resume=same)
+        r = train(run_cfg, resume=same, snapshots=job.get("snapshots", ()))
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
         say(f"    val loss {loss}, {r['wall_time']:.1f}s")
+
+
+def _start_branch(trunk: Path, step: int, cfg: TrainConfig) -> bool:
+    """Lay ``trunk``'s snapshot at ``step`` (checkpoint and the metrics logged up to it) into ``cfg.out``, so that
+    resuming there continues the trunk with ``cfg``'s schedule. False when the trunk kept no such snapshot (it
+    diverged before): the branch then trains from scratch, to the same result."""
+    snapshot = trunk / snapshot_name(step)
+    if not snapshot.exists():
+        return False
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(snapshot, out / "ckpt.pt")
+    kept = [m for m in read_metrics(trunk / "metrics.jsonl") if m["step"] <= step]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return True
 
 
 def _same_config(cfg: TrainConfig, path: Path) -> bool:
@@ -140,6 +137,81 @@ def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callabl
     return best
 
 
+#: the order in which a tuning budget of n trials takes multiples of a base optimizer's default lr
+LR_TRIALS = (1.0, 2.0, 0.5, 4.0, 0.25, 8.0)
+#: SNOO's trials: (inner lr as a multiple of its default, outer lr, outer momentum); the package default first, then
+#: the inner lr re-tuned, then the paper's ablation point (0.8, 0.75) and the published range's corners
+SNOO_TRIALS = ((1.0, 0.7, 0.5), (2.0, 0.7, 0.5), (1.0, 0.8, 0.75), (2.0, 0.8, 0.75), (0.5, 0.7, 0.5), (2.0, 0.5, 0.9))
+TUNE_SEED_OFFSET = 1000  # tuning runs use seeds no reported run uses
+
+
+def trials(optimizer: str, n: int) -> list[str]:
+    """The first ``n`` settings of ``optimizer``'s own main knobs that ``--tune n`` tries: the base optimizer's lr;
+    for SNOO also its outer lr and momentum (``SNOO_TRIALS``). Fewer when the knobs have fewer settings."""
+    stages = spec.parse(optimizer)
+    base = stages[-1]
+    if "lr" not in base.params:
+        return [spec.canonical(optimizer)]
+    lr = base.params["lr"]
+    if stages[0].name == "snoo":
+        points = [
+            {f"{base.name}.lr": lr * f, "snoo.lr": outer_lr, "snoo.momentum": m} for f, outer_lr, m in SNOO_TRIALS
+        ]
+    else:
+        points = [{f"{base.name}.lr": lr * f} for f in LR_TRIALS]
+    return list(dict.fromkeys(spec.override(optimizer, p) for p in points[:n]))
+
+
+def tune(
+    cfg: TrainConfig, optimizers: list[str], n: int, out: Path, resume: bool, say: Callable[[str], None]
+) -> dict[str, dict]:
+    """Give every optimizer the same budget of ``n`` trial runs at 1x on a seed no reported run uses; return, by
+    optimizer, the best trial (``tuned``), every trial's final loss, and what the tuning cost (steps, wall time)."""
+    seed = cfg.seed + TUNE_SEED_OFFSET
+    jobs, owner = [], []
+    for o in optimizers:
+        for t in trials(o, n):
+            jobs.append(dict(optimizer=t, budget=1.0, seed=seed))
+            owner.append(o)
+    for i, job in enumerate(jobs):
+        job["dir"] = _dirname(i, job["optimizer"], 1.0, seed)
+    say(f"tuning: {n} trial{'s' * (n > 1)} each on seed {seed}, {len(jobs)} runs")
+    run_jobs(cfg, jobs, out / "tune", resume, say)
+    tuned: dict[str, dict] = {}
+    for o, job in zip(owner, jobs):
+        r = _load_result(out / "tune" / job["dir"])
+        entry = tuned.setdefault(o, {"trials": {}, "steps": 0, "wall_time": 0.0})
+        entry["trials"][job["optimizer"]] = r["final_val_loss"]
+        entry["steps"] += r["steps"]
+        entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
+    for o, entry in tuned.items():
+        ok = [(loss, t) for t, loss in entry["trials"].items() if loss is not None]
+        if not ok:
+            raise Diverged(f"every trial of {o} diverged while tuning: {', '.join(entry['trials'])}")
+        entry["tuned"] = min(ok)[1]
+        say(f"tuned {o}: {entry['tuned']} ({min(ok)[0]:.4f})")
+    return tuned
+
+
+def ladder_jobs(baseline: str, budgets: Sequence[float], seed: int, steps: int, ladder: str, decay: float) -> list:
+    """The baseline's runs at every budget. ``cosine``: one full run per budget. ``wsd`` (warm-up, stable, decay;
+    Hägele et al. 2024): one run to the largest budget whose constant-lr part the others share; the run of budget
+    ``b`` branches from it ``decay * b * steps`` steps before its own end and decays there, which costs
+    ``max(b) + decay * sum(other b)`` runs instead of ``sum(b)``."""
+    if ladder == "cosine":
+        return [dict(optimizer=baseline, budget=b, seed=seed) for b in budgets]
+    top = max(budgets)
+    branches = [b for b in budgets if b != top]
+    starts = {b: budget_steps(steps, b) - round(decay * budget_steps(steps, b)) for b in branches}
+    trunk = dict(optimizer=baseline, budget=top, seed=seed, snapshots=sorted(set(starts.values())))
+    return [trunk] + [
+        dict(optimizer=baseline, budget=b, seed=seed, branch_of=trunk, from_step=starts[b]) for b in branches
+    ]
+
+
+LADDERS = ("cosine", "wsd")
+
+
 def run_experiment(
     kind: str,
     cfg: TrainConfig,
@@ -149,14 +221,27 @@ def run_experiment(
     budgets: Sequence[float] = BUDGETS,
     grid: dict[str, dict] | None = None,
     tune_baseline: bool = False,
+    tune_trials: int = 0,
+    ladder: str = "cosine",
     resume: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict:
-    """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize."""
+    """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize.
+
+    ``tune_trials``: first give every optimizer that many trial runs of its own knobs (:func:`tune`) and compare the
+    best of each. ``ladder``: how the baseline's budgets are trained (:func:`ladder_jobs`); with ``wsd`` every run
+    uses the warm-up-stable-decay schedule with the same warm-up steps, so that the branches share the trunk.
+    """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if not budgets or min(budgets) <= 0:
         raise ValueError("budgets must be positive multiples of the steps")
+    if ladder not in LADDERS:
+        raise ValueError(f"ladder must be one of {', '.join(LADDERS)}, got {ladder!r}")
+    if tune_trials < 0:
+        raise ValueError(f"--tune must be 0 (off) or a number of trials, got {tune_trials}")
+    if ladder == "wsd":
+        cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=round(cfg.warmup * cfg.steps))
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,27 +252,36 @@ def run_experiment(
         "steps": cfg.steps,
         "seeds": [cfg.seed + s for s in range(seeds)],
         "budgets": sorted(set(budgets) | {1.0}),
+        "ladder": ladder,
         "grid": grid or {},
         "config": dataclasses.asdict(cfg),
     }
+    renamed = {o: o for o in optimizers}
     if tune_baseline:
         lr = _tune(cfg, optimizers[0], out, resume, say)
         base_name = spec.parse(optimizers[0])[-1].name
         renamed = {o: spec.override(o, {f"{base_name}.lr": lr}) for o in optimizers}
+        experiment["tuned_lr"] = lr
+    if tune_trials:
+        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say)
+        experiment["tuning"] = {tuned[r]["tuned"]: {"from": o, **tuned[r]} for o, r in renamed.items()}
+        renamed = {o: tuned[r]["tuned"] for o, r in renamed.items()}
+    if renamed != {o: o for o in optimizers}:
         experiment.update(
-            tuned_lr=lr,
             baseline=renamed[optimizers[0]],
             optimizers=list(dict.fromkeys(renamed.values())),
             grid={renamed[o]: v for o, v in (grid or {}).items()},
         )
     jobs: list[dict] = []
     for seed in experiment["seeds"]:
-        for budget in experiment["budgets"]:
-            jobs.append(dict(optimizer=experiment["baseline"], budget=budget, seed=seed))
+        jobs += ladder_jobs(experiment["baseline"], experiment["budgets"], seed, cfg.steps, ladder, cfg.decay)
         for o in experiment["optimizers"][1:]:  # the baseline already ran at 1x
             jobs.append(dict(optimizer=o, budget=1.0, seed=seed))
     for i, job in enumerate(jobs):
         job["dir"] = _dirname(i, job["optimizer"], job["budget"], job["seed"])
+    for job in jobs:
+        if "branch_of" in job:
+            job["branch_of"] = job["branch_of"]["dir"]
     experiment["jobs"] = jobs
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say)
@@ -219,7 +313,7 @@ def summarize(out: Path | str) -> dict:
     experiment = json.loads(path.read_text())
     if experiment["kind"] == "scale-out":
         return _summarize_scale_out(out, experiment)
-    steps, baseline = experiment["steps"], experiment["baseline"]
+    steps, baseline, seeds = experiment["steps"], experiment["baseline"], experiment["seeds"]
     runs, curves = [], {}
     for job in experiment["jobs"]:
         r = _load_result(out / "runs" / job["dir"])
@@ -238,27 +332,32 @@ def summarize(out: Path | str) -> dict:
         )
         curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
 
-    def finals(optimizer: str, budget: float = 1.0) -> list[float]:
-        return [
-            r["final_val_loss"] if r["status"] == "ok" else math.inf
-            for r in runs
-            if r["optimizer"] == optimizer and r["budget"] == budget
-        ]
+    def final(optimizer: str, seed: int, budget: float = 1.0) -> float:
+        r = next(r for r in runs if r["optimizer"] == optimizer and r["seed"] == seed and r["budget"] == budget)
+        return r["final_val_loss"] if r["status"] == "ok" else math.inf
 
-    base_steps = [budget_steps(steps, b) for b in experiment["budgets"]]
-    budget_losses = [statistics.fmean(finals(baseline, b)) for b in experiment["budgets"]]
+    budgets = experiment["budgets"]
+    base_steps = [budget_steps(steps, b) for b in budgets]
+    ladder = {s: [final(baseline, s, b) for b in budgets] for s in seeds}
+    budget_losses = [statistics.fmean(ladder[s][i] for s in seeds) for i in range(len(budgets))]
     fit_ok = all(math.isfinite(x) for x in budget_losses) and len(base_steps) > 1
-    target = budget_losses[experiment["budgets"].index(1.0)]
-    table, compute, to_target = [], {}, {}
+    target = budget_losses[budgets.index(1.0)]
+    table, compute, to_target, intervals, differences = [], {}, {}, {}, {}
     for o in experiment["optimizers"]:
-        losses = finals(o)
+        losses = [final(o, s) for s in seeds]
         finite = all(math.isfinite(x) for x in losses)
         mean, std = _mean_std(losses) if finite else (math.inf, 0.0)
         norms = [r["weight_norm"] for r in runs if r["optimizer"] == o and r["budget"] == 1.0 and r["weight_norm"]]
         if o == baseline:
-            compute[o] = 1.0  # by definition; the fit is only the ruler for the others
+            compute[o] = 1.0  # by definition; the ladder is only the ruler for the others
         else:
+            # the mean over seeds against the mean ladder (summary.json's historical figure), and each seed against
+            # its own ladder (paired), for the interval
             compute[o] = compute_factor(base_steps, budget_losses, steps, mean) if fit_ok and finite else None
+            per_seed = [compute_factor(base_steps, ladder[s], steps, final(o, s)) for s in seeds]
+            intervals[o] = {"per_seed": per_seed, **stats.factor_interval(per_seed)}
+            if finite and all(math.isfinite(ladder[s][budgets.index(1.0)]) for s in seeds):
+                differences[o] = stats.difference_interval(losses, [ladder[s][budgets.index(1.0)] for s in seeds])
         reached = [
             steps_to_target(curves[r["dir"]], target) for r in runs if r["optimizer"] == o and r["budget"] == 1.0
         ]
@@ -273,24 +372,39 @@ def summarize(out: Path | str) -> dict:
                 "weight_norm": statistics.fmean(norms) if norms else None,
             }
         )
+    fit = dict(zip(("a", "b"), fit_log_steps(base_steps, budget_losses))) if fit_ok else None
+    distinct = len(set(base_steps)) == len(base_steps)
+    ruler = stats.envelope(base_steps, budget_losses, steps) if fit_ok and distinct else None
     summary = {
         "kind": experiment["kind"],
         "baseline": baseline,
         "steps": steps,
-        "seeds": experiment["seeds"],
+        "seeds": seeds,
         "runs": runs,
         "table": table,
         "baseline_budgets": [
-            {"budget": b, "steps": s, "final_val_loss": x}
-            for b, s, x in zip(experiment["budgets"], base_steps, budget_losses)
+            {
+                "budget": b,
+                "steps": s,
+                "final_val_loss": x,
+                "ruler": ruler[i] if ruler else None,
+                "log_fit_residual": x - (fit["a"] + fit["b"] * math.log(s)) if fit else None,
+            }
+            for i, (b, s, x) in enumerate(zip(budgets, base_steps, budget_losses))
         ],
-        "fit": dict(zip(("a", "b"), fit_log_steps(base_steps, budget_losses))) if fit_ok else None,
+        "ladder": experiment.get("ladder", "cosine"),
+        "fit": fit,
         "compute_factor": compute,
+        "compute_factor_interval": intervals,
+        "loss_difference": differences,
         "steps_to_target": {"target": target, "speedup": to_target},
         "corpus": _corpus_info(out, runs),
+        "regime": _regime(out, runs),
     }
     if experiment.get("tuned_lr") is not None:
         summary["tuned_lr"] = experiment["tuned_lr"]
+    if experiment.get("tuning"):
+        summary["tuning"] = experiment["tuning"]
     if experiment["grid"]:
         summary["grid"] = experiment["grid"]
     write_json(summary, out / "summary.json")
@@ -304,53 +418,106 @@ def _corpus_info(out: Path, runs: list[dict]) -> dict:
     return {**config["corpus"], "params": config["params"], "device": config["device"]}
 
 
+def _regime(out: Path, runs: list[dict]) -> dict:
+    """Parameters, tokens and tokens per parameter of the 1x runs (what the paper calls the training regime)."""
+    run = next(r for r in runs if r["budget"] == 1.0)
+    config = json.loads((out / "runs" / run["dir"] / "config.json").read_text())
+    cfg = config["config"]
+    tokens = run["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * cfg.get("workers", 1)
+    params = config["params"]
+    return {
+        "params": params,
+        "tokens": tokens,
+        "tokens_per_param": tokens / params,
+        "epochs": tokens / config["corpus"]["train_tokens"] if config["corpus"].get("train_tokens") else None,
+    }
+
+
 def _factor(value: Any) -> str:
     if value is None:
         return "n/a"
     return f"{value}x" if isinstance(value, str) else f"{value:.2f}x"
 
 
+def _factor_cell(summary: dict, optimizer: str) -> str:
+    """The compute factor with its interval over seeds and the verdict, e.g. ``1.12x [1.03, 1.22] faster``."""
+    iv = summary["compute_factor_interval"].get(optimizer)
+    if iv is None:
+        return "1.00x"
+    if iv["mean"] is None:
+        bounds = ", ".join(_factor(b) for b in iv.get("bounds", [])) or "n/a"
+        return f"{bounds} (per seed; {iv['verdict']})" if iv.get("bounds") else _factor(None)
+    if iv["low"] is None:
+        return f"{iv['mean']:.2f}x (1 seed)"
+    return f"{iv['mean']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
+
+
+def _difference_cell(summary: dict, optimizer: str) -> str:
+    d = summary["loss_difference"].get(optimizer)
+    if optimizer == summary["baseline"]:
+        return "-"
+    if d is None:
+        return "n/a"
+    if d["low"] is None:
+        return f"{d['mean']:+.4f} (1 seed)"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {d['verdict']}"
+
+
 def markdown(summary: dict, experiment: dict) -> str:
     """The summary as a markdown table, with the facts needed to reproduce it."""
-    c = summary["corpus"]
+    c, g = summary["corpus"], summary["regime"]
     cfg = experiment["config"]
     n = len(summary["seeds"])
+    epochs = f", {g['epochs']:.2g} epochs" if g.get("epochs") else ""
     lines = [
         f"{experiment['kind']}: {cfg['n_layer']} layers x {cfg['n_embd']} ({c['params']:,} params, {cfg['flavour']}), "
-        f"{summary['steps']} steps of {cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens, "
+        f"{summary['steps']} steps of {cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens "
+        f"= {g['tokens']:,} tokens, **{g['tokens_per_param']:.3g} tokens per parameter**{epochs}; "
         f"{cfg['schedule']} schedule; corpus {c['source']} ({c['tokenizer']}, {c['train_tokens']:,} train tokens, "
         f"sha256 {c['sha256']}), python {c['python']}, {c['device']}; {n} seed{'s' * (n > 1)}",
         "",
-        f"| optimizer | final val loss (mean ± std, {n} seed{'s' * (n > 1)}) | weight norm | compute factor "
-        f"| speed-up to baseline's loss (same run) |",
+        f"| optimizer | final val loss ({'mean ± std, ' * (n > 1)}{n} seed{'s' * (n > 1)}) "
+        f"| difference to the baseline at equal steps{' (95% CI)' * (n > 1)} "
+        f"| compute factor{' (95% CI)' * (n > 1)} | weight norm |",
         "|---|---|---|---|---|",
     ]
     for row in summary["table"]:
-        loss = f"{row['final_val_loss']:.4f} ± {row['std']:.4f}" if math.isfinite(row["final_val_loss"]) else "diverged"
+        if not math.isfinite(row["final_val_loss"]):
+            loss = "diverged"
+        else:
+            loss = f"{row['final_val_loss']:.4f}" + (f" ± {row['std']:.4f}" if n > 1 else "")
         norm = f"{row['weight_norm']:.2f}" if row["weight_norm"] else "-"
-        speed = summary["steps_to_target"]["speedup"][row["optimizer"]]
         is_base = row["optimizer"] == summary["baseline"]
         lines.append(
-            f"| {row['optimizer']}{' (baseline)' * is_base} | {loss} | {norm} "
-            f"| {'1.00x' if is_base else _factor(summary['compute_factor'][row['optimizer']])} "
-            f"| {'1.00x' if is_base else _factor(speed)} |"
+            f"| {row['optimizer']}{' (baseline)' * is_base} | {loss} | {_difference_cell(summary, row['optimizer'])} "
+            f"| {_factor_cell(summary, row['optimizer'])} | {norm} |"
         )
     lines += [
         "",
-        "baseline budgets: "
+        f"baseline ladder ({summary['ladder']}): "
         + ", ".join(
             f"{b['budget']:g}x ({b['steps']} steps) {b['final_val_loss']:.4f}" for b in summary["baseline_budgets"]
         ),
     ]
     if summary["fit"]:
-        lines.append(f"fit: loss = {summary['fit']['a']:.4f} {summary['fit']['b']:+.4f} * ln(steps)")
+        residuals = ", ".join(f"{b['log_fit_residual']:+.4f}" for b in summary["baseline_budgets"])
+        lines.append(
+            f"a log-linear fit of the ladder, loss = {summary['fit']['a']:.4f} {summary['fit']['b']:+.4f} * ln(steps), "
+            f"leaves residuals {residuals}: the ruler is the ladder itself (monotone, linear in log-steps between "
+            f"budgets), not this fit"
+        )
     lines.append(
-        "compute factor: baseline steps that would reach the same final loss (from the fit), divided by "
-        "the steps taken; '>' beyond the largest budget. Speed-up to baseline's loss: baseline steps / "
-        "first evaluated step at the baseline's final loss, within one run of the same length."
+        "compute factor: the baseline steps that reach the same final loss on the ladder, divided by the steps taken; "
+        "'>' beyond the largest budget, '<' below the smallest. Per seed against the same seed's ladder; with several "
+        "seeds, the geometric mean and a 95% t-interval, and 'no measurable difference' when it contains 1."
     )
     if "tuned_lr" in summary:
         lines.append(f"baseline lr tuned by --tune-baseline: {summary['tuned_lr']:.3g}")
+    for tuned, t in summary.get("tuning", {}).items():
+        lines.append(
+            f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on seed "
+            f"{experiment['seeds'][0] + TUNE_SEED_OFFSET} ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
+        )
     return "\n".join(lines)
 
 

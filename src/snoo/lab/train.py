@@ -13,9 +13,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class TrainConfig:
     grad_accum: int = 1
     schedule: str = "cosine"  # "cosine" (warm-up + cosine), "wsd" (warm-up, stable, decay) or "constant"
     warmup: float = 0.05  # fraction of the steps
+    warmup_steps: int | None = None  # the warm-up in steps, when set (then ``warmup`` is not used)
     decay: float = 0.2  # wsd: fraction of the steps spent decaying to zero
     min_lr: float = 0.1  # cosine: the last lr as a fraction of the peak
     grad_clip: float = 1.0  # 0: off
@@ -153,6 +155,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"threads must be 0 (torch's default) or more, got {cfg.threads}")
     if cfg.schedule not in ("cosine", "wsd", "constant"):
         raise ValueError(f"schedule must be cosine, wsd or constant, got {cfg.schedule!r}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be 0 or more, got {cfg.warmup_steps}")
     for name, value in (("warmup", cfg.warmup), ("decay", cfg.decay), ("min_lr", cfg.min_lr)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} is a fraction in [0, 1], got {value}")
@@ -166,7 +170,7 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
 
     Built from ``snoo.optim.schedules``: random access, so a resumed run gets exactly the lr it would have had.
     """
-    warmup = round(cfg.warmup * cfg.steps)
+    warmup = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
     if cfg.schedule == "wsd":
         after = schedules.warmup_stable_decay(1.0, warmup, round(cfg.decay * cfg.steps), cfg.steps)
     elif cfg.schedule == "constant":
@@ -254,10 +258,22 @@ def _check_resumable(cfg: TrainConfig) -> None:
             )
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, float], None] | None = None) -> dict:
+def snapshot_name(step: int) -> str:
+    """The file a run keeps its checkpoint of ``step`` in, besides ``ckpt.pt`` (``train(..., snapshots=...)``)."""
+    return f"ckpt-{step}.pt"
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    snapshots: Sequence[int] = (),
+) -> dict:
     """Run (or continue) one training run; returns what ``result.json`` holds.
 
-    ``callback(step, loss)`` is called after every optimizer step (tests use it to interrupt a run).
+    ``callback(step, loss)`` is called after every optimizer step (tests use it to interrupt a run). ``snapshots``:
+    steps after which the run also keeps its checkpoint as :func:`snapshot_name` (the WSD ladder branches from them).
     A non-finite loss stops the run before the step that would have used it: the last checkpoint stays good.
     With ``cfg.workers > 1`` this process launches the ranks under torchrun and waits for them; under torchrun, it is
     one of the ranks.
@@ -273,15 +289,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, callback: Callable[[int, fl
     cfg = workers.adopt(cfg, world)
     validate(cfg)
     if world.size == 1:
-        return _train(cfg, world, resume, callback)
+        return _train(cfg, world, resume, callback, snapshots)
     workers.init_process_group(cfg, world, _device(cfg, world))
     try:
-        return _train(cfg, world, resume, callback)
+        return _train(cfg, world, resume, callback, snapshots)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, world: workers.World, resume: bool, callback: Callable[[int, float], None] | None) -> dict:
+def _train(
+    cfg: TrainConfig,
+    world: workers.World,
+    resume: bool,
+    callback: Callable[[int, float], None] | None,
+    snapshots: Sequence[int],
+) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -434,7 +456,7 @@ def _train(cfg: TrainConfig, world: workers.World, resume: bool, callback: Calla
             if step % cfg.log_every == 0:
                 outer = {f"outer/{k}": float(v) for k, v in getattr(opt, "outer_norms", {}).items()}
                 emit({"train_loss": loss_sum, "lr": opt.param_groups[0]["lr"], **outer})
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or step in snapshots:
                 if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
                     raise Diverged(
                         f"non-finite weights after step {step}: the run diverged; the last good "
@@ -450,6 +472,8 @@ def _train(cfg: TrainConfig, world: workers.World, resume: bool, callback: Calla
                         {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "wall": wall},
                         ckpt_path,
                     )
+                    if step in snapshots:
+                        shutil.copyfile(ckpt_path, out / snapshot_name(step))
                 t0 = time.perf_counter()  # checkpoint I/O is not training time
             if bar is not None:
                 bar.update(1)
