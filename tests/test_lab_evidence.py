@@ -155,3 +155,30 @@ def test_tune_reports_the_best_trial_on_an_unreported_seed(tmp_path, corpus_file
     tune_seeds = {json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "t" / "tune").glob("*/config.json")}
     assert tune_seeds == {cfg.seed + experiments.TUNE_SEED_OFFSET} and cfg.seed not in tune_seeds
     assert "tuned adamw" in (tmp_path / "t" / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+
+def test_scaling_runs_one_compare_per_point_and_fits_a_trend(tmp_path, corpus_file, capsys):
+    from snoo.lab.cli import main
+
+    out = tmp_path / "sc"
+    args = ["scaling", "--preset", "tiny", "--data", corpus_file, "--sizes", "1x32,2x32,3x32"]
+    args += ["--tokens-per-param", "0.05", "--optimizers", "adamw,snoo(k=3)+adamw", "--budgets", "1,2"]
+    args += ["--ladder", "wsd", "--set", "threads=1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert [r["point"] for r in rows] == ["1x32-r0.05", "2x32-r0.05", "3x32-r0.05"]
+    assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"]
+    for r in rows:
+        assert r["tokens_per_param"] == pytest.approx(0.05, rel=0.2)  # steps are rounded
+        point = json.loads((out / r["point"] / "summary.json").read_text())
+        assert point["compute_factor"][r["optimizer"]] == r["compute_factor"]
+    trend = summary["trend"].get("snoo(k=3)+adamw")
+    finite = [r for r in rows if isinstance(r["compute_factor"], float)]
+    assert (trend is not None) == (len(finite) == 3)
+    assert "| 3x32-r0.05 |" in capsys.readouterr().out and (out / "summary.md").exists()
+    with pytest.raises(ValueError, match="LAYERSxWIDTH"):
+        experiments.parse_sizes("4x50")

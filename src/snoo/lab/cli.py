@@ -102,6 +102,21 @@ def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per optimizer (default 1)")
     p.add_argument("--budgets", default=budgets, help=f"baseline budgets, multiples of --steps (default {budgets})")
     p.add_argument("--tune-baseline", action="store_true", help="sweep the baseline lr first; use the best")
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first give every optimizer N trial runs of its own knobs (AdamW: lr; SNOO: inner lr, outer lr, "
+        "momentum) on an unreported seed; compare the best of each (default 0: off)",
+    )
+    p.add_argument(
+        "--ladder",
+        choices=experiments.LADDERS,
+        default="cosine",
+        help="the baseline's budgets: cosine (one full run each) or wsd (one warm-up-stable-decay trunk with a "
+        "decay branch per budget, about half the cost; every run then uses the wsd schedule) (default cosine)",
+    )
     p.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
 
 
@@ -138,16 +153,22 @@ def parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     _common(o, workers=False)
-    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep or scale-out")
+    g = sub.add_parser("scaling", help="the compute factor against model size and tokens per parameter")
+    g.add_argument("--optimizers", help="SPEC,SPEC,... the first is the baseline (default adamw,snoo-adamw)")
+    g.add_argument("--sizes", default="2x64,4x64,4x128", help="LAYERSxWIDTH,... (default 2x64,4x64,4x128)")
+    g.add_argument("--tokens-per-param", default="10", help="training tokens per parameter, one or more (default 10)")
+    _common(g, workers=False)
+    _experiment_flags(g, ",".join(f"{b:g}" for b in experiments.BUDGETS))
+    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep, scaling or scale-out")
     r.add_argument("dir")
     return p
 
 
-def _budgets(text: str) -> list[float]:
+def _budgets(text: str, flag: str = "--budgets") -> list[float]:
     try:
         return [float(b) for b in text.split(",")]
     except ValueError:
-        raise UsageError(f"--budgets {text!r}: expected numbers like 1,1.5,2") from None
+        raise UsageError(f"{flag} {text!r}: expected numbers like 1,1.5,2") from None
 
 
 def _counts(text: str) -> list[int]:
@@ -197,8 +218,26 @@ def run(argv: list[str] | None = None) -> int:
         _finish(summary, Path(cfg.out))
         return 0
     common = dict(
-        seeds=args.seeds, budgets=_budgets(args.budgets), tune_baseline=args.tune_baseline, resume=args.resume
+        seeds=args.seeds,
+        budgets=_budgets(args.budgets),
+        tune_baseline=args.tune_baseline,
+        tune_trials=args.tune,
+        ladder=args.ladder,
+        resume=args.resume,
     )
+    if args.command == "scaling":
+        if args.tune_baseline:
+            raise UsageError("scaling tunes with --tune N (every contender, every point), not --tune-baseline")
+        del common["tune_baseline"]
+        summary = experiments.run_scaling(
+            cfg,
+            spec.split_list(args.optimizers or "adamw,snoo-adamw"),
+            sizes=experiments.parse_sizes(args.sizes),
+            tokens_per_param=_budgets(args.tokens_per_param, "--tokens-per-param"),
+            **common,
+        )
+        _finish(summary, Path(cfg.out))
+        return 0
     if args.command == "compare":
         listed = args.optimizers or extra.get("optimizers") or "adamw,snoo-adamw"
         optimizers = spec.split_list(listed) if isinstance(listed, str) else [spec.from_config(o) for o in listed]

@@ -313,6 +313,8 @@ def summarize(out: Path | str) -> dict:
     experiment = json.loads(path.read_text())
     if experiment["kind"] == "scale-out":
         return _summarize_scale_out(out, experiment)
+    if experiment["kind"] == "scaling":
+        return _summarize_scaling(out, experiment)
     steps, baseline, seeds = experiment["steps"], experiment["baseline"], experiment["seeds"]
     runs, curves = [], {}
     for job in experiment["jobs"]:
@@ -517,6 +519,185 @@ def markdown(summary: dict, experiment: dict) -> str:
         lines.append(
             f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on seed "
             f"{experiment['seeds'][0] + TUNE_SEED_OFFSET} ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"2x64,4x64,4x128"`` -> [(layers, width), ...] (heads: one per 32 of width)."""
+    sizes = []
+    for item in text.split(","):
+        layers, x, width = item.strip().partition("x")
+        if not x or not layers.isdigit() or not width.isdigit() or int(width) % 32 or int(layers) < 1:
+            raise ValueError(f"--sizes item {item!r}: expected LAYERSxWIDTH with a width that is a multiple of 32")
+        sizes.append((int(layers), int(width)))
+    return sizes
+
+
+def model_params(cfg: TrainConfig, vocab_size: int) -> int:
+    """The parameter count of ``cfg``'s model (built on the meta device: no memory, no time)."""
+    import torch
+
+    from snoo.lab.model import GPT, ModelConfig
+
+    model_cfg = ModelConfig(
+        vocab_size=vocab_size,
+        block_size=cfg.block_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        flavour=cfg.flavour,
+        tie_head=cfg.tie_head,
+    )
+    with torch.device("meta"):
+        return GPT(model_cfg).num_params()
+
+
+def run_scaling(
+    cfg: TrainConfig,
+    optimizers: list[str],
+    *,
+    sizes: Sequence[tuple[int, int]],
+    tokens_per_param: Sequence[float],
+    seeds: int = 1,
+    budgets: Sequence[float] = BUDGETS,
+    ladder: str = "cosine",
+    tune_trials: int = 0,
+    resume: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """The compute factor against model size and run length: one ``compare`` per (size, tokens per parameter), each
+    with its own ladder (and, with ``tune_trials``, every contender tuned for that size and length), into
+    ``OUT/LxW-rR``; then one table, one plot and a fitted trend of log-factor against log-parameters."""
+    from snoo.lab.data import load_corpus
+
+    if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
+        raise ValueError("scaling needs at least one size and positive tokens per parameter")
+    vocab = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab).vocab_size
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = []
+    for layers, width in sizes:
+        for ratio in tokens_per_param:
+            point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
+            params = model_params(point, vocab)
+            tokens_per_step = point.batch_size * point.block_size * point.grad_accum
+            steps = max(1, round(ratio * params / tokens_per_step))
+            name = f"{layers}x{width}-r{ratio:g}"
+            point = dataclasses.replace(
+                point,
+                steps=steps,
+                eval_every=max(1, steps // 10),
+                ckpt_every=max(1, steps // 4),
+                log_every=max(1, steps // 50),
+                out=str(out / name),
+            )
+            validate(point)
+            points.append((name, layers, width, ratio, params, point))
+    experiment = {
+        "kind": "scaling",
+        "optimizers": [spec.canonical(o) for o in optimizers],
+        "points": [
+            {"name": n, "n_layer": lay, "n_embd": w, "tokens_per_param": r, "params": p, "steps": c.steps}
+            for n, lay, w, r, p, c in points
+        ],
+        "seeds": [cfg.seed + s for s in range(seeds)],
+        "ladder": ladder,
+        "tune_trials": tune_trials,
+        "config": dataclasses.asdict(cfg),
+    }
+    write_json(experiment, out / "experiment.json")
+    for i, (name, *_, params, point) in enumerate(points, 1):
+        say(f"=== scaling point {i}/{len(points)}: {name}, {params:,} params, {point.steps} steps")
+        run_experiment(
+            "compare",
+            point,
+            optimizers,
+            seeds=seeds,
+            budgets=budgets,
+            ladder=ladder,
+            tune_trials=tune_trials,
+            resume=resume,
+            say=say,
+        )
+    return summarize(out)
+
+
+def _summarize_scaling(out: Path, experiment: dict) -> dict:
+    rows = []
+    for point in experiment["points"]:
+        path = out / point["name"] / "summary.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the point did not finish (continue it with --resume)")
+        s = json.loads(path.read_text())
+        for row in s["table"]:
+            o = row["optimizer"]
+            if o == s["baseline"]:
+                continue
+            iv = s["compute_factor_interval"][o]
+            rows.append(
+                {
+                    "point": point["name"],
+                    "optimizer": o,
+                    "baseline": s["baseline"],
+                    "contender": s["tuning"][o]["from"] if "tuning" in s else o,
+                    "params": s["regime"]["params"],
+                    "tokens_per_param": s["regime"]["tokens_per_param"],
+                    "final_val_loss": row["final_val_loss"],
+                    "baseline_val_loss": s["table"][0]["final_val_loss"],
+                    "compute_factor": s["compute_factor"][o],
+                    "interval": {k: iv.get(k) for k in ("mean", "low", "high", "verdict")},
+                }
+            )
+    trends = {}
+    for contender in dict.fromkeys(r["contender"] for r in rows):
+        xs = [
+            (math.log(r["params"]), math.log(r["compute_factor"]))
+            for r in rows
+            if r["contender"] == contender and isinstance(r["compute_factor"], float)
+        ]
+        if len({x for x, _ in xs}) >= 3:  # two points always fit a line: no trend to speak of
+            a, b = fit_log_steps([math.exp(x) for x, _ in xs], [y for _, y in xs])
+            trends[contender] = {
+                "log_factor": {"a": a, "b": b},
+                "predicted_at_124M": math.exp(a + b * math.log(124e6)),
+                "points": len(xs),
+            }
+    summary = {"kind": "scaling", "rows": rows, "trend": trends, "seeds": experiment["seeds"]}
+    write_json(summary, out / "summary.json")
+    (out / "summary.md").write_text(markdown_scaling(summary, experiment) + "\n")
+    plots.scaling_plot(out, summary)
+    return summary
+
+
+def markdown_scaling(summary: dict, experiment: dict) -> str:
+    cfg = experiment["config"]
+    n = len(summary["seeds"])
+    lines = [
+        f"scaling: {len(experiment['points'])} points (model size x tokens per parameter), batch "
+        f"{cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens, "
+        f"{'wsd' if experiment['ladder'] == 'wsd' else cfg['schedule']} schedule, {experiment['ladder']} ladder, "
+        f"{experiment['tune_trials'] or 'no'} tuning trials per contender, corpus {cfg['data'] or 'python-stdlib'}; "
+        f"{n} seed{'s' * (n > 1)} per point; every point's ladder and tuning are its own",
+        "",
+        "| point | params | tokens per param | contender | final val loss | baseline | compute factor | interval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        iv = r["interval"]
+        ci = f"[{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}" if iv["low"] is not None else iv["verdict"]
+        lines.append(
+            f"| {r['point']} | {r['params']:,} | {r['tokens_per_param']:.3g} | {r['optimizer']} "
+            f"| {r['final_val_loss']:.4f} | {r['baseline_val_loss']:.4f} | {_factor(r['compute_factor'])} | {ci} |"
+        )
+    for contender, t in summary["trend"].items():
+        lines.append(
+            f"\ntrend of {contender}: ln(factor) = {t['log_factor']['a']:.3f} {t['log_factor']['b']:+.4f} * ln(params) "
+            f"over {t['points']} points; extrapolated to GPT-2 124M: {t['predicted_at_124M']:.2f}x (an extrapolation, "
+            f"for a GPU run to test, not a measurement)"
         )
     return "\n".join(lines)
 

@@ -269,3 +269,45 @@ def tokens_plot(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None
     fig.tight_layout()
     fig.savefig(out / "val_loss_tokens.png", dpi=110)
     plt.close(fig)
+
+
+def scaling_plot(out: Path, summary: dict) -> None:
+    """Compute factor against parameters (log-log), one line per contender and tokens-per-parameter ratio, with the
+    fitted trend; 1x (no saving) drawn."""
+    rows = [r for r in summary["rows"] if isinstance(r["compute_factor"], float)]
+    if not rows:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+    series: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["contender"], round(r["tokens_per_param"], 1)), []).append(r)
+    for i, ((contender, ratio), rs) in enumerate(series.items()):
+        rs.sort(key=lambda r: r["params"])
+        xs, ys = [r["params"] for r in rs], [r["compute_factor"] for r in rs]
+        lows = [y - (r["interval"]["low"] or y) for r, y in zip(rs, ys)]
+        highs = [(r["interval"]["high"] or y) - y for r, y in zip(rs, ys)]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[lows, highs],
+            marker="o",
+            capsize=3,
+            color=palette[i % len(palette)],
+            label=f"{contender}, {ratio:g} tokens/param",
+        )
+    for contender, t in summary["trend"].items():
+        xs = sorted({r["params"] for r in rows if r["contender"] == contender})
+        a, b = t["log_factor"]["a"], t["log_factor"]["b"]
+        ax.plot(xs, [math.exp(a + b * math.log(x)) for x in xs], ":", color="grey", label=f"trend: {contender}")
+    ax.axhline(1.0, color="tab:blue", lw=1.2, label="baseline (1x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("compute factor against the baseline (higher is better)")
+    ax.set_title("does the saving grow with model size?")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
