@@ -182,3 +182,22 @@ def test_scaling_runs_one_compare_per_point_and_fits_a_trend(tmp_path, corpus_fi
     assert "| 3x32-r0.05 |" in capsys.readouterr().out and (out / "summary.md").exists()
     with pytest.raises(ValueError, match="LAYERSxWIDTH"):
         experiments.parse_sizes("4x50")
+
+
+def test_jobs_in_parallel_processes_give_the_same_results(tmp_path, corpus_file):
+    """--jobs 2: two runs at once in processes of their own, the WSD branches after their trunk; every run ends
+    where it ends in one process, bit for bit."""
+    results = {}
+    for processes in (1, 2):
+        cfg = tiny(tmp_path / f"p{processes}", corpus_file, steps=8, eval_every=4)
+        summary = experiments.run_experiment(
+            "compare",
+            cfg,
+            ["adamw", "snoo(k=3)+adamw"],
+            budgets=(1.0, 2.0),
+            ladder="wsd",
+            processes=processes,
+            say=lambda s: None,
+        )
+        results[processes] = {r["dir"]: r["final_val_loss"] for r in summary["runs"]}
+    assert results[1] == results[2] and len(results[1]) == 3

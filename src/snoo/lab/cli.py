@@ -118,6 +118,13 @@ def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
         "decay branch per budget, about half the cost; every run then uses the wsd schedule) (default cosine)",
     )
     p.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, each in its own process (e.g. 2 on a 2-core machine); same results (default 1)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -224,6 +231,7 @@ def run(argv: list[str] | None = None) -> int:
         tune_trials=args.tune,
         ladder=args.ladder,
         resume=args.resume,
+        processes=args.jobs,
     )
     if args.command == "scaling":
         if args.tune_baseline:

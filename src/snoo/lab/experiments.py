@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -53,7 +54,9 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
     return f"{index:02d}-{safe}-x{budget:g}-s{seed}"
 
 
-def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
+def run_jobs(
+    cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None], processes: int = 1
+) -> None:
     """Train every job ({optimizer, budget, seed, dir}, and optionally workers, parallel, snapshots and branch_of /
     from_step) that has no finished result yet (with ``resume``). Every job's settings are checked before the first
     one starts.
@@ -61,7 +64,16 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
     ``snapshots``: steps at which the run also keeps a copy of its checkpoint (``ckpt-STEP.pt``); ``branch_of`` and
     ``from_step``: the job starts from that snapshot of an earlier job in the list (the WSD ladder's decay branches):
     a shortcut only, since the earlier job trained the same steps with the same lr up to there, so the branch ends
-    bit for bit where a run from scratch would."""
+    bit for bit where a run from scratch would.
+
+    ``processes > 1`` trains that many jobs at once, each in a process of its own with ``threads`` CPU threads (when
+    ``threads`` is 0: the machine's cores shared out), a branch once its trunk is done. Every run is a function of
+    its config alone, so the results are those of one process, bit for bit.
+    """
+    if processes < 1:
+        raise ValueError(f"--jobs must be at least 1, got {processes}")
+    if processes > 1 and cfg.threads == 0:
+        cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
     configs = [
         dataclasses.replace(
             cfg,
@@ -76,22 +88,73 @@ def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: C
     ]
     for run_cfg in configs:
         validate(run_cfg)
-    for i, (job, run_cfg) in enumerate(zip(jobs, configs), 1):
+
+    def start(i: int) -> tuple[TrainConfig, bool] | None:
+        """What job ``i`` trains (its config and whether it continues a checkpoint); None: it is done already."""
+        job, run_cfg = jobs[i], configs[i]
         same = resume and _same_config(run_cfg, out / job["dir"] / "config.json")  # else its checkpoint is stale
         if same and (out / job["dir"] / "result.json").exists():
-            say(f"[{i}/{len(jobs)}] {job['dir']}: done before, kept")
-            continue
+            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
+            return None
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
         branch = ""
         if "branch_of" in job and not same and _start_branch(out / job["branch_of"], job["from_step"], run_cfg):
             same, branch = True, f", from step {job['from_step']} of {job['branch_of']}"
         say(
-            f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
+            f"[{i + 1}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
             f"{run_cfg.steps} steps{branch}"
         )
-        r = train(run_cfg, resume=same, snapshots=job.get("snapshots", ()))
+        return run_cfg, same
+
+    def finish(i: int, r: dict) -> None:
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
-        say(f"    val loss {loss}, {r['wall_time']:.1f}s")
+        tag = f"[{i + 1}/{len(jobs)}] " if processes > 1 else ""
+        say(f"    {tag}val loss {loss}, {r['wall_time']:.1f}s")
+
+    if processes == 1:
+        for i, job in enumerate(jobs):
+            started = start(i)
+            if started is not None:
+                finish(i, train(started[0], resume=started[1], snapshots=job.get("snapshots", ())))
+        return
+    _run_parallel(jobs, start, finish, processes)
+
+
+def _train_job(run_cfg: TrainConfig, resume: bool, snapshots: Sequence[int]) -> dict:
+    return train(run_cfg, resume=resume, snapshots=snapshots)
+
+
+def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes: int) -> None:
+    """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    waiting = list(range(len(jobs)))
+    done: set[str] = set()
+    running: dict[cf.Future, int] = {}
+    with cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while waiting or running:
+                for i in [i for i in waiting if jobs[i].get("branch_of") in (None, *done)]:
+                    if len(running) >= processes:
+                        break
+                    waiting.remove(i)
+                    started = start(i)
+                    if started is None:
+                        done.add(jobs[i]["dir"])
+                        continue
+                    running[pool.submit(_train_job, *started, jobs[i].get("snapshots", ()))] = i
+                if not running:
+                    continue
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    i = running.pop(future)
+                    finish(i, future.result())
+                    done.add(jobs[i]["dir"])
+        except BaseException:
+            for future in running:
+                future.cancel()
+            raise
 
 
 def _start_branch(trunk: Path, step: int, cfg: TrainConfig) -> bool:
@@ -163,7 +226,13 @@ def trials(optimizer: str, n: int) -> list[str]:
 
 
 def tune(
-    cfg: TrainConfig, optimizers: list[str], n: int, out: Path, resume: bool, say: Callable[[str], None]
+    cfg: TrainConfig,
+    optimizers: list[str],
+    n: int,
+    out: Path,
+    resume: bool,
+    say: Callable[[str], None],
+    processes: int = 1,
 ) -> dict[str, dict]:
     """Give every optimizer the same budget of ``n`` trial runs at 1x on a seed no reported run uses; return, by
     optimizer, the best trial (``tuned``), every trial's final loss, and what the tuning cost (steps, wall time)."""
@@ -176,7 +245,7 @@ def tune(
     for i, job in enumerate(jobs):
         job["dir"] = _dirname(i, job["optimizer"], 1.0, seed)
     say(f"tuning: {n} trial{'s' * (n > 1)} each on seed {seed}, {len(jobs)} runs")
-    run_jobs(cfg, jobs, out / "tune", resume, say)
+    run_jobs(cfg, jobs, out / "tune", resume, say, processes)
     tuned: dict[str, dict] = {}
     for o, job in zip(owner, jobs):
         r = _load_result(out / "tune" / job["dir"])
@@ -224,6 +293,7 @@ def run_experiment(
     tune_trials: int = 0,
     ladder: str = "cosine",
     resume: bool = False,
+    processes: int = 1,
     say: Callable[[str], None] = print,
 ) -> dict:
     """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize.
@@ -263,7 +333,7 @@ def run_experiment(
         renamed = {o: spec.override(o, {f"{base_name}.lr": lr}) for o in optimizers}
         experiment["tuned_lr"] = lr
     if tune_trials:
-        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say)
+        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes)
         experiment["tuning"] = {tuned[r]["tuned"]: {"from": o, **tuned[r]} for o, r in renamed.items()}
         renamed = {o: tuned[r]["tuned"] for o, r in renamed.items()}
     if renamed != {o: o for o in optimizers}:
@@ -284,7 +354,7 @@ def run_experiment(
             job["branch_of"] = job["branch_of"]["dir"]
     experiment["jobs"] = jobs
     write_json(experiment, out / "experiment.json")
-    run_jobs(cfg, jobs, out / "runs", resume, say)
+    run_jobs(cfg, jobs, out / "runs", resume, say, processes)
     return summarize(out)
 
 
@@ -567,6 +637,7 @@ def run_scaling(
     ladder: str = "cosine",
     tune_trials: int = 0,
     resume: bool = False,
+    processes: int = 1,
     say: Callable[[str], None] = print,
 ) -> dict:
     """The compute factor against model size and run length: one ``compare`` per (size, tokens per parameter), each
@@ -621,6 +692,7 @@ def run_scaling(
             ladder=ladder,
             tune_trials=tune_trials,
             resume=resume,
+            processes=processes,
             say=say,
         )
     return summarize(out)
