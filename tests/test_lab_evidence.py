@@ -201,3 +201,16 @@ def test_jobs_in_parallel_processes_give_the_same_results(tmp_path, corpus_file)
         )
         results[processes] = {r["dir"]: r["final_val_loss"] for r in summary["runs"]}
     assert results[1] == results[2] and len(results[1]) == 3
+
+
+def test_builtin_corpora_of_three_kinds_ship_with_python():
+    from snoo.lab import data
+
+    corpora = {name: data.load_corpus(name) for name in data.BUILTIN_CORPORA}
+    assert corpora["python-stdlib"].info == data.load_corpus().info  # the default
+    assert len({c.info["sha256"] for c in corpora.values()}) == 3
+    for name, c in corpora.items():
+        assert c.info["source"] == name and len(c.train) > 500_000 and len(c.val) > 50_000
+    docs = bytes(corpora["python-docs"].train[:200_000].tolist())
+    headers = bytes(corpora["python-headers"].train[:200_000].tolist())
+    assert docs.count(b"def ") < docs.count(b" the ") and b"#define" in headers and b"#define" not in docs
