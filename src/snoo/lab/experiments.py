@@ -541,6 +541,7 @@ def markdown(summary: dict, experiment: dict) -> str:
     cfg = experiment["config"]
     n = len(summary["seeds"])
     epochs = f", {g['epochs']:.2g} epochs" if g.get("epochs") else ""
+    ladder = len(summary["baseline_budgets"]) > 1  # else there is no ruler, and no compute factor
     lines = [
         f"{experiment['kind']}: {cfg['n_layer']} layers x {cfg['n_embd']} ({c['params']:,} params, {cfg['flavour']}), "
         f"{summary['steps']} steps of {cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens "
@@ -550,8 +551,9 @@ def markdown(summary: dict, experiment: dict) -> str:
         "",
         f"| optimizer | final val loss ({'mean ± std, ' * (n > 1)}{n} seed{'s' * (n > 1)}) "
         f"| difference to the baseline at equal steps{' (95% CI)' * (n > 1)} "
-        f"| compute factor{' (95% CI)' * (n > 1)} | weight norm |",
-        "|---|---|---|---|---|",
+        + f"| compute factor{' (95% CI)' * (n > 1)} " * ladder
+        + "| weight norm |",
+        "|---|---|---|---|" + "---|" * ladder,
     ]
     for row in summary["table"]:
         if not math.isfinite(row["final_val_loss"]):
@@ -562,8 +564,14 @@ def markdown(summary: dict, experiment: dict) -> str:
         is_base = row["optimizer"] == summary["baseline"]
         lines.append(
             f"| {row['optimizer']}{' (baseline)' * is_base} | {loss} | {_difference_cell(summary, row['optimizer'])} "
-            f"| {_factor_cell(summary, row['optimizer'])} | {norm} |"
+            + f"| {_factor_cell(summary, row['optimizer'])} " * ladder
+            + f"| {norm} |"
         )
+    if not ladder:
+        lines += ["", "one baseline budget: no compute factor (give --budgets 1,1.25,1.5,2 for one)"]
+        if "tuned_lr" in summary:
+            lines.append(f"baseline lr tuned by --tune-baseline: {summary['tuned_lr']:.3g}")
+        return "\n".join(lines)
     lines += [
         "",
         f"baseline ladder ({summary['ladder']}): "
