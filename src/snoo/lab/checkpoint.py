@@ -271,6 +271,50 @@ def load(
     return progress
 
 
+def snapshot_name(step: int) -> str:
+    """The file in which a run keeps its checkpoint of ``step`` besides ``ckpt.pt`` (``train(snapshots=...)``)."""
+    return f"ckpt-{step}.pt"
+
+
+def keep_snapshot(out: Path, step: int) -> None:
+    """Keep the checkpoint just written, of ``step``, as :func:`snapshot_name` (a WSD ladder branches from it)."""
+    replace_atomically(out / snapshot_name(step), lambda tmp: shutil.copyfile(out / CHECKPOINT, tmp))
+
+
+def load_branch(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    run: dict[str, Any],
+    device: torch.device,
+    metrics: Path,
+) -> Progress:
+    """Start ``cfg``'s run from ``path``, a snapshot of another run (the trunk), and copy the trunk's metrics up to
+    it into ``metrics``. Refused unless the trunk is this run but for its length, and its lr schedule is this run's
+    at every step before the snapshot: then the branch trains exactly what it would have from scratch."""
+    from snoo.lab.config import lr_schedule
+
+    record = _read_checkpoint(path, device)
+    saved = record.get("run")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not say which run wrote it: it cannot be branched from")
+    changed = [c for c in differences(saved, run) if not c.startswith("steps ")]
+    if changed:
+        raise ValueError(f"{path} is of another run ({'; '.join(changed[:3])}): it cannot be branched from")
+    step = record["step"]
+    trunk, here = lr_schedule(dataclasses.replace(cfg, steps=saved["steps"])), lr_schedule(cfg)
+    if step > cfg.steps or any(trunk(s) != here(s) for s in range(step)):
+        raise ValueError(f"{path} (step {step}) has another lr schedule than this run before it: not a branch point")
+    model.load_state_dict(record["model"])
+    opt.load_state_dict(record["optimizer"])
+    kept = [m for m in read_metrics(path.parent / "metrics.jsonl") if m["step"] <= step]
+    replace_atomically(metrics, lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
+    keep_metrics_until(metrics, step)
+    names = {f.name for f in dataclasses.fields(Progress)}
+    return Progress(**{k: v for k, v in record.items() if k in names})
+
+
 def _read_checkpoint(path: Path, device: torch.device) -> dict:
     """``ckpt.pt`` as saved, or a ``ValueError``: a file that torch cannot read, or whose contents changed."""
     try:

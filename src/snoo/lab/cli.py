@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from snoo.lab.config import TrainConfig
 
 BUDGETS = "1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
+LADDERS = ("cosine", "wsd")  # experiments.LADDERS, held equal by the same test
 
 
 class UsageError(Exception):
@@ -142,7 +143,29 @@ def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per optimizer (default 1)")
     p.add_argument("--budgets", default=budgets, help=f"baseline budgets, multiples of --steps (default {budgets})")
     p.add_argument("--tune-baseline", action="store_true", help="sweep the baseline lr first; use the best")
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first give every optimizer N trial runs of its own knobs (AdamW: lr; SNOO: inner lr, outer lr, "
+        "momentum) on an unreported seed; compare the best of each (default 0: off)",
+    )
+    p.add_argument(
+        "--ladder",
+        choices=LADDERS,
+        default="cosine",
+        help="the baseline's budgets: cosine (one full run each) or wsd (one warm-up-stable-decay trunk with a "
+        "decay branch per budget, about half the cost; every run then uses the wsd schedule) (default cosine)",
+    )
     p.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, each in its own process (e.g. 2 on a 2-core machine); same results (default 1)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,16 +202,23 @@ def parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     _common(o, "runs/scale-out", workers=False)
-    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep or scale-out")
+    g = sub.add_parser("scaling", help="the compute factor against model size and tokens per parameter")
+    g.add_argument("--optimizers", help="SPEC,SPEC,... the first is the baseline (default adamw,snoo-adamw)")
+    g.add_argument("--sizes", default="2x64,4x64,4x128", help="LAYERSxWIDTH,... (default 2x64,4x64,4x128)")
+    g.add_argument("--tokens-per-param", default="10", help="training tokens per parameter, one or more (default 10)")
+    _common(g, "runs/scaling", workers=False)
+    _experiment_flags(g, BUDGETS)
+    g.takes_specs = True
+    r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep, scaling or scale-out")
     r.add_argument("dir")
     return p
 
 
-def _budgets(text: str) -> list[float]:
+def _budgets(text: str, flag: str = "--budgets") -> list[float]:
     try:
         return [float(b) for b in text.split(",")]
     except ValueError:
-        raise UsageError(f"--budgets {text!r}: expected numbers like 1,1.5,2") from None
+        raise UsageError(f"{flag} {text!r}: expected numbers like 1,1.5,2") from None
 
 
 def _counts(text: str) -> list[int]:
@@ -244,8 +274,27 @@ def run(argv: list[str] | None = None) -> int:
         _finish(summary, Path(cfg.out))
         return 0
     common = dict(
-        seeds=args.seeds, budgets=_budgets(args.budgets), tune_baseline=args.tune_baseline, resume=args.resume
+        seeds=args.seeds,
+        budgets=_budgets(args.budgets),
+        tune_baseline=args.tune_baseline,
+        tune_trials=args.tune,
+        ladder=args.ladder,
+        resume=args.resume,
+        processes=args.jobs,
     )
+    if args.command == "scaling":
+        if args.tune_baseline:
+            raise UsageError("scaling tunes with --tune N (every contender, every point), not --tune-baseline")
+        del common["tune_baseline"]
+        summary = experiments.run_scaling(
+            cfg,
+            spec.split_list(args.optimizers or "adamw,snoo-adamw"),
+            sizes=experiments.parse_sizes(args.sizes),
+            tokens_per_param=_budgets(args.tokens_per_param, "--tokens-per-param"),
+            **common,
+        )
+        _finish(summary, Path(cfg.out))
+        return 0
     if args.command == "compare":
         listed = args.optimizers or extra.get("optimizers") or "adamw,snoo-adamw"
         optimizers = spec.split_list(listed) if isinstance(listed, str) else [spec.from_config(o) for o in listed]

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     schedule: str = "cosine"  # "cosine" (warm-up + cosine), "wsd" (warm-up, stable, decay) or "constant"
     warmup: float = 0.05  # fraction of the steps
+    warmup_steps: int | None = None  # the warm-up in steps, when set (then ``warmup`` is not used)
     decay: float = 0.2  # wsd: fraction of the steps spent decaying to zero
     min_lr: float = 0.1  # cosine: the last lr as a fraction of the peak
     grad_clip: float = 1.0  # 0: off
@@ -208,6 +209,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("data must be a path (or left out for the standard library's source), got ''")
     if not cfg.out:
         raise ValueError("out must be a directory, got ''")
+    if cfg.warmup_steps is not None and (
+        isinstance(cfg.warmup_steps, bool) or not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0
+    ):
+        raise ValueError(f"warmup_steps must be a whole number of steps, 0 or more, got {cfg.warmup_steps!r}")
     for name, value in (("warmup", cfg.warmup), ("decay", cfg.decay), ("min_lr", cfg.min_lr)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} is a fraction in [0, 1], got {value}")
@@ -274,7 +279,7 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
     Built from ``snoo.optim.schedules``: random access, so a resumed run gets exactly the lr it would have had. A
     schedule-free optimizer (``spec.is_schedule_free``) gets the warm-up and then a constant lr, whatever the schedule.
     """
-    warmup = round(cfg.warmup * cfg.steps)
+    warmup = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
     if cfg.schedule == "constant" or spec.is_schedule_free(cfg.optimizer):
         after = schedules.constant(1.0)
     elif cfg.schedule == "wsd":

@@ -35,6 +35,45 @@ def default_corpus_files() -> list[Path]:
     return sorted(stdlib.glob("*.py"))
 
 
+def _docs_texts() -> list[bytes]:
+    """English prose that ships with Python: the reference topics ``pydoc`` shows, then the docstrings of the
+    standard library's top-level modules (the files of the default corpus, whose code is left out)."""
+    import ast
+
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions leave pydoc_data out
+        topics = {}
+    texts = [topics[k].encode() for k in sorted(topics)]
+    for f in default_corpus_files():
+        try:
+            tree = ast.parse(f.read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    texts.append(doc.encode() + b"\n\n")
+    return texts
+
+
+def _header_files() -> list[Path]:
+    """C: the interpreter's own headers (``Python.h`` and the rest), where the installation has them."""
+    include = Path(sysconfig.get_paths()["include"])
+    files = sorted(include.rglob("*.h"))
+    if not files:
+        raise FileNotFoundError(
+            f"--data python-headers: no C headers under {include} (install your Python's development package)"
+        )
+    return files
+
+
+#: corpora of different kinds that every Python installation ships, by name (``--data NAME``; a path of that name,
+#: if there is one, wins): the default and two held-out kinds of text, so a default is never tuned to one corpus
+BUILTIN_CORPORA = ("python-stdlib", "python-docs", "python-headers")
+
+
 def _text_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_dir():
@@ -95,10 +134,18 @@ def load_corpus(
     """Tokens of ``data`` (None: the standard library's source), split deterministically into train and val."""
     if tokenizer not in ("byte", "bpe"):
         raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
-    files = default_corpus_files() if data is None else _text_files(data)
+    builtin = data is None or (data in BUILTIN_CORPORA and not Path(data).exists())
+    name = "python-stdlib" if data is None else data
+    raw: list[bytes] | None = None
+    if builtin and name == "python-docs":
+        files, raw = [], _docs_texts()
+    elif builtin and name == "python-headers":
+        files = _header_files()
+    else:
+        files = default_corpus_files() if builtin else _text_files(data)  # type: ignore[arg-type]
     info: dict = {
-        "source": "python-stdlib" if data is None else str(data),
-        "files": len(files),
+        "source": name if builtin else str(data),
+        "files": len(files) if raw is None else len(raw),
         "python": sys.version.split()[0],
     }
     bins = [f for f in files if f.suffix == ".bin"]
@@ -115,7 +162,7 @@ def load_corpus(
         digest = hashlib.sha256(memoryview(train.numpy()))
         digest.update(memoryview(val.numpy()))
     else:
-        raw = [f.read_bytes() for f in files]
+        raw = [f.read_bytes() for f in files] if raw is None else raw
         digest = hashlib.sha256(b"".join(raw))
         if tokenizer == "byte":
             buf = bytearray(b"".join(raw))

@@ -4,9 +4,12 @@ An experiment directory holds ``experiment.json`` (what was asked), ``runs/<name
 ``train.py``), and what ``summarize`` derives from them: ``summary.json``, ``summary.md`` and the plots. ``snoo
 report DIR`` calls ``summarize`` again, so tables and plots can be redrawn from a finished experiment.
 
-Compute factor: the baseline runs at several budgets (1x, 1.25x, ... its steps, each with its own full schedule);
-its final loss is fitted as ``a + b * log(steps)``; an optimizer that reaches loss L in S steps saves
-``steps_baseline(L) / S``, where ``steps_baseline(L) = exp((L - a) / b)``. Outside the budgets it is a bound.
+Compute factor (``stats.py``): the baseline runs at several budgets (1x, 1.25x, ... its steps), each with its own
+full schedule (``ladder="cosine"``) or as decay branches of one warm-up-stable-decay trunk (``ladder="wsd"``); an
+optimizer that reaches loss L in S steps saves ``steps_baseline(L) / S``, read off the ladder made monotone through
+its measured 1x point. Each seed is measured against its own seed's ladder; the seeds give an interval. ``tune``
+gives every contender the same number of trial runs of its own knobs first; ``run_scaling`` repeats a compare over
+model sizes and run lengths. ``processes > 1`` trains several runs at once.
 
 Scale-out (``run_scale_out``): at the same total tokens, SNOO and the baseline on one worker against DiLoCo and DDP on
 N workers, with the bytes each worker sent; same directory layout.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -24,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from snoo import spec
-from snoo.lab import checkpoint, plots
-from snoo.lab.checkpoint import read_json, read_metrics, write_json
+from snoo.lab import checkpoint, plots, stats
+from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json
 from snoo.lab.config import TrainConfig, differences, identity, validate
 from snoo.lab.data import fingerprint
 from snoo.lab.launch import run
+from snoo.lab.stats import compute_factor, fit_log_steps
 from snoo.lab.train import Diverged
 
 BUDGETS = (1.0, 1.25, 1.5, 2.0, 2.5)
@@ -36,35 +41,6 @@ TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr t
 
 
 # ---------------------------------------------------------------------------------------------- the math
-
-
-def fit_log_steps(steps: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
-    """Least squares ``loss = a + b * log(steps)``; returns (a, b)."""
-    xs = [math.log(s) for s in steps]
-    mx, my = statistics.fmean(xs), statistics.fmean(losses)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, losses)) / sxx
-    return my - b * mx, b
-
-
-def compute_factor(base_steps: Sequence[int], base_losses: Sequence[float], steps: int, loss: float):
-    """How many baseline steps match ``loss``, divided by ``steps``: a float, or a bound such as ``">2.5"``.
-
-    Bounds: beyond the largest budget the fit is not trusted (">"), nor below the smallest ("<"). ``None`` when the
-    baseline does not improve with more steps (nothing to measure against) or there are fewer than two budgets.
-    """
-    if len(set(base_steps)) < 2:
-        return None
-    a, b = fit_log_steps(base_steps, base_losses)
-    if b >= 0:
-        return None
-    matched = math.exp((loss - a) / b)
-    lo, hi = min(base_steps), max(base_steps)
-    if matched > hi:
-        return f">{hi / steps:.3g}"
-    if matched < lo:
-        return f"<{lo / steps:.3g}"
-    return matched / steps
 
 
 def steps_to_target(metrics: list[dict], target: float) -> int | None:
@@ -85,10 +61,10 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
 
 
 def check_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool) -> list[tuple[dict, TrainConfig, bool]]:
-    """Each job ({optimizer, budget, seed, dir}, and optionally workers and parallel) with its config and whether an
-    earlier run of it is there to keep or continue (with ``resume``). Every job's settings, and with ``resume``
-    every earlier run's, are checked here: a run directory of other settings (another optimizer, steps, data
-    contents, ...) is refused, never overwritten nor reported as done."""
+    """Each job ({optimizer, budget, seed, dir}, and optionally workers, parallel, snapshots and branch_of /
+    from_step) with its config and whether an earlier run of it is there to keep or continue (with ``resume``).
+    Every job's settings, and with ``resume`` every earlier run's, are checked here: a run directory of other
+    settings (another optimizer, steps, data contents, ...) is refused, never overwritten nor reported as done."""
     configs = [
         dataclasses.replace(
             cfg,
@@ -110,21 +86,97 @@ def check_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool) -> l
     ]
 
 
-def run_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None]) -> None:
-    """Train every job that has no finished result yet (with ``resume``), once all of them passed ``check_jobs``."""
+def run_jobs(
+    cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None], processes: int = 1
+) -> None:
+    """Train every job that has no finished result yet (with ``resume``), once all of them passed ``check_jobs``.
+
+    ``snapshots``: steps at which a job also keeps a copy of its checkpoint; ``branch_of`` and ``from_step``: the job
+    starts from that snapshot of an earlier job in the list (the WSD ladder's decay branches). A shortcut only: the
+    earlier job trained the same steps with the same lr up to there, so the branch ends bit for bit where a run from
+    scratch would (``train(start_from=...)`` checks that).
+
+    ``processes > 1`` trains that many jobs at once, each in a process of its own with ``threads`` CPU threads (when
+    ``threads`` is 0: the machine's cores shared out), a branch once its trunk is done. Every run is a function of
+    its config alone, so the results are those of one process, bit for bit.
+    """
+    if processes < 1:
+        raise ValueError(f"--jobs must be at least 1, got {processes}")
+    if processes > 1 and cfg.threads == 0:
+        cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
     planned = check_jobs(cfg, jobs, out, resume)
-    for i, (job, run_cfg, earlier) in enumerate(planned, 1):
+
+    def start(i: int) -> tuple[TrainConfig, dict] | None:
+        """What job ``i`` trains, and how (``run``'s keywords); None: it is done already."""
+        job, run_cfg, earlier = planned[i]
         if earlier and (out / job["dir"] / "result.json").exists():
-            say(f"[{i}/{len(jobs)}] {job['dir']}: done before, kept")
-            continue
+            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
+            return None
+        how: dict[str, Any] = {"resume": earlier}
+        if job.get("snapshots"):
+            how["snapshots"] = tuple(job["snapshots"])
+        branch = ""
+        if "branch_of" in job:
+            snapshot = out / job["branch_of"] / snapshot_name(job["from_step"])
+            if snapshot.exists():  # else the trunk diverged before it: the branch trains from scratch, to the same end
+                how["start_from"] = snapshot
+                branch = f", from step {job['from_step']} of {job['branch_of']}"
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
         say(
-            f"[{i}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
-            f"{run_cfg.steps} steps"
+            f"[{i + 1}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
+            f"{run_cfg.steps} steps{branch}"
         )
-        r = run(run_cfg, resume=earlier)
+        return run_cfg, how
+
+    def finish(i: int, r: dict) -> None:
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
-        say(f"    val loss {loss}, {r['wall_time']:.1f}s")
+        tag = f"[{i + 1}/{len(jobs)}] " if processes > 1 else ""
+        say(f"    {tag}val loss {loss}, {r['wall_time']:.1f}s")
+
+    if processes == 1:
+        for i in range(len(jobs)):
+            started = start(i)
+            if started is not None:
+                finish(i, run(started[0], **started[1]))
+        return
+    _run_parallel(jobs, start, finish, processes)
+
+
+def _run_job(run_cfg: TrainConfig, how: dict[str, Any]) -> dict:
+    return run(run_cfg, **how)
+
+
+def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes: int) -> None:
+    """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    waiting = list(range(len(jobs)))
+    done: set[str] = set()
+    running: dict[cf.Future, int] = {}
+    with cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while waiting or running:
+                for i in [i for i in waiting if jobs[i].get("branch_of") in (None, *done)]:
+                    if len(running) >= processes:
+                        break
+                    waiting.remove(i)
+                    started = start(i)
+                    if started is None:
+                        done.add(jobs[i]["dir"])
+                        continue
+                    running[pool.submit(_run_job, *started)] = i
+                if not running:
+                    continue
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    i = running.pop(future)
+                    finish(i, future.result())
+                    done.add(jobs[i]["dir"])
+        except BaseException:
+            for future in running:
+                future.cancel()
+            raise
 
 
 def _same_config(cfg: TrainConfig, path: Path, corpus_sha256: str) -> bool:
@@ -171,6 +223,87 @@ def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callabl
     return best
 
 
+#: the order in which a tuning budget of n trials takes multiples of a base optimizer's default lr
+LR_TRIALS = (1.0, 2.0, 0.5, 4.0, 0.25, 8.0)
+#: SNOO's trials: (inner lr as a multiple of its default, outer lr, outer momentum); the package default first, then
+#: the inner lr re-tuned, then the paper's ablation point (0.8, 0.75) and the published range's corners
+SNOO_TRIALS = ((1.0, 0.7, 0.5), (2.0, 0.7, 0.5), (1.0, 0.8, 0.75), (2.0, 0.8, 0.75), (0.5, 0.7, 0.5), (2.0, 0.5, 0.9))
+TUNE_SEED_OFFSET = 1000  # tuning runs use seeds no reported run uses
+
+
+def trials(optimizer: str, n: int) -> list[str]:
+    """The first ``n`` settings of ``optimizer``'s own main knobs that ``--tune n`` tries: the base optimizer's lr;
+    for SNOO also its outer lr and momentum (``SNOO_TRIALS``). Fewer when the knobs have fewer settings."""
+    stages = spec.parse(optimizer)
+    base = stages[-1]
+    if "lr" not in base.params:
+        return [spec.canonical(optimizer)]
+    lr = base.params["lr"]
+    if stages[0].name == "snoo":
+        points = [
+            {f"{base.name}.lr": lr * f, "snoo.lr": outer_lr, "snoo.momentum": m} for f, outer_lr, m in SNOO_TRIALS
+        ]
+    else:
+        points = [{f"{base.name}.lr": lr * f} for f in LR_TRIALS]
+    return list(dict.fromkeys(spec.override(optimizer, p) for p in points[:n]))
+
+
+def tune(
+    cfg: TrainConfig,
+    optimizers: list[str],
+    n: int,
+    out: Path,
+    resume: bool,
+    say: Callable[[str], None],
+    processes: int = 1,
+) -> dict[str, dict]:
+    """Give every optimizer the same budget of ``n`` trial runs at 1x on a seed no reported run uses; return, by
+    optimizer, the best trial (``tuned``), every trial's final loss, and what the tuning cost (steps, wall time)."""
+    seed = cfg.seed + TUNE_SEED_OFFSET
+    jobs, owner = [], []
+    for o in optimizers:
+        for t in trials(o, n):
+            jobs.append(dict(optimizer=t, budget=1.0, seed=seed))
+            owner.append(o)
+    for i, job in enumerate(jobs):
+        job["dir"] = _dirname(i, job["optimizer"], 1.0, seed)
+    say(f"tuning: {n} trial{'s' * (n > 1)} each on seed {seed}, {len(jobs)} runs")
+    run_jobs(cfg, jobs, out / "tune", resume, say, processes)
+    tuned: dict[str, dict] = {}
+    for o, job in zip(owner, jobs):
+        r = _load_result(out / "tune" / job["dir"])
+        entry = tuned.setdefault(o, {"trials": {}, "steps": 0, "wall_time": 0.0})
+        entry["trials"][job["optimizer"]] = r["final_val_loss"]
+        entry["steps"] += r["steps"]
+        entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
+    for o, entry in tuned.items():
+        ok = [(loss, t) for t, loss in entry["trials"].items() if loss is not None]
+        if not ok:
+            raise Diverged(f"every trial of {o} diverged while tuning: {', '.join(entry['trials'])}")
+        entry["tuned"] = min(ok)[1]
+        say(f"tuned {o}: {entry['tuned']} ({min(ok)[0]:.4f})")
+    return tuned
+
+
+def ladder_jobs(baseline: str, budgets: Sequence[float], seed: int, steps: int, ladder: str, decay: float) -> list:
+    """The baseline's runs at every budget. ``cosine``: one full run per budget. ``wsd`` (warm-up, stable, decay;
+    Hägele et al. 2024): one run to the largest budget whose constant-lr part the others share; the run of budget
+    ``b`` branches from it ``decay * b * steps`` steps before its own end and decays there, which costs
+    ``max(b) + decay * sum(other b)`` runs instead of ``sum(b)``."""
+    if ladder == "cosine":
+        return [dict(optimizer=baseline, budget=b, seed=seed) for b in budgets]
+    top = max(budgets)
+    branches = [b for b in budgets if b != top]
+    starts = {b: budget_steps(steps, b) - round(decay * budget_steps(steps, b)) for b in branches}
+    trunk = dict(optimizer=baseline, budget=top, seed=seed, snapshots=sorted(set(starts.values())))
+    return [trunk] + [
+        dict(optimizer=baseline, budget=b, seed=seed, branch_of=trunk, from_step=starts[b]) for b in branches
+    ]
+
+
+LADDERS = ("cosine", "wsd")
+
+
 def run_experiment(
     kind: str,
     cfg: TrainConfig,
@@ -180,18 +313,46 @@ def run_experiment(
     budgets: Sequence[float] = BUDGETS,
     grid: dict[str, dict] | None = None,
     tune_baseline: bool = False,
+    tune_trials: int = 0,
+    ladder: str = "cosine",
     resume: bool = False,
+    processes: int = 1,
     say: Callable[[str], None] = print,
 ) -> dict:
-    """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize."""
+    """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize.
+
+    ``tune_trials``: first give every optimizer that many trial runs of its own knobs (:func:`tune`) and compare the
+    best of each. ``ladder``: how the baseline's budgets are trained (:func:`ladder_jobs`); with ``wsd`` every run
+    uses the warm-up-stable-decay schedule with the same warm-up steps, so that the branches share the trunk.
+    """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if not budgets or min(budgets) <= 0:
         raise ValueError("budgets must be positive multiples of the steps")
+    if ladder not in LADDERS:
+        raise ValueError(f"ladder must be one of {', '.join(LADDERS)}, got {ladder!r}")
+    if tune_trials < 0:
+        raise ValueError(f"--tune must be 0 (off) or a number of trials, got {tune_trials}")
+    if ladder == "wsd":
+        cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=round(cfg.warmup * cfg.steps))
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
     out = Path(cfg.out)
     with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
-        return _run_experiment(kind, cfg, optimizers, out, seeds, budgets, grid, tune_baseline, resume, say)
+        return _run_experiment(
+            kind,
+            cfg,
+            optimizers,
+            out,
+            seeds=seeds,
+            budgets=budgets,
+            grid=grid,
+            tune_baseline=tune_baseline,
+            tune_trials=tune_trials,
+            ladder=ladder,
+            resume=resume,
+            processes=processes,
+            say=say,
+        )
 
 
 #: what an experiment leaves in its directory; a fresh experiment refuses a directory that holds one
@@ -203,11 +364,15 @@ def _run_experiment(
     cfg: TrainConfig,
     optimizers: list[str],
     out: Path,
+    *,
     seeds: int,
     budgets: Sequence[float],
     grid: dict[str, dict] | None,
     tune_baseline: bool,
+    tune_trials: int,
+    ladder: str,
     resume: bool,
+    processes: int,
     say: Callable[[str], None],
 ) -> dict:
     experiment: dict[str, Any] = {
@@ -217,31 +382,40 @@ def _run_experiment(
         "steps": cfg.steps,
         "seeds": [cfg.seed + s for s in range(seeds)],
         "budgets": sorted(set(budgets) | {1.0}),
+        "ladder": ladder,
         "grid": grid or {},
         "config": dataclasses.asdict(cfg),
     }
+    renamed = {o: o for o in optimizers}
     if tune_baseline:
         lr = _tune(cfg, optimizers[0], out, resume, say)
         base_name = spec.parse(optimizers[0])[-1].name
         renamed = {o: spec.override(o, {f"{base_name}.lr": lr}) for o in optimizers}
+        experiment["tuned_lr"] = lr
+    if tune_trials:
+        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes)
+        experiment["tuning"] = {tuned[r]["tuned"]: {"from": o, **tuned[r]} for o, r in renamed.items()}
+        renamed = {o: tuned[r]["tuned"] for o, r in renamed.items()}
+    if renamed != {o: o for o in optimizers}:
         experiment.update(
-            tuned_lr=lr,
             baseline=renamed[optimizers[0]],
             optimizers=list(dict.fromkeys(renamed.values())),
             grid={renamed[o]: v for o, v in (grid or {}).items()},
         )
     jobs: list[dict] = []
     for seed in experiment["seeds"]:
-        for budget in experiment["budgets"]:
-            jobs.append(dict(optimizer=experiment["baseline"], budget=budget, seed=seed))
+        jobs += ladder_jobs(experiment["baseline"], experiment["budgets"], seed, cfg.steps, ladder, cfg.decay)
         for o in experiment["optimizers"][1:]:  # the baseline already ran at 1x
             jobs.append(dict(optimizer=o, budget=1.0, seed=seed))
     for i, job in enumerate(jobs):
         job["dir"] = _dirname(i, job["optimizer"], job["budget"], job["seed"])
+    for job in jobs:
+        if "branch_of" in job:
+            job["branch_of"] = job["branch_of"]["dir"]
     experiment["jobs"] = jobs
     check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
-    run_jobs(cfg, jobs, out / "runs", resume, say)
+    run_jobs(cfg, jobs, out / "runs", resume, say, processes)
     return summarize(out)
 
 
@@ -270,7 +444,9 @@ def summarize(out: Path | str) -> dict:
     experiment = json.loads(path.read_text())
     if experiment["kind"] == "scale-out":
         return _summarize_scale_out(out, experiment)
-    steps, baseline = experiment["steps"], experiment["baseline"]
+    if experiment["kind"] == "scaling":
+        return _summarize_scaling(out, experiment)
+    steps, baseline, seeds = experiment["steps"], experiment["baseline"], experiment["seeds"]
     runs, curves = [], {}
     for job in experiment["jobs"]:
         r = _load_result(out / "runs" / job["dir"])
@@ -289,27 +465,32 @@ def summarize(out: Path | str) -> dict:
         )
         curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
 
-    def finals(optimizer: str, budget: float = 1.0) -> list[float]:
-        return [
-            r["final_val_loss"] if r["status"] == "ok" else math.inf
-            for r in runs
-            if r["optimizer"] == optimizer and r["budget"] == budget
-        ]
+    def final(optimizer: str, seed: int, budget: float = 1.0) -> float:
+        r = next(r for r in runs if r["optimizer"] == optimizer and r["seed"] == seed and r["budget"] == budget)
+        return r["final_val_loss"] if r["status"] == "ok" else math.inf
 
-    base_steps = [budget_steps(steps, b) for b in experiment["budgets"]]
-    budget_losses = [statistics.fmean(finals(baseline, b)) for b in experiment["budgets"]]
+    budgets = experiment["budgets"]
+    base_steps = [budget_steps(steps, b) for b in budgets]
+    ladder = {s: [final(baseline, s, b) for b in budgets] for s in seeds}
+    budget_losses = [statistics.fmean(ladder[s][i] for s in seeds) for i in range(len(budgets))]
     fit_ok = all(math.isfinite(x) for x in budget_losses) and len(base_steps) > 1
-    target = budget_losses[experiment["budgets"].index(1.0)]
-    table, compute, to_target = [], {}, {}
+    target = budget_losses[budgets.index(1.0)]
+    table, compute, to_target, intervals, differences = [], {}, {}, {}, {}
     for o in experiment["optimizers"]:
-        losses = finals(o)
+        losses = [final(o, s) for s in seeds]
         finite = all(math.isfinite(x) for x in losses)
         mean, std = _mean_std(losses) if finite else (math.inf, 0.0)
         norms = [r["weight_norm"] for r in runs if r["optimizer"] == o and r["budget"] == 1.0 and r["weight_norm"]]
         if o == baseline:
-            compute[o] = 1.0  # by definition; the fit is only the ruler for the others
+            compute[o] = 1.0  # by definition; the ladder is only the ruler for the others
         else:
+            # the mean over seeds against the mean ladder (summary.json's historical figure), and each seed against
+            # its own ladder (paired), for the interval
             compute[o] = compute_factor(base_steps, budget_losses, steps, mean) if fit_ok and finite else None
+            per_seed = [compute_factor(base_steps, ladder[s], steps, final(o, s)) for s in seeds]
+            intervals[o] = {"per_seed": per_seed, **stats.factor_interval(per_seed)}
+            if finite and all(math.isfinite(ladder[s][budgets.index(1.0)]) for s in seeds):
+                differences[o] = stats.difference_interval(losses, [ladder[s][budgets.index(1.0)] for s in seeds])
         reached = [
             steps_to_target(curves[r["dir"]], target) for r in runs if r["optimizer"] == o and r["budget"] == 1.0
         ]
@@ -324,24 +505,39 @@ def summarize(out: Path | str) -> dict:
                 "weight_norm": statistics.fmean(norms) if norms else None,
             }
         )
+    fit = dict(zip(("a", "b"), fit_log_steps(base_steps, budget_losses))) if fit_ok else None
+    distinct = len(set(base_steps)) == len(base_steps)
+    ruler = stats.envelope(base_steps, budget_losses, steps) if fit_ok and distinct else None
     summary = {
         "kind": experiment["kind"],
         "baseline": baseline,
         "steps": steps,
-        "seeds": experiment["seeds"],
+        "seeds": seeds,
         "runs": runs,
         "table": table,
         "baseline_budgets": [
-            {"budget": b, "steps": s, "final_val_loss": x}
-            for b, s, x in zip(experiment["budgets"], base_steps, budget_losses)
+            {
+                "budget": b,
+                "steps": s,
+                "final_val_loss": x,
+                "ruler": ruler[i] if ruler else None,
+                "log_fit_residual": x - (fit["a"] + fit["b"] * math.log(s)) if fit else None,
+            }
+            for i, (b, s, x) in enumerate(zip(budgets, base_steps, budget_losses))
         ],
-        "fit": dict(zip(("a", "b"), fit_log_steps(base_steps, budget_losses))) if fit_ok else None,
+        "ladder": experiment.get("ladder", "cosine"),
+        "fit": fit,
         "compute_factor": compute,
+        "compute_factor_interval": intervals,
+        "loss_difference": differences,
         "steps_to_target": {"target": target, "speedup": to_target},
         "corpus": _corpus_info(out, runs),
+        "regime": _regime(out, runs),
     }
     if experiment.get("tuned_lr") is not None:
         summary["tuned_lr"] = experiment["tuned_lr"]
+    if experiment.get("tuning"):
+        summary["tuning"] = experiment["tuning"]
     if experiment["grid"]:
         summary["grid"] = experiment["grid"]
     write_json(summary, out / "summary.json")
@@ -355,53 +551,299 @@ def _corpus_info(out: Path, runs: list[dict]) -> dict:
     return {**config["corpus"], "params": config["params"], "device": config["device"]}
 
 
+def _regime(out: Path, runs: list[dict]) -> dict:
+    """Parameters, tokens and tokens per parameter of the 1x runs (what the paper calls the training regime)."""
+    run = next(r for r in runs if r["budget"] == 1.0)
+    config = json.loads((out / "runs" / run["dir"] / "config.json").read_text())
+    cfg = config["config"]
+    tokens = run["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * cfg.get("workers", 1)
+    params = config["params"]
+    return {
+        "params": params,
+        "tokens": tokens,
+        "tokens_per_param": tokens / params,
+        "epochs": tokens / config["corpus"]["train_tokens"] if config["corpus"].get("train_tokens") else None,
+    }
+
+
 def _factor(value: Any) -> str:
     if value is None:
         return "n/a"
     return f"{value}x" if isinstance(value, str) else f"{value:.2f}x"
 
 
+def _factor_cell(summary: dict, optimizer: str) -> str:
+    """The compute factor with its interval over seeds and the verdict, e.g. ``1.12x [1.03, 1.22] faster``."""
+    iv = summary["compute_factor_interval"].get(optimizer)
+    if iv is None:
+        return "1.00x"
+    if iv["mean"] is None:
+        bounds = ", ".join(_factor(b) for b in iv.get("bounds", [])) or "n/a"
+        return f"{bounds} (per seed; {iv['verdict']})" if iv.get("bounds") else _factor(None)
+    if iv["low"] is None:
+        return f"{iv['mean']:.2f}x (1 seed)"
+    return f"{iv['mean']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
+
+
+def _difference_cell(summary: dict, optimizer: str) -> str:
+    d = summary["loss_difference"].get(optimizer)
+    if optimizer == summary["baseline"]:
+        return "-"
+    if d is None:
+        return "n/a"
+    if d["low"] is None:
+        return f"{d['mean']:+.4f} (1 seed)"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {d['verdict']}"
+
+
 def markdown(summary: dict, experiment: dict) -> str:
     """The summary as a markdown table, with the facts needed to reproduce it."""
-    c = summary["corpus"]
+    c, g = summary["corpus"], summary["regime"]
     cfg = experiment["config"]
     n = len(summary["seeds"])
+    epochs = f", {g['epochs']:.2g} epochs" if g.get("epochs") else ""
+    ladder = len(summary["baseline_budgets"]) > 1  # else there is no ruler, and no compute factor
     lines = [
         f"{experiment['kind']}: {cfg['n_layer']} layers x {cfg['n_embd']} ({c['params']:,} params, {cfg['flavour']}), "
-        f"{summary['steps']} steps of {cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens, "
+        f"{summary['steps']} steps of {cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens "
+        f"= {g['tokens']:,} tokens, **{g['tokens_per_param']:.3g} tokens per parameter**{epochs}; "
         f"{cfg['schedule']} schedule; corpus {c['source']} ({c['tokenizer']}, {c['train_tokens']:,} train tokens, "
         f"sha256 {c['sha256']}), python {c['python']}, {c['device']}; {n} seed{'s' * (n > 1)}",
         "",
-        f"| optimizer | final val loss (mean ± std, {n} seed{'s' * (n > 1)}) | weight norm | compute factor "
-        f"| speed-up to baseline's loss (same run) |",
-        "|---|---|---|---|---|",
+        f"| optimizer | final val loss ({'mean ± std, ' * (n > 1)}{n} seed{'s' * (n > 1)}) "
+        f"| difference to the baseline at equal steps{' (95% CI)' * (n > 1)} "
+        + f"| compute factor{' (95% CI)' * (n > 1)} " * ladder
+        + "| weight norm |",
+        "|---|---|---|---|" + "---|" * ladder,
     ]
     for row in summary["table"]:
-        loss = f"{row['final_val_loss']:.4f} ± {row['std']:.4f}" if math.isfinite(row["final_val_loss"]) else "diverged"
+        if not math.isfinite(row["final_val_loss"]):
+            loss = "diverged"
+        else:
+            loss = f"{row['final_val_loss']:.4f}" + (f" ± {row['std']:.4f}" if n > 1 else "")
         norm = f"{row['weight_norm']:.2f}" if row["weight_norm"] else "-"
-        speed = summary["steps_to_target"]["speedup"][row["optimizer"]]
         is_base = row["optimizer"] == summary["baseline"]
         lines.append(
-            f"| {row['optimizer']}{' (baseline)' * is_base} | {loss} | {norm} "
-            f"| {'1.00x' if is_base else _factor(summary['compute_factor'][row['optimizer']])} "
-            f"| {'1.00x' if is_base else _factor(speed)} |"
+            f"| {row['optimizer']}{' (baseline)' * is_base} | {loss} | {_difference_cell(summary, row['optimizer'])} "
+            + f"| {_factor_cell(summary, row['optimizer'])} " * ladder
+            + f"| {norm} |"
         )
+    if not ladder:
+        lines += ["", "one baseline budget: no compute factor (give --budgets 1,1.25,1.5,2 for one)"]
+        return "\n".join(lines + _tuning_lines(summary, experiment))
     lines += [
         "",
-        "baseline budgets: "
+        f"baseline ladder ({summary['ladder']}): "
         + ", ".join(
             f"{b['budget']:g}x ({b['steps']} steps) {b['final_val_loss']:.4f}" for b in summary["baseline_budgets"]
         ),
     ]
     if summary["fit"]:
-        lines.append(f"fit: loss = {summary['fit']['a']:.4f} {summary['fit']['b']:+.4f} * ln(steps)")
+        residuals = ", ".join(f"{b['log_fit_residual']:+.4f}" for b in summary["baseline_budgets"])
+        lines.append(
+            f"a log-linear fit of the ladder, loss = {summary['fit']['a']:.4f} {summary['fit']['b']:+.4f} * ln(steps), "
+            f"leaves residuals {residuals}: the ruler is the ladder itself (monotone, linear in log-steps between "
+            f"budgets), not this fit"
+        )
     lines.append(
-        "compute factor: baseline steps that would reach the same final loss (from the fit), divided by "
-        "the steps taken; '>' beyond the largest budget. Speed-up to baseline's loss: baseline steps / "
-        "first evaluated step at the baseline's final loss, within one run of the same length."
+        "compute factor: the baseline steps that reach the same final loss on the ladder, divided by the steps taken; "
+        "'>' beyond the largest budget, '<' below the smallest. Per seed against the same seed's ladder; with several "
+        "seeds, the geometric mean and a 95% t-interval, and 'no measurable difference' when it contains 1."
     )
+    return "\n".join(lines + _tuning_lines(summary, experiment))
+
+
+def _tuning_lines(summary: dict, experiment: dict) -> list[str]:
+    """What the tuning chose, and what it cost."""
+    lines = []
     if "tuned_lr" in summary:
         lines.append(f"baseline lr tuned by --tune-baseline: {summary['tuned_lr']:.3g}")
+    for tuned, t in summary.get("tuning", {}).items():
+        lines.append(
+            f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on seed "
+            f"{experiment['seeds'][0] + TUNE_SEED_OFFSET} ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"2x64,4x64,4x128"`` -> [(layers, width), ...] (heads: one per 32 of width)."""
+    sizes = []
+    for item in text.split(","):
+        layers, x, width = item.strip().partition("x")
+        if not x or not layers.isdigit() or not width.isdigit() or int(width) % 32 or int(layers) < 1:
+            raise ValueError(f"--sizes item {item!r}: expected LAYERSxWIDTH with a width that is a multiple of 32")
+        sizes.append((int(layers), int(width)))
+    return sizes
+
+
+def model_params(cfg: TrainConfig, vocab_size: int) -> int:
+    """The parameter count of ``cfg``'s model (built on the meta device: no memory, no time)."""
+    import torch
+
+    from snoo.lab.model import GPT, ModelConfig
+
+    model_cfg = ModelConfig(
+        vocab_size=vocab_size,
+        block_size=cfg.block_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        flavour=cfg.flavour,
+        tie_head=cfg.tie_head,
+    )
+    with torch.device("meta"):
+        return GPT(model_cfg).num_params()
+
+
+def run_scaling(
+    cfg: TrainConfig,
+    optimizers: list[str],
+    *,
+    sizes: Sequence[tuple[int, int]],
+    tokens_per_param: Sequence[float],
+    seeds: int = 1,
+    budgets: Sequence[float] = BUDGETS,
+    ladder: str = "cosine",
+    tune_trials: int = 0,
+    resume: bool = False,
+    processes: int = 1,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """The compute factor against model size and run length: one ``compare`` per (size, tokens per parameter), each
+    with its own ladder (and, with ``tune_trials``, every contender tuned for that size and length), into
+    ``OUT/LxW-rR``; then one table, one plot and a fitted trend of log-factor against log-parameters."""
+    from snoo.lab.data import load_corpus
+
+    if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
+        raise ValueError("scaling needs at least one size and positive tokens per parameter")
+    vocab = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab).vocab_size
+    out = Path(cfg.out)
+    points = []
+    for layers, width in sizes:
+        for ratio in tokens_per_param:
+            point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
+            params = model_params(point, vocab)
+            tokens_per_step = point.batch_size * point.block_size * point.grad_accum
+            steps = max(1, round(ratio * params / tokens_per_step))
+            name = f"{layers}x{width}-r{ratio:g}"
+            point = dataclasses.replace(
+                point,
+                steps=steps,
+                eval_every=max(1, steps // 10),
+                ckpt_every=max(1, steps // 4),
+                log_every=max(1, steps // 50),
+                out=str(out / name),
+            )
+            validate(point)
+            points.append((name, layers, width, ratio, params, point))
+    experiment = {
+        "kind": "scaling",
+        "optimizers": [spec.canonical(o) for o in optimizers],
+        "points": [
+            {"name": n, "n_layer": lay, "n_embd": w, "tokens_per_param": r, "params": p, "steps": c.steps}
+            for n, lay, w, r, p, c in points
+        ],
+        "seeds": [cfg.seed + s for s in range(seeds)],
+        "ladder": ladder,
+        "tune_trials": tune_trials,
+        "config": dataclasses.asdict(cfg),
+    }
+    with checkpoint.claimed(out, fresh=not resume, earlier=("experiment.json",)):
+        write_json(experiment, out / "experiment.json")
+        for i, (name, *_, params, point) in enumerate(points, 1):
+            say(f"=== scaling point {i}/{len(points)}: {name}, {params:,} params, {point.steps} steps")
+            run_experiment(
+                "compare",
+                point,
+                optimizers,
+                seeds=seeds,
+                budgets=budgets,
+                ladder=ladder,
+                tune_trials=tune_trials,
+                resume=resume,
+                processes=processes,
+                say=say,
+            )
+        return summarize(out)
+
+
+def _summarize_scaling(out: Path, experiment: dict) -> dict:
+    rows = []
+    for point in experiment["points"]:
+        path = out / point["name"] / "summary.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the point did not finish (continue it with --resume)")
+        s = json.loads(path.read_text())
+        for row in s["table"]:
+            o = row["optimizer"]
+            if o == s["baseline"]:
+                continue
+            iv = s["compute_factor_interval"][o]
+            rows.append(
+                {
+                    "point": point["name"],
+                    "optimizer": o,
+                    "baseline": s["baseline"],
+                    "contender": s["tuning"][o]["from"] if "tuning" in s else o,
+                    "params": s["regime"]["params"],
+                    "tokens_per_param": s["regime"]["tokens_per_param"],
+                    "final_val_loss": row["final_val_loss"],
+                    "baseline_val_loss": s["table"][0]["final_val_loss"],
+                    "compute_factor": s["compute_factor"][o],
+                    "interval": {k: iv.get(k) for k in ("mean", "low", "high", "verdict")},
+                }
+            )
+    trends = {}
+    for contender in dict.fromkeys(r["contender"] for r in rows):
+        xs = [
+            (math.log(r["params"]), math.log(r["compute_factor"]))
+            for r in rows
+            if r["contender"] == contender and isinstance(r["compute_factor"], float)
+        ]
+        if len({x for x, _ in xs}) >= 3:  # two points always fit a line: no trend to speak of
+            a, b = fit_log_steps([math.exp(x) for x, _ in xs], [y for _, y in xs])
+            trends[contender] = {
+                "log_factor": {"a": a, "b": b},
+                "predicted_at_124M": math.exp(a + b * math.log(124e6)),
+                "points": len(xs),
+            }
+    summary = {"kind": "scaling", "rows": rows, "trend": trends, "seeds": experiment["seeds"]}
+    write_json(summary, out / "summary.json")
+    (out / "summary.md").write_text(markdown_scaling(summary, experiment) + "\n")
+    plots.scaling_plot(out, summary)
+    return summary
+
+
+def markdown_scaling(summary: dict, experiment: dict) -> str:
+    cfg = experiment["config"]
+    n = len(summary["seeds"])
+    lines = [
+        f"scaling: {len(experiment['points'])} points (model size x tokens per parameter), batch "
+        f"{cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens, "
+        f"{'wsd' if experiment['ladder'] == 'wsd' else cfg['schedule']} schedule, {experiment['ladder']} ladder, "
+        f"{experiment['tune_trials'] or 'no'} tuning trials per contender, corpus {cfg['data'] or 'python-stdlib'}; "
+        f"{n} seed{'s' * (n > 1)} per point; every point's ladder and tuning are its own",
+        "",
+        "| point | params | tokens per param | contender | final val loss | baseline | compute factor | interval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        iv = r["interval"]
+        ci = f"[{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}" if iv["low"] is not None else iv["verdict"]
+        lines.append(
+            f"| {r['point']} | {r['params']:,} | {r['tokens_per_param']:.3g} | {r['optimizer']} "
+            f"| {r['final_val_loss']:.4f} | {r['baseline_val_loss']:.4f} | {_factor(r['compute_factor'])} | {ci} |"
+        )
+    for contender, t in summary["trend"].items():
+        lines.append(
+            f"\ntrend of {contender}: ln(factor) = {t['log_factor']['a']:.3f} {t['log_factor']['b']:+.4f} * ln(params) "
+            f"over {t['points']} points; extrapolated to GPT-2 124M: {t['predicted_at_124M']:.2f}x (an extrapolation, "
+            f"for a GPU run to test, not a measurement)"
+        )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from snoo.lab import checkpoint
@@ -30,11 +31,16 @@ class LaunchFailed(RuntimeError):
         self.status = status
 
 
-def run(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train ``cfg`` here, or on its ``workers`` ranks; return what ``result.json`` holds."""
+def run(
+    cfg: TrainConfig, *, resume: bool = False, snapshots: Sequence[int] = (), start_from: Path | None = None
+) -> dict:
+    """Train ``cfg`` here, or on its ``workers`` ranks; return what ``result.json`` holds. ``snapshots`` and
+    ``start_from``: see :func:`snoo.lab.train.train` (one process only)."""
     validate(cfg)
     if cfg.workers == 1 or World.from_env().launched:
-        return train(cfg, resume=resume)
+        return train(cfg, resume=resume, snapshots=snapshots, start_from=start_from)
+    if snapshots or start_from is not None:
+        raise ValueError("snapshots and start_from are for runs in one process, not on several workers")
     out = Path(cfg.out)
     with checkpoint.claimed(out, fresh=not resume):  # held while the ranks run
         if resume:

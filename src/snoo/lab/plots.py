@@ -32,26 +32,38 @@ def _mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[flo
     )
 
 
+def _colours(summary: dict) -> dict[str, str]:
+    """One colour per optimizer, the same in every plot of an experiment."""
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+    names = [row["optimizer"] for row in summary["table"]]
+    return {o: palette[i % len(palette)] for i, o in enumerate(names)}
+
+
 def _curve_plot(out: Path, summary: dict, curves: dict[str, list[dict]], key: str, ylabel: str, name: str) -> None:
+    """``key`` against the step for every optimizer's 1x runs (mean over seeds, band: min-max). The baseline's longer
+    budgets are left out: they would stretch the x-axis; the ladder plot shows them."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[tuple[str, float], list[list[dict]]] = {}
+    colours = _colours(summary)
+    groups: dict[str, list[list[dict]]] = {}
     for r in summary["runs"]:
-        groups.setdefault((r["optimizer"], r["budget"]), []).append(curves[r["dir"]])
-    top = -math.inf
-    for (optimizer, budget), cs in groups.items():
+        if r["budget"] == 1.0:
+            groups.setdefault(r["optimizer"], []).append(curves[r["dir"]])
+    low, top = math.inf, -math.inf
+    for optimizer, cs in groups.items():
         steps, mean, lo, hi = _mean_curve(cs, key)
         if not steps:
             continue
-        label = optimizer if budget == 1.0 else f"{optimizer} x{budget:g}"
-        style = dict(lw=1.8) if budget == 1.0 else dict(lw=0.9, ls="--", alpha=0.6)
-        (line,) = ax.plot(steps, mean, label=label, **style)
+        ax.plot(steps, mean, label=optimizer, lw=1.6, color=colours[optimizer])
         if len(cs) > 1:
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
-        late = [v for s, v in zip(steps, mean) if s >= 0.1 * summary["steps"]]
-        top = max(top, *late) if late else top
-    if key == "val_loss" and math.isfinite(top):
-        ax.set_ylim(top=top)  # the first steps' loss would flatten everything else
+            ax.fill_between(steps, lo, hi, color=colours[optimizer], alpha=0.15)
+        late = [v for s, v in zip(steps, mean) if s >= 0.2 * summary["steps"]]
+        if late:
+            low, top = min(low, *late), max(top, *late)
+    if key == "val_loss" and math.isfinite(top) and top > low:
+        pad = 0.05 * (top - low)
+        ax.set_ylim(low - pad, top + pad)  # the last 80% of training: the first steps' loss would flatten the rest
+        ax.set_xlim(0.2 * summary["steps"], summary["steps"])
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     n = len(summary["seeds"])
@@ -61,6 +73,122 @@ def _curve_plot(out: Path, summary: dict, curves: dict[str, list[dict]], key: st
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
+
+
+def difference_plot(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None:
+    """Validation loss minus the baseline's at the same step and seed: below zero, the optimizer is ahead."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = _colours(summary)
+    base = {
+        r["seed"]: curves[r["dir"]]
+        for r in summary["runs"]
+        if r["optimizer"] == summary["baseline"] and r["budget"] == 1.0
+    }
+    drawn = False
+    for row in summary["table"]:
+        o = row["optimizer"]
+        if o == summary["baseline"]:
+            continue
+        diffs = []
+        for r in summary["runs"]:
+            if r["optimizer"] != o or r["budget"] != 1.0 or r["seed"] not in base:
+                continue
+            ref = {m["step"]: m["val_loss"] for m in base[r["seed"]] if "val_loss" in m}
+            diffs.append(
+                [
+                    {"step": m["step"], "d": m["val_loss"] - ref[m["step"]]}
+                    for m in curves[r["dir"]]
+                    if "val_loss" in m and m["step"] in ref and m["step"] > 0
+                ]
+            )
+        steps, mean, lo, hi = _mean_curve(diffs, "d")
+        if not steps:
+            continue
+        ax.plot(steps, mean, label=o, lw=1.6, color=colours[o], marker=".", ms=4)
+        if len(diffs) > 1:
+            ax.fill_between(steps, lo, hi, color=colours[o], alpha=0.15)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return
+    ax.axhline(0.0, color=colours[summary["baseline"]], lw=1.2, label=f"{summary['baseline']} (baseline)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss - baseline's val loss (lower is better)")
+    n = len(summary["seeds"])
+    ax.set_title(f"difference to the baseline at equal steps ({n} seed{'s' * (n > 1)}{', band: min-max' * (n > 1)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "difference.png", dpi=110)
+    plt.close(fig)
+
+
+def ladder_plot(out: Path, summary: dict) -> None:
+    """The compute factor, read off: the baseline's final loss at each budget (the ruler through them), and each
+    optimizer's final loss at its steps with the baseline steps that match it."""
+    budgets = [b for b in summary["baseline_budgets"] if math.isfinite(b["final_val_loss"])]
+    if len(budgets) < 2 or not summary.get("fit"):
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = _colours(summary)
+    xs = [b["steps"] for b in budgets]
+    ax.plot(
+        xs,
+        [b["final_val_loss"] for b in budgets],
+        "o",
+        color=colours[summary["baseline"]],
+        label=f"{summary['baseline']}: final loss at each budget",
+    )
+    if all(b.get("ruler") is not None for b in budgets):
+        ax.plot(
+            xs,
+            [b["ruler"] for b in budgets],
+            "-",
+            color=colours[summary["baseline"]],
+            lw=1.2,
+            label="ruler (monotone, linear in log-steps)",
+        )
+    a, b = summary["fit"]["a"], summary["fit"]["b"]
+    ax.plot(xs, [a + b * math.log(x) for x in xs], ":", color="grey", lw=1, label="log-linear fit (diagnostic)")
+    for row in summary["table"]:
+        o = row["optimizer"]
+        factor = summary["compute_factor"].get(o)
+        if o == summary["baseline"] or not math.isfinite(row["final_val_loss"]):
+            continue
+        label = f"{o}: {factor:.2f}x" if isinstance(factor, float) else f"{o}: {factor or 'n/a'}"
+        ax.plot([summary["steps"]], [row["final_val_loss"]], "*", ms=11, color=colours[o], label=label)
+        ax.axhline(row["final_val_loss"], color=colours[o], lw=0.8, ls="--")
+        if isinstance(factor, float):
+            ax.axvline(factor * summary["steps"], color=colours[o], lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("baseline steps (log scale)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("compute factor: baseline steps for the same loss / steps taken")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ladder.png", dpi=110)
+    plt.close(fig)
+
+
+#: how the heatmap names a swept key of a stage: the grammar's short names are ambiguous (SNOO's lr is its outer lr)
+KNOB_NAMES = {
+    ("snoo", "lr"): "SNOO outer lr",
+    ("snoo", "momentum"): "SNOO outer momentum",
+    ("snoo", "k"): "K (inner steps per outer step)",
+    ("lookahead", "alpha"): "Lookahead alpha",
+}
+
+
+def _knob_label(optimizer: str, key: str) -> str:
+    from snoo import spec
+
+    stages = spec.parse(optimizer)
+    name, _, bare = key.rpartition(".")
+    stage = next((st.name for st in stages if (st.name == name if name else bare in st.params)), "")
+    return KNOB_NAMES.get((stage, bare), f"{stage} {bare}".strip())
 
 
 def heatmap(out: Path, summary: dict) -> None:
@@ -97,11 +225,11 @@ def heatmap(out: Path, summary: dict) -> None:
             )
     ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set_xlabel(keys[0])
-    ax.set_ylabel(keys[1])
+    ax.set_xlabel(_knob_label(next(iter(grid)), keys[0]))
+    ax.set_ylabel(_knob_label(next(iter(grid)), keys[1]))
     base = next(b["final_val_loss"] for b in summary["baseline_budgets"] if b["budget"] == 1.0)
     others = " (best over the other knobs)" if len(next(iter(grid.values()))) > 2 else ""
-    ax.set_title(f"final val loss{others}; baseline {base:.3f}", fontsize=10)
+    ax.set_title(f"final val loss, lower is better{others}; baseline {base:.3f}", fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "heatmap.png", dpi=110)
@@ -110,6 +238,8 @@ def heatmap(out: Path, summary: dict) -> None:
 
 def draw(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None:
     _curve_plot(out, summary, curves, "val_loss", "validation loss", "val_loss.png")
+    difference_plot(out, summary, curves)
+    ladder_plot(out, summary)
     _curve_plot(out, summary, curves, "weight_norm", "weight l2 norm (evaluation weights)", "weight_norm.png")
     if summary.get("grid"):
         heatmap(out, summary)
@@ -138,4 +268,46 @@ def tokens_plot(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "val_loss_tokens.png", dpi=110)
+    plt.close(fig)
+
+
+def scaling_plot(out: Path, summary: dict) -> None:
+    """Compute factor against parameters (log-log), one line per contender and tokens-per-parameter ratio, with the
+    fitted trend; 1x (no saving) drawn."""
+    rows = [r for r in summary["rows"] if isinstance(r["compute_factor"], float)]
+    if not rows:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+    series: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["contender"], round(r["tokens_per_param"], 1)), []).append(r)
+    for i, ((contender, ratio), rs) in enumerate(series.items()):
+        rs.sort(key=lambda r: r["params"])
+        xs, ys = [r["params"] for r in rs], [r["compute_factor"] for r in rs]
+        lows = [y - (r["interval"]["low"] or y) for r, y in zip(rs, ys)]
+        highs = [(r["interval"]["high"] or y) - y for r, y in zip(rs, ys)]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[lows, highs],
+            marker="o",
+            capsize=3,
+            color=palette[i % len(palette)],
+            label=f"{contender}, {ratio:g} tokens/param",
+        )
+    for contender, t in summary["trend"].items():
+        xs = sorted({r["params"] for r in rows if r["contender"] == contender})
+        a, b = t["log_factor"]["a"], t["log_factor"]["b"]
+        ax.plot(xs, [math.exp(a + b * math.log(x)) for x in xs], ":", color="grey", label=f"trend: {contender}")
+    ax.axhline(1.0, color="tab:blue", lw=1.2, label="baseline (1x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("compute factor against the baseline (higher is better)")
+    ax.set_title("does the saving grow with model size?")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
     plt.close(fig)

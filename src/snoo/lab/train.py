@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ def train(
     resume: bool = False,
     callback: Callable[[int, float], None] | None = None,
     claim: bool = True,
+    snapshots: Sequence[int] = (),
+    start_from: Path | None = None,
 ) -> dict:
     """Run (or continue) one training run in this process; returns what ``result.json`` holds.
 
@@ -47,7 +49,14 @@ def train(
     loss stops the run before the step that would have used it: the last checkpoint stays good. Under torchrun this
     is one rank; ``snoo.lab.launch.run`` starts the ranks of a run with ``workers > 1``. ``claim=False``: the caller
     holds ``OUT``'s lock and checked the directory (the process that launched the ranks).
+
+    ``snapshots``: steps after which the run also keeps its checkpoint as ``checkpoint.snapshot_name(step)``.
+    ``start_from``: such a snapshot of another run whose schedule this run shares up to the snapshot's step (a WSD
+    ladder's trunk): a run with no checkpoint of its own starts from there, with the trunk's metrics up to it, and
+    ends bit for bit where it would have from scratch. Both are for runs in one process.
     """
+    if (snapshots or start_from is not None) and cfg.workers > 1:
+        raise ValueError("snapshots and start_from are for runs in one process, not on several workers")
     world = World.from_env()
     if cfg.workers > 1 and not world.launched:
         raise ValueError("a run with workers > 1 starts its ranks with snoo.lab.launch.run, not train")
@@ -61,11 +70,17 @@ def train(
         if owner and resume:
             checkpoint.check_kind(cfg)
         with workers.process_group(cfg, world, device):
-            return _train(cfg, world, device, resume, callback)
+            return _train(cfg, world, device, resume, callback, snapshots, start_from)
 
 
 def _train(
-    cfg: TrainConfig, world: World, device: torch.device, resume: bool, callback: Callable[[int, float], None] | None
+    cfg: TrainConfig,
+    world: World,
+    device: torch.device,
+    resume: bool,
+    callback: Callable[[int, float], None] | None,
+    snapshots: Sequence[int],
+    start_from: Path | None,
 ) -> dict:
     out, main, amp = Path(cfg.out), world.rank == 0, _autocast(cfg, device)
     corpus, train_tokens, eval_batches = _data(cfg, device)
@@ -74,6 +89,8 @@ def _train(
     forward = torch.compile(net) if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda") else net
     run = identity(cfg, corpus.info["sha256"])
     at = _resume(cfg, world, model, opt, gradient_bytes, run, device) if resume else Progress()
+    if at.step == 0 and start_from is not None:
+        at = checkpoint.load_branch(start_from, model, opt, cfg, run, device, out / "metrics.jsonl")
     info = _info(cfg, corpus, model, device, run)
     if main:
         checkpoint.write_json(info, out / "config.json")
@@ -101,13 +118,15 @@ def _train(
                 if at.step % cfg.log_every == 0:
                     outer = {f"outer/{k}": v for k, v in _outer_norms(opt, at).items()}
                     log.emit(at.step, at.wall, {"train_loss": loss, "lr": opt.param_groups[0]["lr"], **outer})
-                if at.step % cfg.ckpt_every == 0 or at.step == cfg.steps:
+                if at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots:
                     if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
                         raise Diverged(
                             f"non-finite weights after step {at.step}: the run diverged; {_last_good(out, world)}"
                         )
                     at.communicated_bytes, at.outer_norms = _sent(opt, gradient_bytes), _outer_norms(opt, at)
                     checkpoint.save(out, model, opt, world, cfg, at, run)
+                    if at.step in snapshots:
+                        checkpoint.keep_snapshot(out, at.step)
                     t0 = time.perf_counter()  # checkpoint I/O is not training time
                 log.advance(at.step, at.wall, loss)
                 if callback is not None:

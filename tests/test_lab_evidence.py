@@ -1,0 +1,216 @@
+"""The lab's ruler and its evidence: compute factors that honour the measured points, intervals over seeds, the
+warm-up-stable-decay ladder, and tuning with the same budget for every contender."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snoo import spec
+from snoo.lab import checkpoint, config, experiments, stats, train
+
+
+def tiny(out, corpus_file, **kw) -> config.TrainConfig:
+    return config.make_config("tiny", data=corpus_file, out=str(out), progress=False, threads=1, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- the ruler
+
+ladders = st.lists(st.floats(1.0, 5.0), min_size=2, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ladders, st.floats(0.5, 6.0))
+def test_factor_never_contradicts_the_equal_step_result(losses, loss):
+    """A run that ends at or below the baseline's 1x loss gets a factor >= 1; above it, < 1 (or a '<' bound),
+    whatever the shape of the ladder (curved, noisy, non-monotone)."""
+    steps = [100 + 25 * i for i in range(len(losses))]  # 1x is the first budget
+    factor = stats.compute_factor(steps, losses, 100, loss)
+    if factor is None:  # the ladder never improves on its 1x point
+        assert min(losses[1:]) >= losses[0]
+        return
+    if isinstance(factor, str):
+        assert (factor.startswith(">") and loss <= losses[0]) or (factor.startswith("<") and loss > losses[0])
+        return
+    assert factor >= 1 if loss <= losses[0] else factor < 1
+
+
+def test_ruler_passes_through_the_measured_1x_point_of_a_curved_ladder():
+    """The case of the issue: losses curved in log-steps, so a log-linear fit passes below the 1x point; a run
+    below the baseline's 1x loss at equal steps got a factor '<1' from the fit. The ruler says > 1."""
+    steps = [500, 625, 750, 1000, 1250]
+    losses = [1.8858, 1.8200, 1.8000, 1.7900, 1.7850]  # flattening: convex in log-steps
+    a, b = stats.fit_log_steps(steps, losses)
+    assert a + b * math.log(500) < 1.8648 < 1.8858  # the fit's 1x value is below SNOO's loss ...
+    factor = stats.compute_factor(steps, losses, 500, 1.8648)
+    assert isinstance(factor, float) and factor > 1  # ... the ruler's is the measured one
+    # linear in log-steps between the two budgets around the loss
+    t = (1.8858 - 1.8648) / (1.8858 - 1.8200)
+    assert factor == pytest.approx(math.exp(math.log(500) + t * (math.log(625) - math.log(500))) / 500)
+
+
+def test_envelope_is_monotone_and_anchored():
+    assert stats.envelope([1, 2, 3, 4], [3.0, 3.2, 2.9, 3.0], anchor=1) == [3.0, 3.0, 2.9, 2.9]
+    assert stats.envelope([1, 2, 3], [2.5, 3.0, 2.8], anchor=2) == [3.0, 3.0, 2.8]  # below 1x: running max
+    with pytest.raises(ValueError, match="increasing"):
+        stats.envelope([2, 1], [1.0, 2.0])
+
+
+def test_intervals_and_verdicts():
+    assert stats.t95(1) == pytest.approx(12.706) and stats.t95(4) == pytest.approx(2.776) and stats.t95(100) == 1.96
+    iv = stats.interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == 2.0 and iv["high"] - iv["mean"] == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert stats.factor_interval([1.2, 1.25, 1.22])["verdict"] == "faster"
+    assert stats.factor_interval([0.8, 0.82, 0.79])["verdict"] == "slower"
+    wide = stats.factor_interval([0.9, 1.2, 1.05])
+    assert wide["verdict"] == "no measurable difference" and wide["low"] < 1 < wide["high"]
+    geo = stats.factor_interval([2.0, 0.5])
+    assert geo["mean"] == pytest.approx(1.0)  # geometric mean: 2x and 0.5x cancel
+    assert stats.factor_interval([1.3])["verdict"] == "one seed: no interval"
+    assert stats.factor_interval([1.3, ">2.5"])["verdict"] == "beyond the ladder"
+    assert stats.factor_interval([1.3, None])["verdict"] == "n/a"
+    d = stats.difference_interval([1.0, 1.01, 0.99], [1.1, 1.12, 1.08])
+    assert d["verdict"] == "lower" and d["mean"] == pytest.approx(-0.1)
+
+
+# ---------------------------------------------------------------------------------------------- ladders
+
+
+def test_wsd_ladder_costs_less_and_its_branches_equal_runs_from_scratch(tmp_path, corpus_file):
+    """One trunk to the largest budget and a short decay branch per budget; each branch ends bit for bit where a
+    warm-up-stable-decay run of that length from scratch ends."""
+    cfg = tiny(tmp_path / "cmp", corpus_file, steps=20, eval_every=5, ckpt_every=100)
+    summary = experiments.run_experiment(
+        "compare", cfg, ["adamw", "snoo(k=5)+adamw"], budgets=(1.0, 1.5, 2.0), ladder="wsd", say=lambda s: None
+    )
+    experiment = json.loads((tmp_path / "cmp" / "experiment.json").read_text())
+    trunk, *branches = [j for j in experiment["jobs"] if j["optimizer"] == "adamw"]
+    assert trunk["budget"] == 2.0 and trunk["snapshots"] == [16, 24]  # 20 - 4 and 30 - 6
+    assert {b["budget"]: b["from_step"] for b in branches} == {1.0: 16, 1.5: 24}
+    trained = sum(r["steps"] for r in summary["runs"] if r["optimizer"] == "adamw")
+    # the branches trained only their decay: 40 + 4 + 6 steps, not 20 + 30 + 40
+    steps_run = 40 + sum(r["steps"] - b["from_step"] for r, b in zip(summary["runs"][1:3], branches))
+    assert steps_run == 50 and trained == 90
+    assert summary["ladder"] == "wsd" and all(r["status"] == "ok" for r in summary["runs"])
+    scratch = train.train(
+        config.make_config(
+            "tiny",
+            data=corpus_file,
+            out=str(tmp_path / "scratch"),
+            progress=False,
+            threads=1,
+            steps=30,
+            eval_every=5,
+            ckpt_every=100,
+            schedule="wsd",
+            warmup_steps=1,
+        )
+    )
+    branch = next(r for r in summary["runs"] if r["optimizer"] == "adamw" and r["budget"] == 1.5)
+    assert scratch["final_val_loss"] == branch["final_val_loss"]
+
+    def evals(path):
+        return [(m["step"], m["val_loss"]) for m in checkpoint.read_metrics(path / "metrics.jsonl") if "val_loss" in m]
+
+    runs = tmp_path / "cmp" / "runs"
+    assert evals(runs / branch["dir"]) == evals(tmp_path / "scratch")  # every logged eval, bit for bit
+    assert evals(runs / branch["dir"])[:5] == evals(runs / trunk["dir"])[:5]  # the shared part: the trunk's
+    assert evals(runs / branch["dir"])[-1] != evals(runs / trunk["dir"])[6]  # then the branch decayed
+
+
+def test_ladder_choice_is_checked(tmp_path, corpus_file):
+    with pytest.raises(ValueError, match="ladder"):
+        experiments.run_experiment("compare", tiny(tmp_path, corpus_file), ["adamw", "sgd"], ladder="linear")
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+
+
+def test_every_contender_gets_the_same_number_of_trials_on_its_own_knobs():
+    adamw, snoo = experiments.trials("adamw", 4), experiments.trials("snoo+adamw", 4)
+    assert len(adamw) == len(snoo) == 4
+    lr = spec.NAMES["adamw"].defaults["lr"]
+    assert [spec.parse(t)[-1].params["lr"] for t in adamw] == pytest.approx([lr, 2 * lr, lr / 2, 4 * lr])
+    outer = [(spec.parse(t)[0].params["lr"], spec.parse(t)[0].params["momentum"]) for t in snoo]
+    assert len(set(outer)) > 1 and len({spec.parse(t)[-1].params["lr"] for t in snoo}) > 1  # outer and inner knobs
+    (first,) = experiments.trials("snoo+adamw", 1)
+    assert spec.resolved(first) == spec.resolved("snoo+adamw")  # the package defaults are the first trial
+
+
+def test_tune_reports_the_best_trial_on_an_unreported_seed(tmp_path, corpus_file):
+    cfg = tiny(tmp_path / "t", corpus_file, steps=6, eval_every=3)
+    summary = experiments.run_experiment(
+        "compare", cfg, ["adamw", "snoo(k=3)+adamw"], budgets=(1.0,), tune_trials=2, say=lambda s: None
+    )
+    tuning = summary["tuning"]
+    assert {t["from"] for t in tuning.values()} == {"adamw", "snoo(k=3)+adamw"}
+    for tuned, t in tuning.items():
+        assert len(t["trials"]) == 2 and t["trials"][tuned] == min(t["trials"].values())
+        assert t["steps"] == 12
+    assert set(summary["compute_factor"]) == set(tuning)  # the reported runs are the tuned settings
+    tune_seeds = {json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "t" / "tune").glob("*/config.json")}
+    assert tune_seeds == {cfg.seed + experiments.TUNE_SEED_OFFSET} and cfg.seed not in tune_seeds
+    assert "tuned adamw" in (tmp_path / "t" / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+
+def test_scaling_runs_one_compare_per_point_and_fits_a_trend(tmp_path, corpus_file, capsys):
+    from snoo.lab.cli import main
+
+    out = tmp_path / "sc"
+    args = ["scaling", "--preset", "tiny", "--data", corpus_file, "--sizes", "1x32,2x32,3x32"]
+    args += ["--tokens-per-param", "0.05", "--optimizers", "adamw,snoo(k=3)+adamw", "--budgets", "1,2"]
+    args += ["--ladder", "wsd", "--set", "threads=1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert [r["point"] for r in rows] == ["1x32-r0.05", "2x32-r0.05", "3x32-r0.05"]
+    assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"]
+    for r in rows:
+        assert r["tokens_per_param"] == pytest.approx(0.05, rel=0.2)  # steps are rounded
+        point = json.loads((out / r["point"] / "summary.json").read_text())
+        assert point["compute_factor"][r["optimizer"]] == r["compute_factor"]
+    trend = summary["trend"].get("snoo(k=3)+adamw")
+    finite = [r for r in rows if isinstance(r["compute_factor"], float)]
+    assert (trend is not None) == (len(finite) == 3)
+    assert "| 3x32-r0.05 |" in capsys.readouterr().out and (out / "summary.md").exists()
+    with pytest.raises(ValueError, match="LAYERSxWIDTH"):
+        experiments.parse_sizes("4x50")
+
+
+def test_jobs_in_parallel_processes_give_the_same_results(tmp_path, corpus_file):
+    """--jobs 2: two runs at once in processes of their own, the WSD branches after their trunk; every run ends
+    where it ends in one process, bit for bit."""
+    results = {}
+    for processes in (1, 2):
+        cfg = tiny(tmp_path / f"p{processes}", corpus_file, steps=8, eval_every=4)
+        summary = experiments.run_experiment(
+            "compare",
+            cfg,
+            ["adamw", "snoo(k=3)+adamw"],
+            budgets=(1.0, 2.0),
+            ladder="wsd",
+            processes=processes,
+            say=lambda s: None,
+        )
+        results[processes] = {r["dir"]: r["final_val_loss"] for r in summary["runs"]}
+    assert results[1] == results[2] and len(results[1]) == 3
+
+
+def test_builtin_corpora_of_three_kinds_ship_with_python():
+    from snoo.lab import data
+
+    corpora = {name: data.load_corpus(name) for name in data.BUILTIN_CORPORA}
+    assert corpora["python-stdlib"].info == data.load_corpus().info  # the default
+    assert len({c.info["sha256"] for c in corpora.values()}) == 3
+    for name, c in corpora.items():
+        assert c.info["source"] == name and len(c.train) > 500_000 and len(c.val) > 50_000
+    docs = bytes(corpora["python-docs"].train[:200_000].tolist())
+    headers = bytes(corpora["python-headers"].train[:200_000].tolist())
+    assert docs.count(b"def ") < docs.count(b" the ") and b"#define" in headers and b"#define" not in docs
