@@ -334,6 +334,12 @@ def test_a_diverged_run_is_reported_not_fatal(tmp_path, corpus_file, capsys):
                 "grad_clip=0",
                 "--budgets",
                 "1",
+                "--seeds",
+                "1",
+                "--ladder",
+                "cosine",
+                "--jobs",
+                "1",
                 "--no-progress",
             ]
         )

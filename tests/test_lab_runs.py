@@ -165,7 +165,7 @@ def test_compare_resume_keys_finished_runs_on_the_data_contents(tmp_path, corpus
     shutil.copy(corpus_file, data)
     out = tmp_path / "cmp"
     args = ["compare", "--preset", "tiny", "--steps", "4", "--budgets", "1", "--out", str(out), "--no-progress"]
-    args += ["--optimizers", "adamw,snoo(k=2)+adamw"]
+    args += ["--optimizers", "adamw,snoo(k=2)+adamw", "--seeds", "1", "--jobs", "1"]
     assert main([*args, "--data", str(data)]) == 0
     moved = tmp_path / "moved.txt"
     shutil.copy(data, moved)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 BUDGETS = "1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
 LADDERS = ("cosine", "wsd")  # experiments.LADDERS, held equal by the same test
+JOBS = min(2, os.cpu_count() or 1)  # runs at once: one per core, each on one thread
 
 
 class UsageError(Exception):
@@ -84,7 +85,7 @@ def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, di
     extra = {k: file.pop(k) for k in ("optimizers", "grid") if k in file}
     if "optimizer" in file:
         file["optimizer"] = spec.from_config(file["optimizer"])
-    preset = args.preset or file.pop("preset", "small")
+    preset = args.preset or file.pop("preset", "compare" if args.command == "compare" else "small")
     file.pop("preset", None)
     if not isinstance(preset, str):
         raise UsageError(f"preset must be a name, got {preset!r}")
@@ -120,7 +121,7 @@ def _common(p: argparse.ArgumentParser, out: str, workers: bool = True) -> None:
             help="worker processes on this machine, under torchrun (default 1; docs/distributed.md)",
         )
     p.add_argument("--data", help="text file, directory or glob of text files, or .bin files (default: the stdlib)")
-    p.add_argument("--preset", help="tiny, small (default) or base")
+    p.add_argument("--preset", help="tiny, compare (compare's default), small (the others' default) or base")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the batch order (default 0)")
     p.add_argument("--out", help=f"output directory (default {out}); a new run refuses one that holds a run")
@@ -139,8 +140,8 @@ def _common(p: argparse.ArgumentParser, out: str, workers: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
-    p.add_argument("--seeds", type=int, default=1, help="seeds per optimizer (default 1)")
+def _experiment_flags(p: argparse.ArgumentParser, budgets: str, seeds: int = 1, ladder: str = "cosine") -> None:
+    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per optimizer (default {seeds})")
     p.add_argument("--budgets", default=budgets, help=f"baseline budgets, multiples of --steps (default {budgets})")
     p.add_argument("--tune-baseline", action="store_true", help="sweep the baseline lr first; use the best")
     p.add_argument(
@@ -154,17 +155,18 @@ def _experiment_flags(p: argparse.ArgumentParser, budgets: str) -> None:
     p.add_argument(
         "--ladder",
         choices=LADDERS,
-        default="cosine",
+        default=ladder,
         help="the baseline's budgets: cosine (one full run each) or wsd (one warm-up-stable-decay trunk with a "
-        "decay branch per budget, about half the cost; every run then uses the wsd schedule) (default cosine)",
+        f"decay branch per budget, about half the cost; every run then uses the wsd schedule) (default {ladder})",
     )
     p.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=JOBS,
         metavar="N",
-        help="train N runs at once, each in its own process (e.g. 2 on a 2-core machine); same results (default 1)",
+        help=f"train N runs at once, each in its own process with one thread; same results (default {JOBS}: this "
+        "machine's cores, at most 2)",
     )
 
 
@@ -181,10 +183,14 @@ def parser() -> argparse.ArgumentParser:
     _common(t, "runs/train")
     t.takes_specs = True
     c = sub.add_parser("compare", help="the baseline (first SPEC) at several budgets against the others")
-    c.add_argument("--optimizers", help="SPEC,SPEC,... the first is the baseline (default adamw,snoo-adamw)")
+    c.add_argument(
+        "--optimizers",
+        help="SPEC,SPEC,... the first is the baseline (default: the preset's optimizer and SNOO around it; for the "
+        "compare preset adamw(lr=0.004),snoo+adamw(lr=0.004))",
+    )
     _common(c, "runs/compare")
     c.takes_specs = True
-    _experiment_flags(c, BUDGETS)
+    _experiment_flags(c, BUDGETS, seeds=3, ladder="wsd")
     s = sub.add_parser("sweep", help="one SPEC over a grid of its keys, against its base optimizer")
     s.add_argument("--optimizer", help="the SPEC to sweep (default snoo-adamw)")
     s.add_argument("--grid", help="e.g. 'k=10,20,50 lr=0.3,0.5,0.7'; name.key picks a stage, e.g. adamw.lr=1e-3")
@@ -207,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sizes", default="2x64,4x64,4x128", help="LAYERSxWIDTH,... (default 2x64,4x64,4x128)")
     g.add_argument("--tokens-per-param", default="10", help="training tokens per parameter, one or more (default 10)")
     _common(g, "runs/scaling", workers=False)
-    _experiment_flags(g, BUDGETS)
+    _experiment_flags(g, BUDGETS, seeds=3, ladder="wsd")
     g.takes_specs = True
     r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep, scaling or scale-out")
     r.add_argument("dir")
@@ -296,7 +302,8 @@ def run(argv: list[str] | None = None) -> int:
         _finish(summary, Path(cfg.out))
         return 0
     if args.command == "compare":
-        listed = args.optimizers or extra.get("optimizers") or "adamw,snoo-adamw"
+        # the preset's optimizer (the compare preset's AdamW has its tuned lr), and SNOO around it
+        listed = args.optimizers or extra.get("optimizers") or f"{cfg.optimizer},snoo+{cfg.optimizer}"
         optimizers = spec.split_list(listed) if isinstance(listed, str) else [spec.from_config(o) for o in listed]
         if len(optimizers) < 2:
             raise UsageError("--optimizers needs at least two SPECs: the baseline first, then the others")

@@ -111,7 +111,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         log_every=5,
         ckpt_every=10,
     ),
-    # about 0.9M parameters; `snoo compare` with baseline budgets in under 10 minutes on 2 CPU cores
+    # the default of `snoo compare`: 123K parameters, 1000 steps of 2,048 tokens = 16.6 tokens per parameter, about
+    # compute-optimal length; AdamW's lr 4e-3 is the best of 2e-3 / 4e-3 / 8e-3 on two of the three built-in corpora
+    # (docs/measuring.md, with the sweep and the command)
+    "compare": dict(
+        optimizer="adamw(lr=0.004)",
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        block_size=128,
+        batch_size=16,
+        steps=1000,
+        eval_every=100,
+        eval_batches=8,
+        log_every=10,
+        ckpt_every=250,
+    ),
+    # about 0.9M parameters, 0.6 tokens per parameter: quick, and far from any real training regime
     "small": dict(
         n_layer=4,
         n_head=4,
