@@ -211,6 +211,7 @@ def test_builtin_corpora_of_three_kinds_ship_with_python():
     assert len({c.info["sha256"] for c in corpora.values()}) == 3
     for name, c in corpora.items():
         assert c.info["source"] == name and len(c.train) > 500_000 and len(c.val) > 50_000
+        assert data.fingerprint(name) == c.info["sha256"]  # what --resume keys a finished run on
     docs = bytes(corpora["python-docs"].train[:200_000].tolist())
     headers = bytes(corpora["python-headers"].train[:200_000].tolist())
     assert docs.count(b"def ") < docs.count(b" the ") and b"#define" in headers and b"#define" not in docs

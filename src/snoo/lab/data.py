@@ -128,23 +128,25 @@ def _bpe_encode(texts: list[str], vocab_size: int) -> tuple[torch.Tensor, int]:
     return torch.tensor(ids, dtype=torch.int64), tok.get_vocab_size()
 
 
+def _sources(data: str | None) -> tuple[str, list[Path], list[bytes] | None]:
+    """What ``data`` names: (its source name, its files, and its texts when they are not whole files)."""
+    if data is None or (data in BUILTIN_CORPORA and not Path(data).exists()):
+        name = data or "python-stdlib"
+        if name == "python-docs":
+            return name, [], _docs_texts()
+        return name, _header_files() if name == "python-headers" else default_corpus_files(), None
+    return str(data), _text_files(data), None
+
+
 def load_corpus(
     data: str | None = None, tokenizer: str = "byte", bpe_vocab: int = 4096, val_fraction: float = 0.1
 ) -> Corpus:
     """Tokens of ``data`` (None: the standard library's source), split deterministically into train and val."""
     if tokenizer not in ("byte", "bpe"):
         raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
-    builtin = data is None or (data in BUILTIN_CORPORA and not Path(data).exists())
-    name = "python-stdlib" if data is None else data
-    raw: list[bytes] | None = None
-    if builtin and name == "python-docs":
-        files, raw = [], _docs_texts()
-    elif builtin and name == "python-headers":
-        files = _header_files()
-    else:
-        files = default_corpus_files() if builtin else _text_files(data)  # type: ignore[arg-type]
+    source, files, raw = _sources(data)
     info: dict = {
-        "source": name if builtin else str(data),
+        "source": source,
         "files": len(files) if raw is None else len(raw),
         "python": sys.version.split()[0],
     }
@@ -180,12 +182,12 @@ def load_corpus(
 def fingerprint(data: str | None) -> str:
     """The sha256 (first 16 hex digits) that ``load_corpus(data).info`` records, without tokenizing: what identifies
     a corpus by its contents, wherever it lies."""
-    files = default_corpus_files() if data is None else _text_files(data)
+    _, files, raw = _sources(data)
     bins = [f for f in files if f.suffix == ".bin"]
     if not bins:
         digest = hashlib.sha256()
-        for f in files:
-            digest.update(f.read_bytes())
+        for text in raw if raw is not None else (f.read_bytes() for f in files):
+            digest.update(text)
         return digest.hexdigest()[:16]
     return load_corpus(data).info["sha256"]  # memory-mapped: cheap
 
