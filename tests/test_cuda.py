@@ -55,14 +55,15 @@ import test_combined
 import test_scale
 import test_sgd_ll
 from helpers import make_model, params_of, train_step
-from snoo.lab import train as lab
+from snoo.lab import config as lab_config
+from snoo.lab import train as lab_train
 from test_ema_nesterov import reference as ema_nesterov_reference
 from test_nesterov import reference as nesterov_reference
 from test_snoo import reference_snoo
 from test_stacking import reference as stacked_reference
 
 #: what the lab test calls, looked up here so that CPU-only CI sees it if the lab moves them
-LAB_ENTRY_POINTS = (lab.make_config, lab.train)
+LAB_ENTRY_POINTS = (lab_config.make_config, lab_train.train)
 DEVICE = torch.device(os.environ.get("SNOO_TEST_DEVICE", "cuda"))
 pytestmark = [
     pytest.mark.cuda,
