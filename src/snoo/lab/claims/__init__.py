@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snoo.lab.train import TrainConfig, make_config
+from snoo.lab.train import Diverged, TrainConfig, make_config
 
 HOLDS = "holds"
 DOES_NOT_HOLD = "does not hold"
@@ -363,7 +363,10 @@ def reproduce(
         t0 = time.perf_counter()
         ctx = Context(the_scale, out / claim.id, seeds, resume, dict(settings or {}), say)
         ctx.out.mkdir(parents=True, exist_ok=True)
-        outcome = claim.run(ctx, claim.setup[scale])
+        try:
+            outcome = claim.run(ctx, claim.setup[scale])
+        except Diverged as e:  # every trial of a contender diverged: nothing to measure, and the report says so
+            outcome = Outcome(measured=f"not measured: {e}", values={}, unavailable="a contender diverged in every run")
         verdict, reading = claim.verdict(outcome, the_scale)
         results[claim.id] = {
             "verdict": verdict,

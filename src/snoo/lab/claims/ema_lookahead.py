@@ -133,7 +133,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
         logx=True,
         hline=RISE,
     )
-    rows = [[t, *(p["safe"].values())] for t, p in points.items()]
+    rows = [[t, *(f"{v:g}" for v in p["safe"].values())] for t, p in points.items()]
     rows += [[f"compute factor around {b}", fmt_interval(iv), ""] for b, iv in accelerate.items()]
     safe = [p["safe"] for p in points.values()]
     return Outcome(
