@@ -28,13 +28,13 @@ from snoo.lab.data import get_batch
 
 MU = 0.9  # the momentum of both
 LR = 2e-3  # the lr of both (the wrapper's real iterate moves by Adam's own update, so the same lr)
-PARTS = 2.0  # "part": the iterates' distance at the low beta2 at least twice the distance at the steady one
+PARTS = 2.0  # "part": the loss gap at the low beta2 at least twice the gap at the steady one
 AGREE = 0.02  # nats: "agree" at the steady beta2
 
 SETUP = {
     "quick": dict(beta2s=(0.999, 0.5)),
-    "cpu": dict(beta2s=(0.999, 0.5)),
-    "gpu": dict(beta2s=(0.999, 0.9, 0.5)),
+    "cpu": dict(beta2s=(0.999, 0.9, 0.5)),
+    "gpu": dict(beta2s=(0.999, 0.95, 0.9, 0.5)),
 }
 
 
@@ -83,34 +83,45 @@ def _pair(ctx: Context, seed: int, beta2: float) -> dict[str, Any]:
     return curve
 
 
+def _gap(point: dict[str, float]) -> float:
+    """|val loss of Nesterov(Adam) - NAdam's|; infinite when one of them diverged (they parted for good)."""
+    gap = abs(point["nesterov"] - point["nadam"])
+    return gap if math.isfinite(gap) else math.inf
+
+
 def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     first = ctx.config("probe").seed
     curves = {b2: [_pair(ctx, first + s, b2) for s in range(ctx.seeds)] for b2 in setup["beta2s"]}
     final = {
         f"{b2:g}": {
+            "loss_gap": statistics.fmean(_gap(c[-1]) for c in cs),
+            "diverged": sum(not math.isfinite(c[-1]["nesterov"] + c[-1]["nadam"]) for c in cs),
             "distance": statistics.fmean(c[-1]["distance"] for c in cs),
-            "loss_gap": statistics.fmean(abs(c[-1]["nesterov"] - c[-1]["nadam"]) for c in cs),
         }
         for b2, cs in curves.items()
     }
     plot = line_plot(
         ctx.out / "nesterov_nadam.png",
-        {f"beta2 {b2:g}": ([p["step"] for p in cs[0]], [p["distance"] for p in cs[0]]) for b2, cs in curves.items()},
-        title="||Nesterov(Adam) - NAdam|| / ||NAdam's travel|| (first seed)",
+        {f"beta2 {b2:g}": ([p["step"] for p in cs[0]], [_gap(p) for p in cs[0]]) for b2, cs in curves.items()},
+        title="|val loss of Nesterov(Adam) - NAdam's| (first seed)",
         xlabel="step",
-        ylabel="distance",
+        ylabel="loss gap (nats)",
+        logy=True,
     )
-    rows = [[b2, v["distance"], v["loss_gap"]] for b2, v in final.items()]
+    rows = [[b2, v["loss_gap"], v["diverged"], v["distance"]] for b2, v in final.items()]
     return Outcome(
-        measured="relative distance of the iterates at the end: "
-        + ", ".join(f"beta2 {b2}: {v['distance']:.3f} (loss gap {v['loss_gap']:.4f})" for b2, v in final.items()),
+        measured="|val loss difference| at the end: "
+        + ", ".join(
+            f"beta2 {b2}: {v['loss_gap']:.4f}" + (f" ({v['diverged']} seed(s) diverged)" if v["diverged"] else "")
+            for b2, v in final.items()
+        ),
         values={
             "seeds": ctx.seeds,
             "final": final,
             "steady": f"{max(setup['beta2s']):g}",
             "low": f"{min(setup['beta2s']):g}",
         },
-        table=table(["beta2", "relative distance (mean)", "|val loss difference| (mean)"], rows),
+        table=table(["beta2", "|val loss difference| (mean)", "runs diverged", "weight distance / travel"], rows),
         plots=[plot],
     )
 
@@ -118,14 +129,12 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
 def decide(values: dict[str, Any]) -> str:
     if values["seeds"] < MIN_SEEDS:
         return inconclusive(f"{values['seeds']} seeds, the criterion needs {MIN_SEEDS}")
-    steady, low = values["final"][values["steady"]], values["final"][values["low"]]
-    if not all(math.isfinite(v) for v in (*steady.values(), *low.values())):
-        return inconclusive("a run diverged")
-    if low["distance"] >= PARTS * steady["distance"] and steady["loss_gap"] <= AGREE:
-        return HOLDS
-    if low["distance"] <= steady["distance"]:
+    steady, low = values["final"][values["steady"]]["loss_gap"], values["final"][values["low"]]["loss_gap"]
+    if steady > AGREE or low <= steady:
         return DOES_NOT_HOLD
-    return inconclusive("they part somewhat more at the low beta2, less than the criterion asks")
+    if low >= max(PARTS * steady, AGREE):
+        return HOLDS
+    return inconclusive("they part a little at the low beta2, less than the criterion asks")
 
 
 CLAIM = Claim(
@@ -137,10 +146,11 @@ CLAIM = Claim(
     paper="NAdam's in-numerator Nesterov ignores Adam's denominator: the same as Nesterov around Adam while the "
     "denominator is steady, wrong when it changes quickly (after loss spikes, low beta2)",
     criterion=f"same weights, same batches, the same lr, momentum {MU} in both (NAdam without its momentum "
-    f"warm-up); over >= {MIN_SEEDS} seeds: holds if the final distance of the real iterates (over NAdam's "
-    f"distance travelled) at the low beta2 is >= {PARTS:g}x that at beta2 0.999 and the val losses at 0.999 differ "
-    f"by <= {AGREE} nats; does not hold if the distance at the low beta2 is no larger; inconclusive otherwise. "
-    "Loss spikes are not provoked",
+    f"warm-up), no clipping; gap = |final val loss of one - the other's| (infinite if one diverged), mean over >= "
+    f"{MIN_SEEDS} seeds: holds if the gap at beta2 0.999 is <= {AGREE} nats and the gap at the grid's lowest beta2 "
+    f"is >= max({PARTS:g}x that, {AGREE}); does not hold if the gap at 0.999 is above {AGREE} or the low beta2's is "
+    "no larger; inconclusive otherwise. Loss spikes are not provoked; the weights' distance is shown, not judged "
+    "(two runs of a deep net drift apart in weight space even when their losses agree)",
     setup=SETUP,
     run=run,
     decide=decide,

@@ -34,7 +34,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     snoo = next(r["optimizer"] for r in summary["table"] if r["optimizer"] != base)
     iv = summary["compute_factor_interval"][snoo]
     rows = [
-        [r["optimizer"], r["final_val_loss"], f"{summary['compute_factor'].get(r['optimizer']) or 'n/a'}"]
+        [r["optimizer"], r["final_val_loss"], fmt_interval(summary["compute_factor_interval"].get(r["optimizer"]))]
         for r in summary["table"]
     ]
     regime = summary["regime"]
@@ -42,7 +42,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
         measured=f"compute factor {fmt_interval(iv)} at {regime['params']:,} parameters, "
         f"{regime['tokens_per_param']:.2g} tokens per parameter",
         values={"interval": iv, "tokens_per_param": regime["tokens_per_param"]},
-        table=table(["optimizer (tuned)", "final val loss (mean)", "compute factor"], rows),
+        table=table(["optimizer (tuned)", "final val loss (mean)", "compute factor (95% interval)"], rows),
         plots=["compare/ladder.png"] if (ctx.out / "compare" / "ladder.png").exists() else [],
     )
 
