@@ -3,6 +3,7 @@ each criterion decides synthetic measurements as it says; a second run with --re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from snoo import spec
-from snoo.lab import claims, experiments
+from snoo.lab import claims, experiments, train
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -280,3 +281,24 @@ def test_diloco_claim_reads_the_scale_out_summaries(tmp_path, monkeypatch):
     assert outcome.values["means"] == pytest.approx({"1": 2.0, "2": 2.21, "4": 2.41})
     assert diloco_workers.decide(outcome.values) == HOLDS
     assert (tmp_path / outcome.plots[0]).is_file()
+
+
+def test_a_claim_whose_contender_always_diverges_is_inconclusive(tmp_path, monkeypatch):
+    every = claims.registry()
+
+    def diverges(ctx, setup):
+        raise train.Diverged("every trial of adamw diverged while tuning")
+
+    patched = {**every, "gpa": dataclasses.replace(every["gpa"], run=diverges)}
+    monkeypatch.setattr(claims, "registry", lambda: patched)
+    result = claims.reproduce(["gpa"], scale="cpu", out=tmp_path, say=lambda s: None)["gpa"]
+    assert result["verdict"] == "inconclusive: a contender diverged in every run"
+    assert "every trial of adamw diverged" in result["measured"]
+    assert "inconclusive: a contender diverged" in (tmp_path / "report.md").read_text()
+
+
+def test_the_docs_list_every_claim():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reproduce.md").read_text()
+    for c in claims.registry().values():
+        assert f"| {c.number} | `{c.id}` |" in page, c.id
+    assert "## What holds at small scale" in page and "snoo reproduce --scale cpu" in page
