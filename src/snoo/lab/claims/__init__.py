@@ -251,11 +251,18 @@ def fmt_interval(iv: dict[str, Any] | None, unit: str = "x") -> str:
     return f"{iv['mean']:.3g}{unit} [{iv['low']:.3g}, {iv['high']:.3g}]"
 
 
+def md_cell(text: str) -> str:
+    """Text that stays one cell of a markdown table."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "diverged" if v == math.inf else str(v)
+        if isinstance(v, float) and math.isfinite(v):
+            return f"{v:.4f}"
+        return "diverged" if v == math.inf else md_cell(str(v))
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -296,8 +303,16 @@ def line_plot(
     return path.name
 
 
+def lab_device(cfg: TrainConfig) -> str:
+    """Where a claim's own model lives: ``cfg.device``, with "auto" a GPU when there is one (as ``train`` does)."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
 def lab_model(cfg: TrainConfig):
-    """The lab's model for ``cfg`` (seeded as a run's) and its corpus: for claims that look inside a model."""
+    """The lab's model for ``cfg`` (seeded as a run's, on :func:`lab_device`) and its corpus: for claims that look
+    inside a model."""
     import torch
 
     from snoo.lab.data import load_corpus
@@ -316,7 +331,16 @@ def lab_model(cfg: TrainConfig):
             tie_head=cfg.tie_head,
         )
     )
-    return model, corpus
+    return model.to(lab_device(cfg)), corpus
+
+
+def lab_batch(tokens, cfg: TrainConfig, seed: int, index: int):
+    """Batch ``index`` of ``tokens`` as a run seeded ``seed`` reads it (held-out batches: seed 0, index -1, -2, ...),
+    on :func:`lab_device`."""
+    from snoo.lab.data import get_batch
+
+    x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed, index)
+    return x.to(lab_device(cfg)), y.to(lab_device(cfg))
 
 
 def read_json(path: Path) -> Any:
@@ -404,7 +428,8 @@ def report(results: dict[str, dict], scale: str, wall: float) -> str:
         )
     lines += ["", "| claim | paper | measured | verdict |", "|---|---|---|---|"]
     for cid, r in results.items():
-        lines.append(f"| {claims[cid].number}. {cid} | {r['paper']} | {r['measured']} | **{r['verdict']}** |")
+        paper, measured = md_cell(r["paper"]), md_cell(r["measured"])
+        lines.append(f"| {claims[cid].number}. {cid} | {paper} | {measured} | **{r['verdict']}** |")
     for cid, r in results.items():
         c = claims[cid]
         lines += [

@@ -19,13 +19,14 @@ from snoo.lab.claims import (
     factor_verdict,
     fmt_interval,
     inconclusive,
+    lab_batch,
+    lab_device,
     lab_model,
     line_plot,
     read_json,
     table,
     write_json,
 )
-from snoo.lab.data import get_batch
 from snoo.lab.train import train
 
 BETAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -68,7 +69,7 @@ def _lookahead(ctx: Context, steps: list[int]) -> dict[str, Any]:
 
 def _rises(cfg, run_dir, steps: list[int]) -> dict[str, Any]:
     model, corpus = lab_model(cfg)
-    batches = [get_batch(corpus.val, cfg.batch_size, cfg.block_size, 0, -1 - i) for i in range(cfg.eval_batches)]
+    batches = [lab_batch(corpus.val, cfg, 0, -1 - i) for i in range(cfg.eval_batches)]
     params = list(model.parameters())
 
     def loss_at(point: list[torch.Tensor]) -> float:
@@ -79,8 +80,8 @@ def _rises(cfg, run_dir, steps: list[int]) -> dict[str, Any]:
 
     points = {}
     for t in steps:
-        before = torch.load(run_dir / f"ckpt-{t - 1}.pt", weights_only=True)
-        now = torch.load(run_dir / f"ckpt-{t}.pt", weights_only=True)
+        before = torch.load(run_dir / f"ckpt-{t - 1}.pt", map_location=lab_device(cfg), weights_only=True)
+        now = torch.load(run_dir / f"ckpt-{t}.pt", map_location=lab_device(cfg), weights_only=True)
         model.load_state_dict(before["model"])
         x_before = [p.clone() for p in params]
         model.load_state_dict(now["model"])

@@ -18,13 +18,13 @@ from snoo.lab.claims import (
     Context,
     Outcome,
     inconclusive,
+    lab_batch,
     lab_model,
     line_plot,
     read_json,
     table,
     write_json,
 )
-from snoo.lab.data import get_batch
 
 MU = 0.9  # the momentum of both
 LR = 2e-3  # the lr of both (the wrapper's real iterate moves by Adam's own update, so the same lr)
@@ -61,7 +61,7 @@ def _pair(ctx: Context, seed: int, beta2: float) -> dict[str, Any]:
     start = _flat(b)
     opt_a = spec.build(nesterov_spec(beta2), a)
     opt_b = torch.optim.NAdam(b.parameters(), lr=LR, betas=(MU, beta2), momentum_decay=1e9)  # mu_t = MU
-    val = [get_batch(corpus.val, cfg.batch_size, cfg.block_size, 0, -1 - i) for i in range(cfg.eval_batches)]
+    val = [lab_batch(corpus.val, cfg, 0, -1 - i) for i in range(cfg.eval_batches)]
     curve = []
     for step in range(cfg.steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -74,7 +74,7 @@ def _pair(ctx: Context, seed: int, beta2: float) -> dict[str, Any]:
             curve.append({"step": step, "nesterov": loss[0], "nadam": loss[1], "distance": apart})
         if step == cfg.steps:
             break
-        x, y = get_batch(corpus.train, cfg.batch_size, cfg.block_size, seed, step)
+        x, y = lab_batch(corpus.train, cfg, seed, step)
         for model, opt in ((a, opt_a), (b, opt_b)):
             model(x, y).backward()
             opt.step()
@@ -84,7 +84,7 @@ def _pair(ctx: Context, seed: int, beta2: float) -> dict[str, Any]:
 
 
 def _gap(point: dict[str, float]) -> float:
-    """|val loss of Nesterov(Adam) - NAdam's|; infinite when one of them diverged (they parted for good)."""
+    """The absolute difference of the two val losses; infinite when one of them diverged (they parted for good)."""
     gap = abs(point["nesterov"] - point["nadam"])
     return gap if math.isfinite(gap) else math.inf
 
@@ -103,14 +103,14 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     plot = line_plot(
         ctx.out / "nesterov_nadam.png",
         {f"beta2 {b2:g}": ([p["step"] for p in cs[0]], [_gap(p) for p in cs[0]]) for b2, cs in curves.items()},
-        title="|val loss of Nesterov(Adam) - NAdam's| (first seed)",
+        title="val loss gap, Nesterov(Adam) against NAdam (first seed)",
         xlabel="step",
         ylabel="loss gap (nats)",
         logy=True,
     )
     rows = [[b2, v["loss_gap"], v["diverged"], v["distance"]] for b2, v in final.items()]
     return Outcome(
-        measured="|val loss difference| at the end: "
+        measured="val loss gap (Nesterov(Adam) against NAdam) at the end: "
         + ", ".join(
             f"beta2 {b2}: {v['loss_gap']:.4f}" + (f" ({v['diverged']} seed(s) diverged)" if v["diverged"] else "")
             for b2, v in final.items()
@@ -121,7 +121,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
             "steady": f"{max(setup['beta2s']):g}",
             "low": f"{min(setup['beta2s']):g}",
         },
-        table=table(["beta2", "|val loss difference| (mean)", "runs diverged", "weight distance / travel"], rows),
+        table=table(["beta2", "val loss gap (mean)", "runs diverged", "weight distance / travel"], rows),
         plots=[plot],
     )
 
@@ -146,11 +146,12 @@ CLAIM = Claim(
     paper="NAdam's in-numerator Nesterov ignores Adam's denominator: the same as Nesterov around Adam while the "
     "denominator is steady, wrong when it changes quickly (after loss spikes, low beta2)",
     criterion=f"same weights, same batches, the same lr, momentum {MU} in both (NAdam without its momentum "
-    f"warm-up), no clipping; gap = |final val loss of one - the other's| (infinite if one diverged), mean over >= "
-    f"{MIN_SEEDS} seeds: holds if the gap at beta2 0.999 is <= {AGREE} nats and the gap at the grid's lowest beta2 "
-    f"is >= max({PARTS:g}x that, {AGREE}); does not hold if the gap at 0.999 is above {AGREE} or the low beta2's is "
-    "no larger; inconclusive otherwise. Loss spikes are not provoked; the weights' distance is shown, not judged "
-    "(two runs of a deep net drift apart in weight space even when their losses agree)",
+    "warm-up), no clipping; gap = the absolute difference of their final val losses (infinite if one diverged), "
+    f"mean over >= {MIN_SEEDS} seeds: holds if the gap at beta2 0.999 is <= {AGREE} nats and the gap at the "
+    f"grid's lowest beta2 is >= max({PARTS:g}x that, {AGREE}); does not hold if the gap at 0.999 is above "
+    f"{AGREE} or the lowest beta2's is no larger; inconclusive otherwise. Loss spikes are not provoked; the "
+    "weights' distance is shown, not judged (two runs of a deep net drift apart in weight space even when their "
+    "losses agree)",
     setup=SETUP,
     run=run,
     decide=decide,

@@ -21,11 +21,11 @@ from snoo.lab.claims import (
     difference_verdict,
     final_losses,
     inconclusive,
+    lab_batch,
     lab_model,
     line_plot,
     table,
 )
-from snoo.lab.data import get_batch
 
 MATCH = 0.03  # nats: "matches" allows the paper's own gap at 60M (30.81 vs 30.05 perplexity = 0.025 nats)
 MEMORY = 0.5  # the paper: about 1/3 to 1/2 of Adam's optimizer memory
@@ -39,7 +39,7 @@ def state_bytes(optimizer: str, cfg) -> int:
     """The bytes of an optimizer's state after one step on the lab's model (what it keeps besides the weights)."""
     model, corpus = lab_model(cfg)
     opt = spec.build(optimizer, model)
-    x, y = get_batch(corpus.train, cfg.batch_size, cfg.block_size, cfg.seed, 0)
+    x, y = lab_batch(corpus.train, cfg, cfg.seed, 0)
     model(x, y).backward()
     opt.step()
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
