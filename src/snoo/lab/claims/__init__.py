@@ -113,6 +113,9 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Claim:
+    """One claim: what it says and where, the paper's figure, and how it is tested (``run``) and judged
+    (``decide``, a pure function of ``Outcome.values``, fixed before any run)."""
+
     id: str
     number: int
     claim: str  # one sentence
