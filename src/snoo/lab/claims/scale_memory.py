@@ -100,6 +100,8 @@ def decide(values: dict[str, Any]) -> str:
         },
         sign=-1,
     )  # holds if SCALE - AdamW < MATCH with 95% confidence
+    if quality == inconclusive("no measurable difference"):
+        quality = inconclusive(f"the interval of SCALE minus AdamW reaches past +{MATCH} nats")
     closed = values["gap_closed"]
     parts = {
         "quality": quality,
