@@ -1,4 +1,5 @@
-"""``snoo`` command line: train, compare, sweep, scale-out, report. See docs/lab.md and docs/distributed.md.
+"""``snoo`` command line: train, compare, sweep, scale-out, scaling, reproduce, report. See docs/lab.md,
+docs/reproduce.md and docs/distributed.md.
 
 Bad input (an unknown optimizer, key or preset, a bad value, missing or empty data, an ``--out`` that cannot be
 written or is in use, a checkpoint of another run or a damaged one, a full disk) exits with status 2 and one line
@@ -215,6 +216,21 @@ def parser() -> argparse.ArgumentParser:
     _common(g, "runs/scaling", workers=False)
     _experiment_flags(g, BUDGETS, seeds=3, ladder="wsd")
     g.takes_specs = True
+    rp = sub.add_parser("reproduce", help="test the papers' claims one by one, each with a verdict (docs/reproduce.md)")
+    rp.add_argument("claims", nargs="*", metavar="CLAIM", help="claim ids or numbers (default: all; see --list)")
+    rp.add_argument("--list", action="store_true", help="print the claims with their sources and stop")
+    rp.add_argument(
+        "--scale",
+        choices=("quick", "cpu", "gpu"),
+        default="quick",
+        help="quick: a smoke test in seconds, decides nothing; cpu: the laptop run (under an hour); gpu: larger "
+        "presets (default quick)",
+    )
+    rp.add_argument("--seeds", type=int, help="seeds per measurement (default: 1 at quick, 3 at cpu and gpu)")
+    rp.add_argument("--out", help="output directory (default runs/reproduce)")
+    rp.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
+    rp.add_argument("--data", help="text file, directory or glob of text files, or a built-in corpus")
+    rp.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. threads=1")
     r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep, scaling or scale-out")
     r.add_argument("dir")
     return p
@@ -243,8 +259,35 @@ def _finish(summary: dict, out: Path) -> None:
     print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {', '.join(plots)}")
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from snoo.lab import claims
+
+    if args.list:
+        print(claims.describe())
+        return 0
+    settings: dict[str, Any] = {}
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UsageError(f"--set {item!r}: expected key=value")
+        settings[key] = _value(value)
+    if args.data:
+        settings["data"] = args.data
+    out = Path(args.out or "runs/reproduce")
+    results = claims.reproduce(
+        args.claims, scale=args.scale, seeds=args.seeds, out=out, resume=args.resume, settings=settings
+    )
+    width = max(len(c) for c in results)
+    print("\n" + "\n".join(f"{cid:<{width}}  {r['verdict']}" for cid, r in results.items()))
+    print(f"wrote {out / 'report.md'}, {out / 'claims.json'}")
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args)
+
     from snoo import spec
     from snoo.lab import experiments
     from snoo.lab.config import TrainConfig
