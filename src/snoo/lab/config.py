@@ -270,6 +270,19 @@ def _check_workers(cfg: TrainConfig) -> None:
         )
 
 
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model ``cfg`` trains, for a corpus of ``vocab_size`` tokens."""
+    return ModelConfig(
+        vocab_size=vocab_size,
+        block_size=cfg.block_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        flavour=cfg.flavour,
+        tie_head=cfg.tie_head,
+    )
+
+
 def identity(cfg: TrainConfig, corpus_sha256: str) -> dict[str, Any]:
     """What makes two runs the same run: every field but ``NOT_IDENTITY``, the optimizer with its defaults filled
     in, and the data by its contents (``corpus_sha256``), not by its path."""

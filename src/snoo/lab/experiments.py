@@ -30,7 +30,7 @@ from typing import Any
 from snoo import spec
 from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json
-from snoo.lab.config import TrainConfig, differences, identity, validate
+from snoo.lab.config import TrainConfig, differences, identity, model_config, validate
 from snoo.lab.data import fingerprint
 from snoo.lab.launch import run
 from snoo.lab.stats import compute_factor, fit_log_steps
@@ -684,19 +684,10 @@ def model_params(cfg: TrainConfig, vocab_size: int) -> int:
     """The parameter count of ``cfg``'s model (built on the meta device: no memory, no time)."""
     import torch
 
-    from snoo.lab.model import GPT, ModelConfig
+    from snoo.lab.model import GPT
 
-    model_cfg = ModelConfig(
-        vocab_size=vocab_size,
-        block_size=cfg.block_size,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_embd=cfg.n_embd,
-        flavour=cfg.flavour,
-        tie_head=cfg.tie_head,
-    )
     with torch.device("meta"):
-        return GPT(model_cfg).num_params()
+        return GPT(model_config(cfg, vocab_size)).num_params()
 
 
 def run_scaling(

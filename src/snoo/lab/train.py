@@ -20,10 +20,10 @@ import torch
 from snoo import spec
 from snoo.lab import checkpoint, workers
 from snoo.lab.checkpoint import Progress
-from snoo.lab.config import TrainConfig, identity, lr_schedule, validate
+from snoo.lab.config import TrainConfig, identity, lr_schedule, model_config, validate
 from snoo.lab.data import Corpus, check_size, get_batch, limit_unique, load_corpus
 from snoo.lab.logs import RunLog
-from snoo.lab.model import GPT, ModelConfig
+from snoo.lab.model import GPT
 from snoo.lab.workers import World
 
 EVAL_SEED = 0  # the held-out batches do not depend on the run's seed
@@ -174,16 +174,7 @@ def _model_and_optimizer(
 ) -> tuple[GPT, torch.optim.Optimizer]:
     """The init depends on the seed only, so every optimizer (and every rank) starts from the same weights."""
     torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig(
-        vocab_size=corpus.vocab_size,
-        block_size=cfg.block_size,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_embd=cfg.n_embd,
-        flavour=cfg.flavour,
-        tie_head=cfg.tie_head,
-    )
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_config(cfg, corpus.vocab_size)).to(device)
     distributed = world.size > 1
     opt = workers.build_optimizer(cfg, model) if distributed else spec.build(cfg.optimizer, model, track_norms=True)
     for group in opt.param_groups:

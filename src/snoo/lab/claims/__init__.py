@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snoo.lab.config import TrainConfig, make_config
+from snoo.lab.config import TrainConfig, make_config, model_config
 from snoo.lab.train import Diverged
 
 HOLDS = "holds"
@@ -320,21 +320,11 @@ def lab_model(cfg: TrainConfig):
     import torch
 
     from snoo.lab.data import load_corpus
-    from snoo.lab.model import GPT, ModelConfig
+    from snoo.lab.model import GPT
 
     corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
     torch.manual_seed(cfg.seed)
-    model = GPT(
-        ModelConfig(
-            vocab_size=corpus.vocab_size,
-            block_size=cfg.block_size,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            flavour=cfg.flavour,
-            tie_head=cfg.tie_head,
-        )
-    )
+    model = GPT(model_config(cfg, corpus.vocab_size))
     return model.to(lab_device(cfg)), corpus
 
 
