@@ -226,6 +226,25 @@ def combine(parts: dict[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------- helpers for claims
 
 
+def compare_pair(ctx: Context, name: str, baseline: str, other: str, setup: dict[str, Any]) -> tuple[dict, str]:
+    """``baseline`` against ``other`` in ``out/name`` at the scale's seeds, ladder and tuning trials (the setup's
+    ``budgets`` and ``ladder``); returns the summary and the name ``other`` has in it (its tuned SPEC when tuned)."""
+    from snoo.lab import experiments
+
+    summary = experiments.run_experiment(
+        "compare",
+        ctx.config(name),
+        [baseline, other],
+        seeds=ctx.seeds,
+        budgets=setup["budgets"],
+        ladder=setup["ladder"],
+        tune_trials=ctx.scale.tune_trials,
+        resume=ctx.resume,
+        say=ctx.say,
+    )
+    return summary, next(r["optimizer"] for r in summary["table"] if r["optimizer"] != summary["baseline"])
+
+
 def contender(summary: dict, optimizer: str) -> str:
     """The name an optimizer has in a summary (its tuned SPEC, when the experiment tuned it)."""
     for tuned, t in summary.get("tuning", {}).items():

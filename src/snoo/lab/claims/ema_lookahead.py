@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from snoo import spec
-from snoo.lab import experiments
 from snoo.lab.checkpoint import snapshot_name
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
@@ -17,6 +16,7 @@ from snoo.lab.claims import (
     Context,
     Outcome,
     combine,
+    compare_pair,
     factor_verdict,
     fmt_interval,
     inconclusive,
@@ -107,18 +107,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     lookahead = _lookahead(ctx, [max(2, round(f * steps)) for f in setup["points"]])
     accelerate = {}
     for base in setup["bases"]:
-        summary = experiments.run_experiment(
-            "compare",
-            ctx.config(f"accelerate-{base}"),
-            [base, f"ema_nesterov(scale_by_lr=true)+{base}"],
-            seeds=ctx.seeds,
-            budgets=setup["budgets"],
-            ladder=setup["ladder"],
-            tune_trials=ctx.scale.tune_trials,
-            resume=ctx.resume,
-            say=ctx.say,
-        )
-        ema = next(r["optimizer"] for r in summary["table"] if r["optimizer"] != summary["baseline"])
+        summary, ema = compare_pair(ctx, f"accelerate-{base}", base, f"ema_nesterov(scale_by_lr=true)+{base}", setup)
         accelerate[base] = summary["compute_factor_interval"][ema]
     points = lookahead["points"]
     series = {

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from snoo import spec
-from snoo.lab import experiments
-from snoo.lab.claims import Claim, Context, Outcome, factor_verdict, fmt_interval
+from snoo.lab.claims import Claim, Context, Outcome, compare_pair, factor_verdict, fmt_interval
 
 PAPER_LOW = 1.087  # 8.7% fewer steps (v3 of the paper)
 SPEC = "gpa+adamw"
@@ -22,18 +21,7 @@ SETUP = {
 def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     if "gpa" not in spec.NAMES:
         return Outcome(measured="not run: this version of snoo has no GPA", values={}, unavailable="GPA not available")
-    summary = experiments.run_experiment(
-        "compare",
-        ctx.config("compare"),
-        ["adamw", SPEC],
-        seeds=ctx.seeds,
-        budgets=setup["budgets"],
-        ladder=setup["ladder"],
-        tune_trials=ctx.scale.tune_trials,
-        resume=ctx.resume,
-        say=ctx.say,
-    )
-    gpa = next(r["optimizer"] for r in summary["table"] if r["optimizer"] != summary["baseline"])
+    summary, gpa = compare_pair(ctx, "compare", "adamw", SPEC, setup)
     iv = summary["compute_factor_interval"][gpa]
     return Outcome(
         measured=f"compute factor {fmt_interval(iv)} (steps saved: 1 - 1/factor)",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from snoo.lab import experiments
-from snoo.lab.claims import Claim, Context, Outcome, factor_verdict, fmt_interval, table
+from snoo.lab.claims import Claim, Context, Outcome, compare_pair, factor_verdict, fmt_interval, table
 
 PAPER_LOW = 1.4  # the smallest factor the paper reports
 
@@ -19,19 +18,7 @@ SETUP = {
 def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     # both contenders get the same tuning budget on a seed no reported run uses, then every seed is measured
     # against the same seed's ladder of the tuned AdamW
-    summary = experiments.run_experiment(
-        "compare",
-        ctx.config("compare"),
-        ["adamw", "snoo-adamw"],
-        seeds=ctx.seeds,
-        budgets=setup["budgets"],
-        ladder=setup["ladder"],
-        tune_trials=ctx.scale.tune_trials,
-        resume=ctx.resume,
-        say=ctx.say,
-    )
-    base = summary["baseline"]
-    snoo = next(r["optimizer"] for r in summary["table"] if r["optimizer"] != base)
+    summary, snoo = compare_pair(ctx, "compare", "adamw", "snoo-adamw", setup)
     iv = summary["compute_factor_interval"][snoo]
     rows = [
         [r["optimizer"], r["final_val_loss"], fmt_interval(summary["compute_factor_interval"].get(r["optimizer"]))]
