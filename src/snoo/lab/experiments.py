@@ -552,17 +552,17 @@ def _corpus_info(out: Path, runs: list[dict]) -> dict:
 
 
 def _regime(out: Path, runs: list[dict]) -> dict:
-    """Parameters, tokens and tokens per parameter of the 1x runs (what the paper calls the training regime)."""
+    """Parameters, tokens and tokens per parameter of the 1x runs (what the paper calls the training regime), as
+    each run's config.json records them."""
     run = next(r for r in runs if r["budget"] == 1.0)
-    config = json.loads((out / "runs" / run["dir"] / "config.json").read_text())
-    cfg = config["config"]
-    tokens = run["steps"] * cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * cfg.get("workers", 1)
-    params = config["params"]
+    config = read_json(out / "runs" / run["dir"] / "config.json")
+    tokens, train_tokens = config["tokens_planned"], config["corpus"].get("train_tokens")
     return {
-        "params": params,
+        "params": config["params"],
+        "params_non_embedding": config["params_non_embedding"],
         "tokens": tokens,
-        "tokens_per_param": tokens / params,
-        "epochs": tokens / config["corpus"]["train_tokens"] if config["corpus"].get("train_tokens") else None,
+        "tokens_per_param": config["tokens_per_param"],
+        "epochs": tokens / train_tokens if train_tokens else None,
     }
 
 
