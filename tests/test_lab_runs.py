@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,30 @@ def test_compare_resume_keys_finished_runs_on_the_data_contents(tmp_path, corpus
     assert capsys.readouterr().out.count("done before, kept") == 2
     data.write_text(LAB_TEXT.replace("x", "y"))  # same path, other contents
     refused([*args, "--data", str(data), "--resume"], capsys, "was trained with other settings", unchanged=out)
+
+
+def test_compare_resume_with_a_contender_added_keeps_every_finished_run(tmp_path, corpus_file, capsys):
+    """Directory names carry the job's index, so a contender added to the list renames the runs after it; --resume
+    finds them by their identity and trains only the new contender (docs/lab.md)."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "tiny", "--data", corpus_file, "--steps", "6", "--budgets", "1,1.5"]
+    args += ["--ladder", "wsd", "--seeds", "2", "--jobs", "1", "--out", str(out), "--no-progress"]
+    assert main([*args, "--optimizers", "adamw,snoo(k=2)+adamw"]) == 0
+    before = {
+        (r["optimizer"], r["seed"], r["budget"]): r for r in json.loads((out / "summary.json").read_text())["runs"]
+    }
+    capsys.readouterr()
+    assert main([*args, "--optimizers", "adamw,sgd(lr=0.1),snoo(k=2)+adamw", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert (
+        said.count("done before, kept") == len(before) and len(re.findall(r"^ +val loss", said, re.M)) == 2
+    )  # sgd, 2 seeds
+    assert said.count("moved there, kept") == 4  # seed 1's three runs, and seed 0's SNOO run
+    after = {
+        (r["optimizer"], r["seed"], r["budget"]): r for r in json.loads((out / "summary.json").read_text())["runs"]
+    }
+    assert {k: after[k]["final_val_loss"] for k in before} == {k: r["final_val_loss"] for k, r in before.items()}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(r["dir"] for r in after.values())
 
 
 # ---------------------------------------------------------------------------------------------- processes

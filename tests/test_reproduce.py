@@ -179,6 +179,7 @@ CASES = [
     (k_curve, k_values(), HOLDS),
     (k_curve, k_values(k={"1": 1.99, "5": 1.90, "20": 1.89, "200": 1.95}), DOES_NOT_HOLD),  # K 5 near the best
     (k_curve, k_values(k={"1": 1.99, "5": 1.98, "20": 1.95, "200": 1.90}), DOES_NOT_HOLD),  # K 200 best
+    (k_curve, k_values(k={"1": 2.30, "5": 2.20, "20": 1.90, "200": 1.95}), DOES_NOT_HOLD),  # K <= 5 far worse
     (k_curve, k_values(lr={"0.1": 1.89, "0.5": 1.90, "0.95": 1.96}), DOES_NOT_HOLD),  # the lowest lr best
     (k_curve, k_values(mom={"0.5": {"10": 1.9, "200": 2.0}, "0.9": {"10": 1.9, "200": 1.91}}), DOES_NOT_HOLD),
     (k_curve, k_values(baseline=1.895), "inconclusive: K curve: no K beats AdamW"),

@@ -104,6 +104,8 @@ def run_jobs(
         raise ValueError(f"--jobs must be at least 1, got {processes}")
     if processes > 1 and cfg.threads == 0:
         cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
+    if resume:
+        _adopt_finished(cfg, jobs, out, say)
     planned = check_jobs(cfg, jobs, out, resume)
 
     def start(i: int) -> tuple[TrainConfig, dict] | None:
@@ -140,6 +142,33 @@ def run_jobs(
                 finish(i, run(started[0], **started[1]))
         return
     _run_parallel(jobs, start, finish, processes)
+
+
+def _adopt_finished(cfg: TrainConfig, jobs: list[dict], out: Path, say: Callable[[str], None]) -> None:
+    """Move each finished run in ``out`` that is no job's directory but is a job's run (same identity: settings,
+    optimizer, steps, seed and data contents) to that job's directory, so that ``--resume`` keeps it. Directory
+    names carry the job's index: adding a contender to a finished experiment renames most of its runs."""
+    wanted = {job["dir"] for job in jobs}
+    spare = [
+        (d, recorded)
+        for d in sorted(p.parent for p in out.glob("*/result.json"))
+        if d.name not in wanted
+        and (d / "config.json").exists()
+        and isinstance(recorded := read_json(d / "config.json").get("run"), dict)
+    ]
+    if not spare:
+        return
+    corpus = fingerprint(cfg.data)
+    for job, (_, run_cfg, _) in zip(jobs, check_jobs(cfg, jobs, out, resume=False)):
+        target = out / job["dir"]
+        if target.exists():
+            continue
+        wanted_identity = identity(run_cfg, corpus)
+        match = next((i for i, (_, recorded) in enumerate(spare) if not differences(recorded, wanted_identity)), None)
+        if match is not None:
+            source, _ = spare.pop(match)
+            source.rename(target)
+            say(f"    {source.name} is the run of {job['dir']}: moved there, kept")
 
 
 def _run_job(run_cfg: TrainConfig, how: dict[str, Any]) -> dict:
