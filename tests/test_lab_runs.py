@@ -177,6 +177,22 @@ def test_compare_resume_keys_finished_runs_on_the_data_contents(tmp_path, corpus
     refused([*args, "--data", str(data), "--resume"], capsys, "was trained with other settings", unchanged=out)
 
 
+def test_runs_written_before_the_regime_was_recorded_still_summarize(tmp_path, corpus_file):
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "tiny", "--data", corpus_file, "--steps", "4", "--budgets", "1,2", "--seeds", "1"]
+    assert main([*args, "--jobs", "1", "--out", str(out), "--no-progress"]) == 0
+    regime = json.loads((out / "summary.json").read_text())["regime"]
+    for path in (out / "runs").glob("*/config.json"):
+        saved = json.loads(path.read_text())
+        for key in ("tokens_planned", "tokens_per_param", "params_non_embedding", "tokens_per_non_embedding_param"):
+            del saved[key]
+        path.write_text(json.dumps(saved))
+    again = experiments.summarize(out)["regime"]
+    assert again["tokens"] == regime["tokens"] and again["tokens_per_param"] == pytest.approx(
+        regime["tokens_per_param"]
+    )
+
+
 def test_compare_resume_with_a_contender_added_keeps_every_finished_run(tmp_path, corpus_file, capsys):
     """Directory names carry the job's index, so a contender added to the list renames the runs after it; --resume
     finds them by their identity and trains only the new contender (docs/lab.md)."""

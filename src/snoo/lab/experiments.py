@@ -582,15 +582,18 @@ def _corpus_info(out: Path, runs: list[dict]) -> dict:
 
 def _regime(out: Path, runs: list[dict]) -> dict:
     """Parameters, tokens and tokens per parameter of the 1x runs (what the paper calls the training regime), as
-    each run's config.json records them."""
+    each run's config.json records them (a run written before it recorded them: from its settings)."""
     run = next(r for r in runs if r["budget"] == 1.0)
     config = read_json(out / "runs" / run["dir"] / "config.json")
-    tokens, train_tokens = config["tokens_planned"], config["corpus"].get("train_tokens")
+    c = config["config"]
+    planned = c["steps"] * c["batch_size"] * c["block_size"] * c["grad_accum"] * c.get("workers", 1)
+    tokens = config.get("tokens_planned", planned)
+    train_tokens = config["corpus"].get("train_tokens")
     return {
         "params": config["params"],
-        "params_non_embedding": config["params_non_embedding"],
+        "params_non_embedding": config.get("params_non_embedding"),
         "tokens": tokens,
-        "tokens_per_param": config["tokens_per_param"],
+        "tokens_per_param": tokens / config["params"],
         "epochs": tokens / train_tokens if train_tokens else None,
     }
 
