@@ -157,6 +157,15 @@ def test_tune_reports_the_best_trial_on_an_unreported_seed(tmp_path, corpus_file
     assert "tuned adamw" in (tmp_path / "t" / "summary.md").read_text()
 
 
+def test_a_tuned_lr_at_the_edge_of_its_trials_is_flagged():
+    lrs = ["adamw(lr=0.001)", "adamw(lr=0.002)", "adamw(lr=0.004)"]
+    assert experiments._at_edge("adamw(lr=0.004)", lrs) and experiments._at_edge("adamw(lr=0.001)", lrs)
+    assert not experiments._at_edge("adamw(lr=0.002)", lrs)
+    assert not experiments._at_edge("adamw(lr=0.004)", lrs[1:])  # two trials have no inside
+    snoo = experiments.trials("snoo+adamw(lr=0.002)", 4)  # inner lr 1x and 2x only: no edge to speak of
+    assert not any(experiments._at_edge(t, snoo) for t in snoo)
+
+
 # ---------------------------------------------------------------------------------------------- scaling
 
 

@@ -310,8 +310,17 @@ def tune(
         if not ok:
             raise Diverged(f"every trial of {o} diverged while tuning: {', '.join(entry['trials'])}")
         entry["tuned"] = min(ok)[1]
-        say(f"tuned {o}: {entry['tuned']} ({min(ok)[0]:.4f})")
+        entry["at_edge"] = _at_edge(entry["tuned"], list(entry["trials"]))
+        edge = ": the best lr is at the edge of the trials, a wider sweep may find better" if entry["at_edge"] else ""
+        say(f"tuned {o}: {entry['tuned']} ({min(ok)[0]:.4f}){edge}")
     return tuned
+
+
+def _at_edge(best: str, trials: list[str]) -> bool:
+    """Whether ``best``'s base lr is the lowest or the highest of the trials' lrs (when they tried three or more)."""
+    lrs = sorted({spec.parse(t)[-1].params.get("lr") for t in trials} - {None})
+    lr = spec.parse(best)[-1].params.get("lr")
+    return len(lrs) >= 3 and lr in (lrs[0], lrs[-1])
 
 
 def ladder_jobs(baseline: str, budgets: Sequence[float], seed: int, steps: int, ladder: str, decay: float) -> list:
@@ -694,6 +703,7 @@ def _tuning_lines(summary: dict, experiment: dict) -> list[str]:
         lines.append(
             f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on seed "
             f"{experiment['seeds'][0] + TUNE_SEED_OFFSET} ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
+            + ("; its lr is at the edge of the trials, a wider sweep may find better" if t.get("at_edge") else "")
         )
     return lines
 
