@@ -54,6 +54,14 @@ def _results(out: Path) -> dict[str, Path]:
     return {str(p.relative_to(out)): p for p in out.rglob("*") if p.name in ("result.json", "lookahead.json")}
 
 
+def test_a_claim_measured_on_one_seed_says_so_whatever_the_seeds(tmp_path, corpus_file):
+    out = tmp_path / "rep"
+    argv = ["reproduce", "2", "--scale", "quick", "--seeds", "2", "--out", str(out), "--data", corpus_file]
+    assert main([*argv, "--set", "threads=1"]) == 0
+    assert json.loads((out / "claims.json").read_text())["k-curve"]["seeds"] == 1
+    assert "**Measured** (1 seed," in (out / "report.md").read_text()
+
+
 def test_quick_runs_every_claim_and_a_resumed_run_trains_nothing(tmp_path, corpus_file, monkeypatch, capsys):
     out = tmp_path / "rep"
     argv = ["reproduce", "--scale", "quick", "--out", str(out), "--data", corpus_file, "--set", "threads=1"]

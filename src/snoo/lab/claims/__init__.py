@@ -103,13 +103,15 @@ class Context:
 @dataclass
 class Outcome:
     """What a claim measured: ``measured``, one sentence beside the paper's; ``values``, what ``decide`` reads;
-    ``table``, markdown; ``plots``, PNG names in the report's directory; ``unavailable``: why it could not run."""
+    ``table``, markdown; ``plots``, PNG names in the report's directory; ``unavailable``: why it could not run;
+    ``seeds``: how many seeds the measurement used, where that is not ``--seeds``."""
 
     measured: str
     values: dict[str, Any]
     table: str = ""
     plots: list[str] = field(default_factory=list)
     unavailable: str | None = None
+    seeds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -415,7 +417,7 @@ def reproduce(
             "table": outcome.table,
             "plots": outcome.plots,
             "scale": scale,
-            "seeds": seeds,
+            "seeds": outcome.seeds or seeds,
             "wall_time": round(time.perf_counter() - t0, 1),
         }
         say(f"    claim {claim.number}: {verdict}")

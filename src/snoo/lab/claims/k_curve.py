@@ -95,6 +95,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
         values=values,
         table=table(["run", "final val loss"], rows),
         plots=plots,
+        seeds=1,
     )
 
 
