@@ -259,8 +259,8 @@ def test_compare_summary_and_report(tmp_path, corpus_file, capsys):
     assert code == 0 and "| snoo(k=5)+adamw |" in printed and "2 seeds" in printed
     summary = json.loads((out / "summary.json").read_text())
     runs = summary["runs"]
-    assert len(runs) == 2 * (5 + 1)  # per seed: the baseline at 5 budgets, SNOO at 1x
-    assert {r["steps"] for r in runs if r["optimizer"] == "adamw"} == {10, 12, 15, 20, 25}
+    assert len(runs) == 2 * (7 + 1)  # per seed: the baseline at 7 budgets, SNOO at 1x
+    assert {r["steps"] for r in runs if r["optimizer"] == "adamw"} == {5, 8, 10, 12, 15, 20, 25}
     for r in runs:
         assert {"optimizer", "seed", "steps", "final_val_loss", "weight_norm"} <= set(r)
         assert r["final_val_loss"] > 0 and r["weight_norm"] > 0

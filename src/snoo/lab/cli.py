@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from snoo.lab.config import TrainConfig
 
-BUDGETS = "1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
+BUDGETS = "0.5,0.75,1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
 LADDERS = ("cosine", "wsd")  # experiments.LADDERS, held equal by the same test
 JOBS = min(2, os.cpu_count() or 1)  # runs at once: one per core, each on one thread
 

@@ -36,7 +36,8 @@ from snoo.lab.launch import run
 from snoo.lab.stats import compute_factor, fit_log_steps
 from snoo.lab.train import Diverged
 
-BUDGETS = (1.0, 1.25, 1.5, 2.0, 2.5)
+# the baseline's budgets: below 1x too, so that a contender a little behind the baseline gets a factor, not "<1x"
+BUDGETS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
 TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr times these
 
 
