@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,6 +124,21 @@ def test_wsd_ladder_costs_less_and_its_branches_equal_runs_from_scratch(tmp_path
     assert evals(runs / branch["dir"])[-1] != evals(runs / trunk["dir"])[6]  # then the branch decayed
 
 
+def test_a_branch_whose_snapshot_an_older_snoo_wrote_trains_from_scratch_to_the_same_end(tmp_path, corpus_file):
+    cfg = tiny(tmp_path / "cmp", corpus_file, steps=20, eval_every=5, ckpt_every=100)
+    args = dict(budgets=(1.0, 2.0), ladder="wsd", say=lambda s: None)
+    first = experiments.run_experiment("compare", cfg, ["adamw"], **args)
+    trunk, branch = json.loads((tmp_path / "cmp" / "experiment.json").read_text())["jobs"]
+    snapshot = tmp_path / "cmp" / "runs" / trunk["dir"] / checkpoint.snapshot_name(branch["from_step"])
+    torch.save({"model": {}, "step": branch["from_step"]}, snapshot)  # no sha256, no run: an older format
+    assert "not a checkpoint of this lab" in checkpoint.unbranchable(snapshot)
+    shutil.rmtree(tmp_path / "cmp" / "runs" / branch["dir"])
+    said: list[str] = []
+    again = experiments.run_experiment("compare", cfg, ["adamw"], **{**args, "say": said.append}, resume=True)
+    assert any("from scratch" in line and "not a checkpoint of this lab" in line for line in said)
+    assert [r["final_val_loss"] for r in again["runs"]] == [r["final_val_loss"] for r in first["runs"]]
+
+
 def test_ladder_choice_is_checked(tmp_path, corpus_file):
     with pytest.raises(ValueError, match="ladder"):
         experiments.run_experiment("compare", tiny(tmp_path, corpus_file), ["adamw", "sgd"], ladder="linear")
@@ -162,8 +179,10 @@ def test_a_tuned_lr_at_the_edge_of_its_trials_is_flagged():
     assert experiments._at_edge("adamw(lr=0.004)", lrs) and experiments._at_edge("adamw(lr=0.001)", lrs)
     assert not experiments._at_edge("adamw(lr=0.002)", lrs)
     assert not experiments._at_edge("adamw(lr=0.004)", lrs[1:])  # two trials have no inside
-    snoo = experiments.trials("snoo+adamw(lr=0.002)", 4)  # inner lr 1x and 2x only: no edge to speak of
+    snoo = experiments.trials("snoo+adamw(lr=0.002)", 2)  # inner lr 1x and 2x only: no edge to speak of
     assert not any(experiments._at_edge(t, snoo) for t in snoo)
+    snoo = experiments.trials("snoo+adamw(lr=0.002)", 4)  # inner lr 0.5x, 1x and 2x: SNOO's lr has edges too
+    assert [experiments._at_edge(t, snoo) for t in snoo] == [False, True, True, False]
 
 
 # ---------------------------------------------------------------------------------------------- scaling

@@ -281,6 +281,16 @@ def keep_snapshot(out: Path, step: int) -> None:
     replace_atomically(out / snapshot_name(step), lambda tmp: shutil.copyfile(out / CHECKPOINT, tmp))
 
 
+def unbranchable(path: Path) -> str | None:
+    """Why the snapshot at ``path`` cannot start a branch (it cannot be read, was written by an older snoo, or says
+    no run wrote it), or None. Which run it must be of is checked by :func:`load_branch`."""
+    try:
+        record = _read_checkpoint(path, torch.device("cpu"))
+    except ValueError as e:
+        return str(e).rsplit(":", 1)[0]
+    return None if isinstance(record.get("run"), dict) else f"{path} does not say which run wrote it"
+
+
 def load_branch(
     path: Path,
     model: nn.Module,

@@ -120,10 +120,15 @@ def run_jobs(
             how["snapshots"] = tuple(job["snapshots"])
         branch = ""
         if "branch_of" in job:
+            # a branch is a shortcut: without a usable snapshot (the trunk diverged before it, or an older snoo wrote
+            # it) the branch trains from scratch, to the same end
             snapshot = out / job["branch_of"] / snapshot_name(job["from_step"])
-            if snapshot.exists():  # else the trunk diverged before it: the branch trains from scratch, to the same end
+            problem = checkpoint.unbranchable(snapshot) if snapshot.exists() else "no snapshot"
+            if problem is None:
                 how["start_from"] = snapshot
                 branch = f", from step {job['from_step']} of {job['branch_of']}"
+            elif snapshot.exists():
+                branch = f", from scratch ({problem})"
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
         say(
             f"[{i + 1}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
@@ -151,11 +156,9 @@ def _adopt_finished(cfg: TrainConfig, jobs: list[dict], out: Path, say: Callable
     names carry the job's index: adding a contender to a finished experiment renames most of its runs."""
     wanted = {job["dir"] for job in jobs}
     spare = [
-        (d, recorded)
+        (d, _recorded_identity(read_json(d / "config.json"), cfg))
         for d in sorted(p.parent for p in out.glob("*/result.json"))
-        if d.name not in wanted
-        and (d / "config.json").exists()
-        and isinstance(recorded := read_json(d / "config.json").get("run"), dict)
+        if d.name not in wanted and (d / "config.json").exists()
     ]
     if not spare:
         return
@@ -209,6 +212,17 @@ def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes
             raise
 
 
+def _recorded_identity(saved: dict, cfg: TrainConfig) -> dict:
+    """The identity a run's ``config.json`` (``saved``) records; for a run written before runs recorded it, the
+    one its settings give (its optimizer's defaults filled in as ``cfg``'s version of snoo fills them)."""
+    recorded = saved.get("run")
+    if isinstance(recorded, dict):
+        return recorded
+    config = saved.get("config", {})
+    optimizer = identity(dataclasses.replace(cfg, optimizer=config.get("optimizer", "")), "")["optimizer"]
+    return {**config, "corpus": saved.get("corpus", {}).get("sha256"), "optimizer": optimizer}
+
+
 def _same_config(cfg: TrainConfig, path: Path, corpus_sha256: str) -> bool:
     """Whether the run in ``path``'s directory was started with ``cfg`` on data of these contents (wherever its
     directory and its data were then, with or without a bar; a field that did not exist then had its default).
@@ -217,16 +231,7 @@ def _same_config(cfg: TrainConfig, path: Path, corpus_sha256: str) -> bool:
         if any((path.parent / name).exists() for name in checkpoint.RUN_FILES):
             raise ValueError(f"{path} is missing beside the files of an earlier run: start afresh with a new --out")
         return False
-    saved = read_json(path)
-    wanted = identity(cfg, corpus_sha256)
-    recorded = saved.get("run")
-    if not isinstance(recorded, dict):  # written before runs recorded their identity
-        config = saved.get("config", {})
-        recorded = {**config, "corpus": saved.get("corpus", {}).get("sha256")}
-        recorded["optimizer"] = identity(dataclasses.replace(cfg, optimizer=config.get("optimizer", "")), "")[
-            "optimizer"
-        ]
-    changed = differences(recorded, wanted)
+    changed = differences(_recorded_identity(read_json(path), cfg), identity(cfg, corpus_sha256))
     if changed:
         raise ValueError(
             f"{path.parent} was trained with other settings ({'; '.join(changed[:3])}): it is kept as it is; "
@@ -256,8 +261,9 @@ def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callabl
 #: the order in which a tuning budget of n trials takes multiples of a base optimizer's default lr
 LR_TRIALS = (1.0, 2.0, 0.5, 4.0, 0.25, 8.0)
 #: SNOO's trials: (inner lr as a multiple of its default, outer lr, outer momentum); the package default first, then
-#: the inner lr re-tuned, then the paper's ablation point (0.8, 0.75) and the published range's corners
-SNOO_TRIALS = ((1.0, 0.7, 0.5), (2.0, 0.7, 0.5), (1.0, 0.8, 0.75), (2.0, 0.8, 0.75), (0.5, 0.7, 0.5), (2.0, 0.5, 0.9))
+#: the inner lr re-tuned both ways as LR_TRIALS tunes a base optimizer's, then the paper's ablation point (0.8, 0.75)
+#: and the published range's corners
+SNOO_TRIALS = ((1.0, 0.7, 0.5), (2.0, 0.7, 0.5), (0.5, 0.7, 0.5), (1.0, 0.8, 0.75), (2.0, 0.8, 0.75), (2.0, 0.5, 0.9))
 TUNE_SEED_OFFSET = 1000  # tuning runs use seeds no reported run uses
 
 

@@ -38,8 +38,10 @@ RUN = "ema_nesterov(beta=0)+adamw"  # beta 0: AdamW's own trajectory, with the E
 
 SETUP = {
     "quick": dict(points=(0.3, 0.6, 0.9), bases=("adamw",), budgets=(1.0, 1.5), ladder="cosine"),
-    "cpu": dict(points=(0.1, 0.3, 0.6, 0.9), bases=("adamw",), budgets=(1.0, 1.25, 1.5, 2.0), ladder="wsd"),
-    "gpu": dict(points=(0.1, 0.3, 0.6, 0.9), bases=("adamw", "muon"), budgets=(1.0, 1.25, 1.5, 2.0), ladder="wsd"),
+    "cpu": dict(points=(0.1, 0.3, 0.6, 0.9), bases=("adamw",), budgets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), ladder="wsd"),
+    "gpu": dict(
+        points=(0.1, 0.3, 0.6, 0.9), bases=("adamw", "muon"), budgets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), ladder="wsd"
+    ),
 }
 
 

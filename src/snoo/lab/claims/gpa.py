@@ -13,8 +13,8 @@ SPEC = "gpa+adamw"
 
 SETUP = {
     "quick": dict(budgets=(1.0, 1.5), ladder="cosine"),
-    "cpu": dict(budgets=(1.0, 1.25, 1.5, 2.0), ladder="wsd"),
-    "gpu": dict(budgets=(1.0, 1.25, 1.5, 2.0), ladder="wsd"),
+    "cpu": dict(budgets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), ladder="wsd"),
+    "gpu": dict(budgets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), ladder="wsd"),
 }
 
 

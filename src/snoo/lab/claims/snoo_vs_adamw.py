@@ -10,8 +10,8 @@ PAPER_LOW = 1.4  # the smallest factor the paper reports
 
 SETUP = {
     "quick": dict(budgets=(1.0, 1.5), ladder="cosine"),
-    "cpu": dict(budgets=(1.0, 1.25, 1.5, 2.0, 2.5), ladder="wsd"),
-    "gpu": dict(budgets=(1.0, 1.25, 1.5, 2.0, 2.5), ladder="wsd"),
+    "cpu": dict(budgets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5), ladder="wsd"),
+    "gpu": dict(budgets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5), ladder="wsd"),
 }
 
 
