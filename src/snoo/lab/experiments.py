@@ -61,11 +61,15 @@ def _dirname(index: int, optimizer: str, budget: float, seed: int) -> str:
     return f"{index:02d}-{safe}-x{budget:g}-s{seed}"
 
 
-def check_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool) -> list[tuple[dict, TrainConfig, bool]]:
+def check_jobs(
+    cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, adopt: Callable[[str], None] | None = None
+) -> list[tuple[dict, TrainConfig, bool]]:
     """Each job ({optimizer, budget, seed, dir}, and optionally workers, parallel, snapshots and branch_of /
     from_step) with its config and whether an earlier run of it is there to keep or continue (with ``resume``).
     Every job's settings, and with ``resume`` every earlier run's, are checked here: a run directory of other
-    settings (another optimizer, steps, data contents, ...) is refused, never overwritten nor reported as done."""
+    settings (another optimizer, steps, data contents, ...) is refused, never overwritten nor reported as done.
+    With ``resume`` and ``adopt`` (where to say so), finished runs under other names are first moved to their jobs'
+    directories (:func:`_adopt_finished`)."""
     configs = [
         dataclasses.replace(
             cfg,
@@ -81,6 +85,8 @@ def check_jobs(cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool) -> l
     for run_cfg in configs:
         validate(run_cfg)
     corpus = fingerprint(cfg.data) if resume else ""
+    if resume and adopt is not None:
+        _adopt_finished(cfg, jobs, configs, corpus, out, adopt)
     return [
         (job, run_cfg, resume and _same_config(run_cfg, out / job["dir"] / "config.json", corpus))
         for job, run_cfg in zip(jobs, configs)
@@ -105,9 +111,7 @@ def run_jobs(
         raise ValueError(f"--jobs must be at least 1, got {processes}")
     if processes > 1 and cfg.threads == 0:
         cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
-    if resume:
-        _adopt_finished(cfg, jobs, out, say)
-    planned = check_jobs(cfg, jobs, out, resume)
+    planned = check_jobs(cfg, jobs, out, resume, adopt=say)
 
     def start(i: int) -> tuple[TrainConfig, dict] | None:
         """What job ``i`` trains, and how (``run``'s keywords); None: it is done already."""
@@ -150,20 +154,21 @@ def run_jobs(
     _run_parallel(jobs, start, finish, processes)
 
 
-def _adopt_finished(cfg: TrainConfig, jobs: list[dict], out: Path, say: Callable[[str], None]) -> None:
-    """Move each finished run in ``out`` that is no job's directory but is a job's run (same identity: settings,
-    optimizer, steps, seed and data contents) to that job's directory, so that ``--resume`` keeps it. Directory
-    names carry the job's index: adding a contender to a finished experiment renames most of its runs."""
+def _adopt_finished(
+    cfg: TrainConfig, jobs: list[dict], configs: list[TrainConfig], corpus: str, out: Path, say: Callable[[str], None]
+) -> None:
+    """Move each finished run in ``out`` that is no job's directory but is a job's run (same identity: ``configs``,
+    the jobs' configs, on data of sha256 ``corpus``) to that job's directory, so that ``--resume`` keeps it.
+    Directory names carry the job's index: adding a contender to a finished experiment renames most of its runs."""
     wanted = {job["dir"] for job in jobs}
     spare = [
         (d, _recorded_identity(read_json(d / "config.json"), cfg))
         for d in sorted(p.parent for p in out.glob("*/result.json"))
         if d.name not in wanted and (d / "config.json").exists()
     ]
-    if not spare:
-        return
-    corpus = fingerprint(cfg.data)
-    for job, (_, run_cfg, _) in zip(jobs, check_jobs(cfg, jobs, out, resume=False)):
+    for job, run_cfg in zip(jobs, configs):
+        if not spare:
+            return
         target = out / job["dir"]
         if target.exists():
             continue
