@@ -40,6 +40,7 @@ except ImportError:  # Windows: no lock
 
 CHECKPOINT = "ckpt.pt"  # one process
 SHARDED = "ckpt.dcp"  # several ranks
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "sha256"}  # what every checkpoint of this lab holds
 PROGRESS = "progress.json"  # written into a sharded checkpoint last: its presence says the checkpoint is whole
 LOCK = ".lock"
 #: what a run leaves in its directory; one of them there means a fresh run would overwrite an earlier one
@@ -283,11 +284,14 @@ def keep_snapshot(out: Path, step: int) -> None:
 
 def unbranchable(path: Path) -> str | None:
     """Why the snapshot at ``path`` cannot start a branch (it cannot be read, was written by an older snoo, or says
-    no run wrote it), or None. Which run it must be of is checked by :func:`load_branch`."""
+    no run wrote it), or None. Memory-mapped, so no tensor is read: its sha256 and which run it must be of are
+    checked by :func:`load_branch`, which reads it."""
     try:
-        record = _read_checkpoint(path, torch.device("cpu"))
-    except ValueError as e:
-        return str(e).rsplit(":", 1)[0]
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # an untrusted file: whatever torch's reader raises on it
+        return f"{path} cannot be read ({type(e).__name__})"
+    if not isinstance(record, dict) or not record.keys() >= CHECKPOINT_KEYS:
+        return f"{path} is not a checkpoint of this lab (an older snoo, or damaged)"
     return None if isinstance(record.get("run"), dict) else f"{path} does not say which run wrote it"
 
 
@@ -331,7 +335,7 @@ def _read_checkpoint(path: Path, device: torch.device) -> dict:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # an untrusted file: whatever torch's reader raises on it
         raise ValueError(f"{path} cannot be read ({type(e).__name__}): it is damaged; start afresh") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "sha256"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not ckpt.keys() >= CHECKPOINT_KEYS:
         raise ValueError(f"{path} is not a checkpoint of this lab (an older snoo, or damaged): start afresh")
     saved = ckpt.pop("sha256")
     if saved != digest(ckpt):
