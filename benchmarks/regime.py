@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from snoo.lab import experiments
+from snoo.lab import experiments, scaling
 from snoo.lab.data import get_batch, load_corpus
 from snoo.lab.model import GPT, ModelConfig
 
@@ -71,7 +71,7 @@ def main() -> None:
     )
     print("| model | params | ms per step | tokens/s | tokens per run in budget | tokens per parameter |")
     print("|---|---|---|---|---|---|")
-    for layers, width in experiments.parse_sizes(args.sizes):
+    for layers, width in scaling.parse_sizes(args.sizes):
         seconds, params = step_seconds(layers, width, args.batch, args.block, args.steps, args.repeats, tokens)
         rate = per_step / seconds
         run_tokens = rate * args.minutes * 60 * args.jobs / runs

@@ -39,6 +39,7 @@ from torch import nn
 import snoo
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
+from snoo.optim.wrapper import LR_TRIALS, Trial
 
 Params = nn.Module | Iterable[torch.Tensor]
 
@@ -61,6 +62,9 @@ class Entry:
     #: the optimizer keeps its own averaged iterate and wants no decaying lr schedule (schedule-free AdamW): it
     #: stands alone in a SPEC, and a trainer holds its lr constant after the warm-up (:func:`is_schedule_free`)
     schedule_free: bool = False
+    #: what ``--tune N`` tries (the first N): (multiple of the base optimizer's lr, this entry's own knobs); a wrapper's
+    #: are its class's ``tuning_trials``, a base optimizer's its lr alone
+    trials: tuple[Trial, ...] = LR_TRIALS
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,7 @@ def _registry() -> dict[str, Entry]:
                 cls,
                 f"snoo.{cls.__name__}",
                 getattr(cls, "hyperparameter_ranges", {}),
+                trials=cls.tuning_trials,
             )
         )
     return {e.name: e for e in entries}

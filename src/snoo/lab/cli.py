@@ -141,7 +141,9 @@ def _common(p: argparse.ArgumentParser, out: str, workers: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _experiment_flags(p: argparse.ArgumentParser, budgets: str, seeds: int = 1, ladder: str = "cosine") -> None:
+def _experiment_flags(
+    p: argparse.ArgumentParser, budgets: str, seeds: int = 1, ladder: str = "cosine", tune_seeds: int = 1
+) -> None:
     p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per optimizer (default {seeds})")
     p.add_argument("--budgets", default=budgets, help=f"baseline budgets, multiples of --steps (default {budgets})")
     p.add_argument("--tune-baseline", action="store_true", help="sweep the baseline lr first; use the best")
@@ -150,8 +152,16 @@ def _experiment_flags(p: argparse.ArgumentParser, budgets: str, seeds: int = 1, 
         type=int,
         default=0,
         metavar="N",
-        help="first give every optimizer N trial runs of its own knobs (AdamW: lr; SNOO: inner lr, outer lr, "
-        "momentum) on an unreported seed; compare the best of each (default 0: off)",
+        help="first give every optimizer N trial runs of its own knobs (AdamW: lr; a wrapper: the inner lr and its "
+        "own knobs, as its class declares) on unreported seeds; compare the best of each (default 0: off)",
+    )
+    p.add_argument(
+        "--tune-seeds",
+        type=int,
+        default=tune_seeds,
+        metavar="N",
+        help=f"seeds each tuning trial (and --tune-baseline) trains on, none of them reported; a trial's loss is their "
+        f"mean (default {tune_seeds})",
     )
     p.add_argument(
         "--ladder",
@@ -214,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sizes", default="2x64,4x64,4x128", help="LAYERSxWIDTH,... (default 2x64,4x64,4x128)")
     g.add_argument("--tokens-per-param", default="10", help="training tokens per parameter, one or more (default 10)")
     _common(g, "runs/scaling", workers=False)
-    _experiment_flags(g, BUDGETS, seeds=3, ladder="wsd")
+    _experiment_flags(g, BUDGETS, seeds=3, ladder="wsd", tune_seeds=2)
     g.takes_specs = True
     rp = sub.add_parser("reproduce", help="test the papers' claims one by one, each with a verdict (docs/reproduce.md)")
     rp.add_argument("claims", nargs="*", metavar="CLAIM", help="claim ids or numbers (default: all; see --list)")
@@ -327,6 +337,7 @@ def run(argv: list[str] | None = None) -> int:
         budgets=_budgets(args.budgets),
         tune_baseline=args.tune_baseline,
         tune_trials=args.tune,
+        tune_seeds=args.tune_seeds,
         ladder=args.ladder,
         resume=args.resume,
         processes=args.jobs,
@@ -335,10 +346,12 @@ def run(argv: list[str] | None = None) -> int:
         if args.tune_baseline:
             raise UsageError("scaling tunes with --tune N (every contender, every point), not --tune-baseline")
         del common["tune_baseline"]
-        summary = experiments.run_scaling(
+        from snoo.lab import scaling
+
+        summary = scaling.run_scaling(
             cfg,
             spec.split_list(args.optimizers or "adamw,snoo-adamw"),
-            sizes=experiments.parse_sizes(args.sizes),
+            sizes=scaling.parse_sizes(args.sizes),
             tokens_per_param=_budgets(args.tokens_per_param, "--tokens-per-param"),
             **common,
         )

@@ -24,7 +24,7 @@ BLOCK_BYTES = 1 << 16  # unit of the train/val split: every `val_every`-th block
 
 @dataclass
 class Corpus:
-    train: torch.Tensor  # token ids, 1-D: int64 from text, uint16 (memory-mapped) from .bin files
+    train: torch.Tensor  # token ids, 1-D: uint8 from bytes, int64 from BPE, uint16 (memory-mapped) from .bin files
     val: torch.Tensor
     vocab_size: int
     info: dict  # what produced these tokens: source, files, tokenizer, sha256, python version
@@ -69,9 +69,18 @@ def _header_files() -> list[Path]:
     return files
 
 
-#: corpora of different kinds that every Python installation ships, by name (``--data NAME``; a path of that name,
-#: if there is one, wins): the default and two held-out kinds of text, so a default is never tuned to one corpus
-BUILTIN_CORPORA = ("python-stdlib", "python-docs", "python-headers")
+def _torch_files() -> list[Path]:
+    """The Python source of the installed torch (about 46 MB for 2.13.0): the lab's one dependency that every
+    installation has, ten times the standard library, for the sizes whose runs need more tokens than it holds. Its
+    fingerprint pins the torch version it came from."""
+    root = Path(torch.__file__).parent
+    return sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix())
+
+
+#: built-in corpora, by name (``--data NAME``; a path of that name, if there is one, wins): text that every Python
+#: installation and the lab's own dependencies ship, so nothing is downloaded. The default and two held-out kinds of
+#: text, so a default is never tuned to one corpus, and a large one for the scaling study
+BUILTIN_CORPORA = ("python-stdlib", "python-docs", "python-headers", "torch-source")
 
 
 def _text_files(path: str) -> list[Path]:
@@ -134,7 +143,8 @@ def _sources(data: str | None) -> tuple[str, list[Path], list[bytes] | None]:
         name = data or "python-stdlib"
         if name == "python-docs":
             return name, [], _docs_texts()
-        return name, _header_files() if name == "python-headers" else default_corpus_files(), None
+        files = {"python-headers": _header_files, "torch-source": _torch_files}.get(name, default_corpus_files)
+        return name, files(), None
     return str(data), _text_files(data), None
 
 
@@ -168,7 +178,8 @@ def load_corpus(
         digest = hashlib.sha256(b"".join(raw))
         if tokenizer == "byte":
             buf = bytearray(b"".join(raw))
-            tokens = torch.frombuffer(buf, dtype=torch.uint8).to(torch.int64) if buf else torch.empty(0)
+            # bytes stay bytes (a batch widens its own windows): a 46 MB corpus is 46 MB, not 370
+            tokens = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
             vocab_size = 256
         else:
             tokens, vocab_size = _bpe_encode([r.decode("utf-8", errors="replace") for r in raw], bpe_vocab)

@@ -30,7 +30,7 @@ from typing import Any
 from snoo import spec
 from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json
-from snoo.lab.config import TrainConfig, differences, identity, model_config, validate
+from snoo.lab.config import TrainConfig, differences, identity, validate
 from snoo.lab.data import fingerprint
 from snoo.lab.launch import run
 from snoo.lab.stats import compute_factor, fit_log_steps
@@ -39,14 +39,6 @@ from snoo.lab.train import Diverged
 # the baseline's budgets: below 1x too, so that a contender a little behind the baseline gets a factor, not "<1x"
 BUDGETS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
 TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr times these
-
-
-# ---------------------------------------------------------------------------------------------- the math
-
-
-def steps_to_target(metrics: list[dict], target: float) -> int | None:
-    """First evaluated step whose val loss is at or below ``target`` (None: never)."""
-    return next((m["step"] for m in metrics if "val_loss" in m and m["val_loss"] <= target), None)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -245,17 +237,36 @@ def _same_config(cfg: TrainConfig, path: Path, corpus_sha256: str) -> bool:
     return True
 
 
-def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callable[[str], None]) -> float:
+TUNE_SEED_OFFSET = 1000  # tuning runs use seeds no reported run uses
+
+
+def tuning_seeds(cfg: TrainConfig, n: int = 1) -> list[int]:
+    """The seeds tuning trains on: ``n`` seeds that no reported run uses."""
+    return [cfg.seed + TUNE_SEED_OFFSET + i for i in range(n)]
+
+
+def _trial_losses(out: Path, jobs: list[dict], owner: list[str]) -> dict[str, float | None]:
+    """Each trial's final loss, the mean over its tuning seeds (None when any of them diverged)."""
+    losses: dict[str, list[float | None]] = {}
+    for o, job in zip(owner, jobs):
+        losses.setdefault(o, []).append(_load_result(out / job["dir"])["final_val_loss"])
+    return {o: None if None in v else statistics.fmean(v) for o, v in losses.items()}  # type: ignore[arg-type]
+
+
+def _tune(
+    cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callable[[str], None], seeds: int = 1
+) -> float:
     base = spec.parse(baseline)[-1]
     peak = base.params["lr"]
     lrs = [peak * f for f in TUNE_FACTORS]
-    jobs = [dict(optimizer=spec.override(spec.base(baseline), {"lr": lr}), budget=1.0, seed=cfg.seed) for lr in lrs]
+    names = [spec.override(spec.base(baseline), {"lr": lr}) for lr in lrs]
+    jobs = [dict(optimizer=o, budget=1.0, seed=s) for s in tuning_seeds(cfg, seeds) for o in names]
     for i, job in enumerate(jobs):
-        job["dir"] = _dirname(i, job["optimizer"], 1.0, cfg.seed)
-    say(f"tuning the baseline's lr over {', '.join(f'{lr:.3g}' for lr in lrs)}")
+        job["dir"] = _dirname(i, job["optimizer"], 1.0, job["seed"])
+    say(f"tuning the baseline's lr over {', '.join(f'{lr:.3g}' for lr in lrs)} on seeds {tuning_seeds(cfg, seeds)}")
     run_jobs(cfg, jobs, out / "tune", resume, say)
-    losses = [_load_result(out / "tune" / j["dir"])["final_val_loss"] for j in jobs]
-    ok = [(loss, lr) for loss, lr in zip(losses, lrs) if loss is not None]
+    losses = _trial_losses(out / "tune", jobs, [j["optimizer"] for j in jobs])
+    ok = [(losses[o], lr) for o, lr in zip(names, lrs) if losses[o] is not None]
     if not ok:
         raise Diverged(f"every lr of the baseline's sweep diverged ({', '.join(f'{lr:.3g}' for lr in lrs)})")
     best = min(ok)[1]
@@ -263,30 +274,20 @@ def _tune(cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callabl
     return best
 
 
-#: the order in which a tuning budget of n trials takes multiples of a base optimizer's default lr
-LR_TRIALS = (1.0, 2.0, 0.5, 4.0, 0.25, 8.0)
-#: SNOO's trials: (inner lr as a multiple of its default, outer lr, outer momentum); the package default first, then
-#: the inner lr re-tuned both ways as LR_TRIALS tunes a base optimizer's, then the paper's ablation point (0.8, 0.75)
-#: and the published range's corners
-SNOO_TRIALS = ((1.0, 0.7, 0.5), (2.0, 0.7, 0.5), (0.5, 0.7, 0.5), (1.0, 0.8, 0.75), (2.0, 0.8, 0.75), (2.0, 0.5, 0.9))
-TUNE_SEED_OFFSET = 1000  # tuning runs use seeds no reported run uses
-
-
 def trials(optimizer: str, n: int) -> list[str]:
-    """The first ``n`` settings of ``optimizer``'s own main knobs that ``--tune n`` tries: the base optimizer's lr;
-    for SNOO also its outer lr and momentum (``SNOO_TRIALS``). Fewer when the knobs have fewer settings."""
+    """The first ``n`` settings that ``--tune n`` tries for ``optimizer``: what its outermost stage declares
+    (``tuning_trials`` of a wrapper class; a base optimizer's lr alone), each a multiple of the base optimizer's lr
+    and settings of the outermost stage's own knobs. Fewer when the settings repeat."""
     stages = spec.parse(optimizer)
-    base = stages[-1]
+    base, outer = stages[-1], stages[0]
     if "lr" not in base.params:
         return [spec.canonical(optimizer)]
     lr = base.params["lr"]
-    if stages[0].name == "snoo":
-        points = [
-            {f"{base.name}.lr": lr * f, "snoo.lr": outer_lr, "snoo.momentum": m} for f, outer_lr, m in SNOO_TRIALS
-        ]
-    else:
-        points = [{f"{base.name}.lr": lr * f} for f in LR_TRIALS]
-    return list(dict.fromkeys(spec.override(optimizer, p) for p in points[:n]))
+    points = [
+        {f"{base.name}.lr": lr * f, **{f"{outer.name}.{k}": v for k, v in knobs.items()}}
+        for f, knobs in spec.NAMES[outer.name].trials[:n]
+    ]
+    return list(dict.fromkeys(spec.override(optimizer, p) for p in points))
 
 
 def tune(
@@ -297,26 +298,31 @@ def tune(
     resume: bool,
     say: Callable[[str], None],
     processes: int = 1,
+    seeds: int = 1,
 ) -> dict[str, dict]:
-    """Give every optimizer the same budget of ``n`` trial runs at 1x on a seed no reported run uses; return, by
-    optimizer, the best trial (``tuned``), every trial's final loss, and what the tuning cost (steps, wall time)."""
-    seed = cfg.seed + TUNE_SEED_OFFSET
+    """Give every optimizer the same budget of ``n`` trial runs at 1x, each on ``seeds`` seeds that no reported run
+    uses (a trial's loss is their mean); return, by optimizer, the best trial (``tuned``), every trial's final loss,
+    and what the tuning cost (steps, wall time)."""
     jobs, owner = [], []
-    for o in optimizers:
-        for t in trials(o, n):
-            jobs.append(dict(optimizer=t, budget=1.0, seed=seed))
-            owner.append(o)
+    for seed in tuning_seeds(cfg, seeds):
+        for o in optimizers:
+            for t in trials(o, n):
+                jobs.append(dict(optimizer=t, budget=1.0, seed=seed))
+                owner.append(o)
     for i, job in enumerate(jobs):
-        job["dir"] = _dirname(i, job["optimizer"], 1.0, seed)
-    say(f"tuning: {n} trial{'s' * (n > 1)} each on seed {seed}, {len(jobs)} runs")
+        job["dir"] = _dirname(i, job["optimizer"], 1.0, job["seed"])
+    on = f"seed {tuning_seeds(cfg)[0]}" if seeds == 1 else f"seeds {tuning_seeds(cfg, seeds)}"
+    say(f"tuning: {n} trial{'s' * (n > 1)} each on {on}, {len(jobs)} runs")
     run_jobs(cfg, jobs, out / "tune", resume, say, processes)
     tuned: dict[str, dict] = {}
     for o, job in zip(owner, jobs):
         r = _load_result(out / "tune" / job["dir"])
-        entry = tuned.setdefault(o, {"trials": {}, "steps": 0, "wall_time": 0.0})
-        entry["trials"][job["optimizer"]] = r["final_val_loss"]
+        entry = tuned.setdefault(o, {"trials": {}, "steps": 0, "wall_time": 0.0, "seeds": tuning_seeds(cfg, seeds)})
         entry["steps"] += r["steps"]
         entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
+    for o, entry in tuned.items():
+        mine = [(j, w) for j, w in zip(jobs, owner) if w == o]
+        entry["trials"] = _trial_losses(out / "tune", [j for j, _ in mine], [j["optimizer"] for j, _ in mine])
     for o, entry in tuned.items():
         ok = [(loss, t) for t, loss in entry["trials"].items() if loss is not None]
         if not ok:
@@ -364,6 +370,7 @@ def run_experiment(
     grid: dict[str, dict] | None = None,
     tune_baseline: bool = False,
     tune_trials: int = 0,
+    tune_seeds: int = 1,
     ladder: str = "cosine",
     resume: bool = False,
     processes: int = 1,
@@ -371,9 +378,11 @@ def run_experiment(
 ) -> dict:
     """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize.
 
-    ``tune_trials``: first give every optimizer that many trial runs of its own knobs (:func:`tune`) and compare the
-    best of each. ``ladder``: how the baseline's budgets are trained (:func:`ladder_jobs`); with ``wsd`` every run
-    uses the warm-up-stable-decay schedule with the same warm-up steps, so that the branches share the trunk.
+    ``tune_trials``: first give every optimizer that many trial runs of its own knobs (:func:`tune`), each on
+    ``tune_seeds`` seeds that no reported run uses, and compare the best of each; ``tune_baseline`` sweeps the
+    baseline's lr on the same seeds. ``ladder``: how the baseline's budgets are trained (:func:`ladder_jobs`); with
+    ``wsd`` every run uses the warm-up-stable-decay schedule with the same warm-up steps, so that the branches share
+    the trunk.
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
@@ -383,6 +392,8 @@ def run_experiment(
         raise ValueError(f"ladder must be one of {', '.join(LADDERS)}, got {ladder!r}")
     if tune_trials < 0:
         raise ValueError(f"--tune must be 0 (off) or a number of trials, got {tune_trials}")
+    if tune_seeds < 1:
+        raise ValueError(f"--tune-seeds must be at least 1, got {tune_seeds}")
     if ladder == "wsd":
         cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=round(cfg.warmup * cfg.steps))
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
@@ -398,6 +409,7 @@ def run_experiment(
             grid=grid,
             tune_baseline=tune_baseline,
             tune_trials=tune_trials,
+            tune_seeds=tune_seeds,
             ladder=ladder,
             resume=resume,
             processes=processes,
@@ -420,6 +432,7 @@ def _run_experiment(
     grid: dict[str, dict] | None,
     tune_baseline: bool,
     tune_trials: int,
+    tune_seeds: int,
     ladder: str,
     resume: bool,
     processes: int,
@@ -438,12 +451,12 @@ def _run_experiment(
     }
     renamed = {o: o for o in optimizers}
     if tune_baseline:
-        lr = _tune(cfg, optimizers[0], out, resume, say)
+        lr = _tune(cfg, optimizers[0], out, resume, say, tune_seeds)
         base_name = spec.parse(optimizers[0])[-1].name
         renamed = {o: spec.override(o, {f"{base_name}.lr": lr}) for o in optimizers}
         experiment["tuned_lr"] = lr
     if tune_trials:
-        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes)
+        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes, tune_seeds)
         experiment["tuning"] = {tuned[r]["tuned"]: {"from": o, **tuned[r]} for o, r in renamed.items()}
         renamed = {o: tuned[r]["tuned"] for o, r in renamed.items()}
     if renamed != {o: o for o in optimizers}:
@@ -495,7 +508,9 @@ def summarize(out: Path | str) -> dict:
     if experiment["kind"] == "scale-out":
         return _summarize_scale_out(out, experiment)
     if experiment["kind"] == "scaling":
-        return _summarize_scaling(out, experiment)
+        from snoo.lab.scaling import summarize_scaling  # the study is built on this module
+
+        return summarize_scaling(out, experiment)
     steps, baseline, seeds = experiment["steps"], experiment["baseline"], experiment["seeds"]
     runs, curves = [], {}
     for job in experiment["jobs"]:
@@ -524,8 +539,7 @@ def summarize(out: Path | str) -> dict:
     ladder = {s: [final(baseline, s, b) for b in budgets] for s in seeds}
     budget_losses = [statistics.fmean(ladder[s][i] for s in seeds) for i in range(len(budgets))]
     fit_ok = all(math.isfinite(x) for x in budget_losses) and len(base_steps) > 1
-    target = budget_losses[budgets.index(1.0)]
-    table, compute, to_target, intervals, differences = [], {}, {}, {}, {}
+    table, compute, intervals, differences = [], {}, {}, {}
     for o in experiment["optimizers"]:
         losses = [final(o, s) for s in seeds]
         finite = all(math.isfinite(x) for x in losses)
@@ -541,11 +555,6 @@ def summarize(out: Path | str) -> dict:
             intervals[o] = {"per_seed": per_seed, **stats.factor_interval(per_seed)}
             if finite and all(math.isfinite(ladder[s][budgets.index(1.0)]) for s in seeds):
                 differences[o] = stats.difference_interval(losses, [ladder[s][budgets.index(1.0)] for s in seeds])
-        reached = [
-            steps_to_target(curves[r["dir"]], target) for r in runs if r["optimizer"] == o and r["budget"] == 1.0
-        ]
-        usable = math.isfinite(target) and reached and None not in reached and min(reached) > 0
-        to_target[o] = steps / statistics.fmean(reached) if usable else None
         table.append(
             {
                 "optimizer": o,
@@ -580,7 +589,6 @@ def summarize(out: Path | str) -> dict:
         "compute_factor": compute,
         "compute_factor_interval": intervals,
         "loss_difference": differences,
-        "steps_to_target": {"target": target, "speedup": to_target},
         "corpus": _corpus_info(out, runs),
         "regime": _regime(out, runs),
     }
@@ -616,6 +624,9 @@ def _regime(out: Path, runs: list[dict]) -> dict:
         "tokens": tokens,
         "tokens_per_param": tokens / config["params"],
         "epochs": tokens / train_tokens if train_tokens else None,
+        "epochs_largest_rung": max(r["steps"] for r in runs) / run["steps"] * tokens / train_tokens
+        if train_tokens
+        else None,
     }
 
 
@@ -635,7 +646,13 @@ def _factor_cell(summary: dict, optimizer: str) -> str:
         return f"{bounds} (per seed; {iv['verdict']})" if iv.get("bounds") else _factor(None)
     if iv["low"] is None:
         return f"{iv['mean']:.2f}x (1 seed)"
-    return f"{iv['mean']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
+    cell = f"{iv['mean']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
+    if iv.get("detectable"):
+        cell += f" (could detect {iv['detectable']:.2f}x)"
+    if iv.get("censored"):
+        k = len(iv["censored"])
+        cell += f"; {k} seed{'s' * (k > 1)} beyond the ladder ({', '.join(iv['censored'])}), counted at the bound"
+    return cell
 
 
 def _difference_cell(summary: dict, optimizer: str) -> str:
@@ -655,6 +672,8 @@ def markdown(summary: dict, experiment: dict) -> str:
     cfg = experiment["config"]
     n = len(summary["seeds"])
     epochs = f", {g['epochs']:.2g} epochs" if g.get("epochs") else ""
+    if g.get("epochs_largest_rung"):
+        epochs += f" ({g['epochs_largest_rung']:.2g} at the largest rung)"
     ladder = len(summary["baseline_budgets"]) > 1  # else there is no ruler, and no compute factor
     lines = [
         f"{experiment['kind']}: {cfg['n_layer']} layers x {cfg['n_embd']} ({c['params']:,} params, {cfg['flavour']}), "
@@ -688,7 +707,9 @@ def markdown(summary: dict, experiment: dict) -> str:
         "",
         f"baseline ladder ({summary['ladder']}): "
         + ", ".join(
-            f"{b['budget']:g}x ({b['steps']} steps) {b['final_val_loss']:.4f}" for b in summary["baseline_budgets"]
+            f"{b['budget']:g}x ({b['steps']} steps) {b['final_val_loss']:.4f}"
+            + (" (over one epoch)" if g.get("epochs") and b["budget"] * g["epochs"] > 1 else "")
+            for b in summary["baseline_budgets"]
         ),
     ]
     if summary["fit"]:
@@ -706,6 +727,10 @@ def markdown(summary: dict, experiment: dict) -> str:
     return "\n".join(lines + _tuning_lines(summary, experiment))
 
 
+def _seeds_text(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (trial loss: their mean)"
+
+
 def _tuning_lines(summary: dict, experiment: dict) -> list[str]:
     """What the tuning chose, and what it cost."""
     lines = []
@@ -713,183 +738,12 @@ def _tuning_lines(summary: dict, experiment: dict) -> list[str]:
         lines.append(f"baseline lr tuned by --tune-baseline: {summary['tuned_lr']:.3g}")
     for tuned, t in summary.get("tuning", {}).items():
         lines.append(
-            f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on seed "
-            f"{experiment['seeds'][0] + TUNE_SEED_OFFSET} ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
+            f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on "
+            + _seeds_text(t.get("seeds", [experiment["seeds"][0] + TUNE_SEED_OFFSET]))
+            + f" ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
             + ("; its lr is at the edge of the trials, a wider sweep may find better" if t.get("at_edge") else "")
         )
     return lines
-
-
-# ---------------------------------------------------------------------------------------------- scaling
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """``"2x64,4x64,4x128"`` -> [(layers, width), ...] (heads: one per 32 of width)."""
-    sizes = []
-    for item in text.split(","):
-        layers, x, width = item.strip().partition("x")
-        if not x or not layers.isdigit() or not width.isdigit() or int(width) % 32 or int(layers) < 1:
-            raise ValueError(f"--sizes item {item!r}: expected LAYERSxWIDTH with a width that is a multiple of 32")
-        sizes.append((int(layers), int(width)))
-    return sizes
-
-
-def model_params(cfg: TrainConfig, vocab_size: int) -> int:
-    """The parameter count of ``cfg``'s model (built on the meta device: no memory, no time)."""
-    import torch
-
-    from snoo.lab.model import GPT
-
-    with torch.device("meta"):
-        return GPT(model_config(cfg, vocab_size)).num_params()
-
-
-def run_scaling(
-    cfg: TrainConfig,
-    optimizers: list[str],
-    *,
-    sizes: Sequence[tuple[int, int]],
-    tokens_per_param: Sequence[float],
-    seeds: int = 1,
-    budgets: Sequence[float] = BUDGETS,
-    ladder: str = "cosine",
-    tune_trials: int = 0,
-    resume: bool = False,
-    processes: int = 1,
-    say: Callable[[str], None] = print,
-) -> dict:
-    """The compute factor against model size and run length: one ``compare`` per (size, tokens per parameter), each
-    with its own ladder (and, with ``tune_trials``, every contender tuned for that size and length), into
-    ``OUT/LxW-rR``; then one table, one plot and a fitted trend of log-factor against log-parameters."""
-    from snoo.lab.data import load_corpus
-
-    if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
-        raise ValueError("scaling needs at least one size and positive tokens per parameter")
-    vocab = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab).vocab_size
-    out = Path(cfg.out)
-    points = []
-    for layers, width in sizes:
-        for ratio in tokens_per_param:
-            point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
-            params = model_params(point, vocab)
-            tokens_per_step = point.batch_size * point.block_size * point.grad_accum
-            steps = max(1, round(ratio * params / tokens_per_step))
-            name = f"{layers}x{width}-r{ratio:g}"
-            point = dataclasses.replace(
-                point,
-                steps=steps,
-                eval_every=max(1, steps // 10),
-                ckpt_every=max(1, steps // 4),
-                log_every=max(1, steps // 50),
-                out=str(out / name),
-            )
-            validate(point)
-            points.append((name, layers, width, ratio, params, point))
-    experiment = {
-        "kind": "scaling",
-        "optimizers": [spec.canonical(o) for o in optimizers],
-        "points": [
-            {"name": n, "n_layer": lay, "n_embd": w, "tokens_per_param": r, "params": p, "steps": c.steps}
-            for n, lay, w, r, p, c in points
-        ],
-        "seeds": [cfg.seed + s for s in range(seeds)],
-        "ladder": ladder,
-        "tune_trials": tune_trials,
-        "config": dataclasses.asdict(cfg),
-    }
-    with checkpoint.claimed(out, fresh=not resume, earlier=("experiment.json",)):
-        write_json(experiment, out / "experiment.json")
-        for i, (name, *_, params, point) in enumerate(points, 1):
-            say(f"=== scaling point {i}/{len(points)}: {name}, {params:,} params, {point.steps} steps")
-            run_experiment(
-                "compare",
-                point,
-                optimizers,
-                seeds=seeds,
-                budgets=budgets,
-                ladder=ladder,
-                tune_trials=tune_trials,
-                resume=resume,
-                processes=processes,
-                say=say,
-            )
-        return summarize(out)
-
-
-def _summarize_scaling(out: Path, experiment: dict) -> dict:
-    rows = []
-    for point in experiment["points"]:
-        path = out / point["name"] / "summary.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the point did not finish (continue it with --resume)")
-        s = json.loads(path.read_text())
-        for row in s["table"]:
-            o = row["optimizer"]
-            if o == s["baseline"]:
-                continue
-            iv = s["compute_factor_interval"][o]
-            rows.append(
-                {
-                    "point": point["name"],
-                    "optimizer": o,
-                    "baseline": s["baseline"],
-                    "contender": s["tuning"][o]["from"] if "tuning" in s else o,
-                    "params": s["regime"]["params"],
-                    "tokens_per_param": s["regime"]["tokens_per_param"],
-                    "final_val_loss": row["final_val_loss"],
-                    "baseline_val_loss": s["table"][0]["final_val_loss"],
-                    "compute_factor": s["compute_factor"][o],
-                    "interval": {k: iv.get(k) for k in ("mean", "low", "high", "verdict")},
-                }
-            )
-    trends = {}
-    for contender in dict.fromkeys(r["contender"] for r in rows):
-        xs = [
-            (math.log(r["params"]), math.log(r["compute_factor"]))
-            for r in rows
-            if r["contender"] == contender and isinstance(r["compute_factor"], float)
-        ]
-        if len({x for x, _ in xs}) >= 3:  # two points always fit a line: no trend to speak of
-            a, b = fit_log_steps([math.exp(x) for x, _ in xs], [y for _, y in xs])
-            trends[contender] = {
-                "log_factor": {"a": a, "b": b},
-                "predicted_at_124M": math.exp(a + b * math.log(124e6)),
-                "points": len(xs),
-            }
-    summary = {"kind": "scaling", "rows": rows, "trend": trends, "seeds": experiment["seeds"]}
-    write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text(markdown_scaling(summary, experiment) + "\n")
-    plots.scaling_plot(out, summary)
-    return summary
-
-
-def markdown_scaling(summary: dict, experiment: dict) -> str:
-    cfg = experiment["config"]
-    n = len(summary["seeds"])
-    lines = [
-        f"scaling: {len(experiment['points'])} points (model size x tokens per parameter), batch "
-        f"{cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens, "
-        f"{'wsd' if experiment['ladder'] == 'wsd' else cfg['schedule']} schedule, {experiment['ladder']} ladder, "
-        f"{experiment['tune_trials'] or 'no'} tuning trials per contender, corpus {cfg['data'] or 'python-stdlib'}; "
-        f"{n} seed{'s' * (n > 1)} per point; every point's ladder and tuning are its own",
-        "",
-        "| point | params | tokens per param | contender | final val loss | baseline | compute factor | interval |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary["rows"]:
-        iv = r["interval"]
-        ci = f"[{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}" if iv["low"] is not None else iv["verdict"]
-        lines.append(
-            f"| {r['point']} | {r['params']:,} | {r['tokens_per_param']:.3g} | {r['optimizer']} "
-            f"| {r['final_val_loss']:.4f} | {r['baseline_val_loss']:.4f} | {_factor(r['compute_factor'])} | {ci} |"
-        )
-    for contender, t in summary["trend"].items():
-        lines.append(
-            f"\ntrend of {contender}: ln(factor) = {t['log_factor']['a']:.3f} {t['log_factor']['b']:+.4f} * ln(params) "
-            f"over {t['points']} points; extrapolated to GPT-2 124M: {t['predicted_at_124M']:.2f}x (an extrapolation, "
-            f"for a GPU run to test, not a measurement)"
-        )
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- scale-out

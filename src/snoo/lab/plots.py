@@ -300,7 +300,7 @@ def scaling_plot(out: Path, summary: dict) -> None:
     for contender, t in summary["trend"].items():
         xs = sorted({r["params"] for r in rows if r["contender"] == contender})
         a, b = t["log_factor"]["a"], t["log_factor"]["b"]
-        ax.plot(xs, [math.exp(a + b * math.log(x)) for x in xs], ":", color="grey", label=f"trend: {contender}")
+        ax.plot(xs, [math.exp(a + b * math.log(x)) for x in xs], ":", color="grey", label=f"fitted trend: {contender}")
     ax.axhline(1.0, color="tab:blue", lw=1.2, label="baseline (1x)")
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
@@ -310,4 +310,46 @@ def scaling_plot(out: Path, summary: dict) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+
+
+def frontier_plot(out: Path, summary: dict) -> None:
+    """The paper's way: final loss against training FLOPs (log scale), each size's seeds as a mean with min-max
+    bars, and each optimizer's fitted frontier ``E + A (C/C0)^-alpha`` over the measured range only."""
+    if not summary.get("frontier"):
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    palette = ("tab:orange", "tab:green", "tab:red", "tab:purple")
+    for i, f in enumerate(summary["frontier"].values()):
+        lo, hi = min(p["flops"] for p in f["points"]), max(p["flops"] for p in f["points"])
+        grid = [lo * (hi / lo) ** (j / 60) for j in range(61)]
+        for key, fit, colour, label in (
+            ("baseline", f["baseline_fit"], "tab:blue", "baseline"),
+            ("contender", f["contender_fit"], palette[i % len(palette)], f["contender"]),
+        ):
+            xs = [p["flops"] for p in f["points"]]
+            ys = [statistics.fmean(p[key]) for p in f["points"]]
+            err = [
+                [y - min(p[key]) for y, p in zip(ys, f["points"])],
+                [max(p[key]) - y for y, p in zip(ys, f["points"])],
+            ]
+            ax.errorbar(xs, ys, yerr=err, fmt="o", color=colour, capsize=3, ms=4)
+            curve = [fit["e"] + fit["a"] * (c / fit["c0"]) ** -fit["alpha"] for c in grid]
+            ax.plot(grid, curve, "-", color=colour, lw=1.2, label=f"{label} ({f['tokens_per_param']:g} tokens/param)")
+        ax.plot(
+            [],
+            [],
+            " ",
+            label=f"factor at the largest size: {f['factor']:.2f}x "
+            f"[{f['interval']['low']:.2f}, {f['interval']['high']:.2f}]",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (log scale)")
+    ax.set_ylabel("final val loss (lower is better)")
+    ax.set_title("loss against compute, one point per model size (bars: min-max over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
     plt.close(fig)

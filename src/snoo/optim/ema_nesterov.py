@@ -14,7 +14,7 @@ from snoo import checks
 from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
 from snoo.optim.schedules import Coefficient, lr_ratio, value_at
 from snoo.optim.tensors import foreach_copy_
-from snoo.optim.wrapper import LookaheadPointWrapper, as_state_tensors
+from snoo.optim.wrapper import LookaheadPointWrapper, Trial, as_state_tensors
 
 
 class EMANesterov(LookaheadPointWrapper):
@@ -88,6 +88,15 @@ class EMANesterov(LookaheadPointWrapper):
         "rest_steps": NON_NEGATIVE,
         "total_steps": POSITIVE,
     }
+    #: the published (beta, gamma) = (0.5, 0.99) with the inner lr both ways, then a shorter lookahead and a faster EMA
+    tuning_trials: ClassVar[tuple[Trial, ...]] = (
+        (1.0, {"beta": 0.5, "gamma": 0.99}),
+        (2.0, {"beta": 0.5, "gamma": 0.99}),
+        (0.5, {"beta": 0.5, "gamma": 0.99}),
+        (1.0, {"beta": 0.25, "gamma": 0.99}),
+        (1.0, {"beta": 0.5, "gamma": 0.95}),
+        (2.0, {"beta": 0.25, "gamma": 0.99}),
+    )
 
     def __init__(
         self,

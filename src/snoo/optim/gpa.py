@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from snoo import checks
 from snoo.optim.tensors import foreach_copy_
-from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.wrapper import Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
 #: :math:`\mu_y \in [0, 1]`: 1 takes the gradients at the average (primal averaging).
 MU_Y_RANGE = checks.Range(0, 1)
@@ -82,6 +82,16 @@ class GPA(Wrapper):
         "mu_y": MU_Y_RANGE,
         "mu_x": MU_X_RANGE,
     }
+    #: the published (mu_y, mu_x) = (0.7, 0.9967) with the inner lr both ways, then a gradient point nearer z and a
+    #: shorter average (0.9 ** (1/8): DiLoCo's 8 local steps)
+    tuning_trials: ClassVar[tuple[Trial, ...]] = (
+        (1.0, {"mu_y": 0.7, "mu_x": 0.9967}),
+        (2.0, {"mu_y": 0.7, "mu_x": 0.9967}),
+        (0.5, {"mu_y": 0.7, "mu_x": 0.9967}),
+        (1.0, {"mu_y": 0.5, "mu_x": 0.9967}),
+        (1.0, {"mu_y": 0.7, "mu_x": 0.9869}),
+        (2.0, {"mu_y": 0.5, "mu_x": 0.9967}),
+    )
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from snoo import checks
 from snoo.checks import NON_NEGATIVE, UNIT, is_number
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.tensors import foreach_copy_
-from snoo.optim.wrapper import LookaheadPointWrapper, as_state_tensors
+from snoo.optim.wrapper import LookaheadPointWrapper, Trial, as_state_tensors
 
 
 class Nesterov(LookaheadPointWrapper):
@@ -75,6 +75,15 @@ class Nesterov(LookaheadPointWrapper):
     state_names = ("iterate", "lookahead")  # theta, phi - theta
     #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {"momentum": UNIT, "weight_decay": NON_NEGATIVE}
+    #: the default momentum 0.9 with the inner lr both ways, then less and more momentum
+    tuning_trials: ClassVar[tuple[Trial, ...]] = (
+        (1.0, {"momentum": 0.9}),
+        (2.0, {"momentum": 0.9}),
+        (0.5, {"momentum": 0.9}),
+        (1.0, {"momentum": 0.8}),
+        (1.0, {"momentum": 0.95}),
+        (0.5, {"momentum": 0.95}),
+    )
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from snoo import checks
 from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.tensors import foreach_copy_, is_dtensor, local
-from snoo.optim.wrapper import Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.wrapper import Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
 #: :math:`K \ge 1`.
 K_RANGE = checks.Range(1)
@@ -102,6 +102,16 @@ class SNOO(Wrapper):
         "lr": OUTER_LR_RANGE,
         "momentum": OUTER_MOMENTUM_RANGE,
     }
+    #: the package default, the inner lr re-tuned both ways, then the paper's ablation point (0.8, 0.75) and the
+    #: published range's corners
+    tuning_trials: ClassVar[tuple[Trial, ...]] = (
+        (1.0, {"lr": 0.7, "momentum": 0.5}),
+        (2.0, {"lr": 0.7, "momentum": 0.5}),
+        (0.5, {"lr": 0.7, "momentum": 0.5}),
+        (1.0, {"lr": 0.8, "momentum": 0.75}),
+        (2.0, {"lr": 0.8, "momentum": 0.75}),
+        (2.0, {"lr": 0.5, "momentum": 0.9}),
+    )
     state_names = ("slow", "momentum")
     evaluation_key = "slow"
     train_point = "fast"
@@ -460,6 +470,15 @@ class Lookahead(SNOO):
         "k": K_RANGE,
         "alpha": checks.Range(0, 1, low_open=True),
     }
+    #: the paper's default alpha with the inner lr both ways, then the other published alpha (0.8) and a slower one
+    tuning_trials: ClassVar[tuple[Trial, ...]] = (
+        (1.0, {"alpha": 0.5}),
+        (2.0, {"alpha": 0.5}),
+        (0.5, {"alpha": 0.5}),
+        (1.0, {"alpha": 0.8}),
+        (2.0, {"alpha": 0.8}),
+        (1.0, {"alpha": 0.3}),
+    )
 
     def __init__(
         self,

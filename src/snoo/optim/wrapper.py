@@ -194,6 +194,13 @@ class _eager_under_compile:
         return self.disabled if obj is None else self.disabled.__get__(obj, owner)
 
 
+#: A trial of ``--tune``: (the inner optimizer's lr as a multiple of its default, this wrapper's own knobs).
+Trial = tuple[float, dict[str, float]]
+#: The trials of an optimizer that declares no others: its lr, doubled and halved in turn (the lab's ``--tune N``
+#: takes the first N).
+LR_TRIALS: tuple[Trial, ...] = tuple((f, {}) for f in (1.0, 2.0, 0.5, 4.0, 0.25, 8.0))
+
+
 class Wrapper(Optimizer):
     """Base class of the optimizers that wrap another optimizer.
 
@@ -217,6 +224,9 @@ class Wrapper(Optimizer):
     #: and expects to find where it left it. Such a wrapper cannot be wrapped: the outer wrapper would move the
     #: parameters (SNOO's ``p = w``) and this one would count the move as an update of its inner optimizer.
     holds_lookahead: ClassVar[bool] = False
+    #: What ``snoo compare --tune N`` tries, in order (the first N): the same budget for every contender, each on its
+    #: own knobs. A subclass declares the inner lr both ways first, then its own published settings.
+    tuning_trials: ClassVar[tuple[Trial, ...]] = LR_TRIALS
 
     def __init__(
         self,

@@ -1,0 +1,422 @@
+"""The scaling study: where the saving appears, measured two ways across model sizes.
+
+``run_scaling`` repeats a ``compare`` at each (model size, tokens per parameter) point, each with its own ladder
+and, with ``tune_trials``, its own tuning of every contender on seeds it does not report. ``summarize_scaling`` reads
+the points and measures each contender against the baseline
+
+1. **with the ladder**, at every point: the compute factor of ``stats.factor_interval``, its 95% interval over seeds,
+   the verdict, and the smallest factor the seeds' spread could have detected (80% power);
+2. **the paper's way**, across sizes at each tokens-per-parameter ratio: per optimizer, the final loss at 1x
+   against the training FLOPs, ``L(C) = E + A * C^(-alpha)`` (``stats.fit_frontier``), and the compute ratio
+   ``C_baseline(L) / C_contender(L)`` at the loss the contender's frontier reaches at the largest measured compute,
+   with a bootstrap interval over seeds (the seeds resampled together at every size, the frontiers refitted).
+
+Training FLOPs are counted from the model: ``6 * (matmul weights) + 6 * n_layer * block_size * n_embd`` per token
+(Kaplan et al. 2020: the weights' multiply-adds forward and backward, and attention's scores and mixing over the
+context; the embedding lookup is no matmul, the output head is).
+
+No trend is extrapolated beyond the measured sizes: the fitted slope of log-factor against log-parameters is given
+with its interval, as a description of the measured range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from snoo import spec
+from snoo.lab import checkpoint, plots, stats
+from snoo.lab.checkpoint import read_json, write_json
+from snoo.lab.config import TrainConfig, model_config, validate
+from snoo.lab.experiments import BUDGETS, run_experiment
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"2x64,4x64,4x128"`` -> [(layers, width), ...] (heads: one per 32 of width)."""
+    sizes = []
+    for item in text.split(","):
+        layers, x, width = item.strip().partition("x")
+        if not x or not layers.isdigit() or not width.isdigit() or int(width) % 32 or int(layers) < 1:
+            raise ValueError(f"--sizes item {item!r}: expected LAYERSxWIDTH with a width that is a multiple of 32")
+        sizes.append((int(layers), int(width)))
+    return sizes
+
+
+def _meta_model(cfg: TrainConfig, vocab_size: int):
+    import torch
+
+    from snoo.lab.model import GPT
+
+    with torch.device("meta"):  # no memory, no time
+        return GPT(model_config(cfg, vocab_size))
+
+
+def model_params(cfg: TrainConfig, vocab_size: int) -> int:
+    """The parameter count of ``cfg``'s model."""
+    return _meta_model(cfg, vocab_size).num_params()
+
+
+def flops_per_token(cfg: TrainConfig, vocab_size: int) -> int:
+    """Training FLOPs per token of ``cfg``'s model: 6 per matmul weight (forward and backward multiply-adds; the
+    output head included, the embedding lookup not) and ``6 * n_layer * block_size * n_embd`` for attention."""
+    import torch
+
+    model = _meta_model(cfg, vocab_size)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * matmul + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
+def _precision(cfg: TrainConfig) -> str:
+    return "bf16 autocast" if cfg.autocast == "bf16" else "fp32" if cfg.autocast == "off" else "fp32 (CPU; bf16 on GPU)"
+
+
+def run_scaling(
+    cfg: TrainConfig,
+    optimizers: list[str],
+    *,
+    sizes: Sequence[tuple[int, int]],
+    tokens_per_param: Sequence[float],
+    seeds: int = 1,
+    budgets: Sequence[float] = BUDGETS,
+    ladder: str = "cosine",
+    tune_trials: int = 0,
+    tune_seeds: int = 2,
+    resume: bool = False,
+    processes: int = 1,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """One ``compare`` per (size, tokens per parameter) into ``OUT/LxW-rR``, each with its own ladder and (with
+    ``tune_trials``) every contender tuned for that size and length on ``tune_seeds`` unreported seeds; then the
+    table, the frontier fit and the plots (:func:`summarize_scaling`)."""
+    from snoo.lab.data import load_corpus
+
+    if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
+        raise ValueError("scaling needs at least one size and positive tokens per parameter")
+    corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
+    vocab = corpus.vocab_size
+    out = Path(cfg.out)
+    points = []
+    for layers, width in sizes:
+        for ratio in tokens_per_param:
+            point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
+            params = model_params(point, vocab)
+            tokens_per_step = point.batch_size * point.block_size * point.grad_accum
+            steps = max(1, round(ratio * params / tokens_per_step))
+            epochs = max(budgets) * steps * tokens_per_step / corpus.info["train_tokens"]
+            if epochs > 1:
+                say(
+                    f"note: {layers}x{width} at {ratio:g} tokens per parameter: its {max(budgets):g}x rung reads "
+                    f"{epochs:.2f} epochs of the corpus; the table flags it"
+                )
+            name = f"{layers}x{width}-r{ratio:g}"
+            point = dataclasses.replace(
+                point,
+                steps=steps,
+                eval_every=max(1, steps // 10),
+                ckpt_every=max(1, steps // 4),
+                log_every=max(1, steps // 50),
+                out=str(out / name),
+            )
+            validate(point)
+            points.append((name, layers, width, ratio, params, point))
+    experiment = {
+        "kind": "scaling",
+        "optimizers": [spec.canonical(o) for o in optimizers],
+        "points": [
+            {
+                "name": n,
+                "n_layer": lay,
+                "n_embd": w,
+                "tokens_per_param": r,
+                "params": p,
+                "steps": c.steps,
+                "flops_per_token": flops_per_token(c, vocab),
+            }
+            for n, lay, w, r, p, c in points
+        ],
+        "seeds": [cfg.seed + s for s in range(seeds)],
+        "ladder": ladder,
+        "budgets": sorted(set(budgets) | {1.0}),
+        "tune_trials": tune_trials,
+        "tune_seeds": tune_seeds if tune_trials else 0,
+        "config": dataclasses.asdict(cfg),
+    }
+    with checkpoint.claimed(out, fresh=not resume, earlier=("experiment.json",)):
+        write_json(experiment, out / "experiment.json")
+        for i, (name, *_, params, point) in enumerate(points, 1):
+            say(f"=== scaling point {i}/{len(points)}: {name}, {params:,} params, {point.steps} steps")
+            run_experiment(
+                "compare",
+                point,
+                optimizers,
+                seeds=seeds,
+                budgets=budgets,
+                ladder=ladder,
+                tune_trials=tune_trials,
+                tune_seeds=tune_seeds,
+                resume=resume,
+                processes=processes,
+                say=say,
+            )
+        return summarize_scaling(out, experiment)
+
+
+# ---------------------------------------------------------------------------------------------- summarizing
+
+
+def run_command(config: dict) -> str:
+    """The ``snoo train`` command that trains the run a ``config.json`` describes from scratch, to the same final
+    loss (a WSD branch equals the run of its length from scratch, bit for bit: tests/test_lab_evidence.py)."""
+    c = config["config"]
+    defaults = dataclasses.asdict(TrainConfig())
+    skip = {"optimizer", "data", "out", "progress", "tensorboard", "wandb"}
+    sets = [f"{k}={v}" for k, v in c.items() if k not in skip and v != defaults.get(k) and v is not None]
+    parts = ["snoo", "train", "--optimizer", c["optimizer"]]
+    if c.get("data"):
+        parts += ["--data", c["data"]]
+    for s in sets:
+        parts += ["--set", s]
+    return shlex.join(parts)
+
+
+def _point_rows(out: Path, point: dict, experiment: dict) -> list[dict]:
+    """One row per contender at one point: the ladder's factor, the losses per seed, the tuned settings."""
+    path = out / point["name"] / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the point did not finish (continue it with --resume)")
+    s = read_json(path)
+    base = s["baseline"]
+    runs = {(r["optimizer"], r["seed"], r["budget"]): r for r in s["runs"]}
+    regime = s["regime"]
+    tokens = regime["tokens"]
+    flops = point["flops_per_token"] * tokens
+    rows = []
+    for row in s["table"]:
+        o = row["optimizer"]
+        if o == base:
+            continue
+        iv = s["compute_factor_interval"][o]
+        losses = [runs[(o, seed, 1.0)]["final_val_loss"] for seed in s["seeds"]]
+        base_losses = [runs[(base, seed, 1.0)]["final_val_loss"] for seed in s["seeds"]]
+        rows.append(
+            {
+                "point": point["name"],
+                "optimizer": o,
+                "baseline": base,
+                "contender": s["tuning"][o]["from"] if "tuning" in s else o,
+                "params": regime["params"],
+                "tokens": tokens,
+                "tokens_per_param": regime["tokens_per_param"],
+                "ratio": point["tokens_per_param"],  # as asked; the measured one differs by the steps' rounding
+                "flops": flops,
+                "epochs_1x": regime.get("epochs"),
+                "epochs_largest_rung": (regime["epochs"] or 0) * max(b["budget"] for b in s["baseline_budgets"]),
+                "seeds": s["seeds"],
+                "final_val_loss": losses,
+                "baseline_val_loss": base_losses,
+                # the geometric mean of the seeds' factors: the one number that has an interval
+                "compute_factor": iv.get("mean"),
+                "interval": {k: iv.get(k) for k in ("mean", "low", "high", "detectable", "verdict", "censored")},
+            }
+        )
+    return rows
+
+
+def _runs(out: Path, point: dict) -> list[dict]:
+    """Every run of a point with its final loss and the command that trains it again."""
+    s = read_json(out / point["name"] / "summary.json")
+    records = []
+    for r in s["runs"]:
+        config = read_json(out / point["name"] / "runs" / r["dir"] / "config.json")
+        records.append(
+            {
+                "point": point["name"],
+                "optimizer": r["optimizer"],
+                "seed": r["seed"],
+                "budget": r["budget"],
+                "final_val_loss": r["final_val_loss"],
+                "command": run_command(config),
+            }
+        )
+    return records
+
+
+def _frontiers(rows: list[dict]) -> dict[str, Any]:
+    """The paper's factor at each tokens-per-parameter ratio with four sizes or more: both frontiers fitted to the
+    mean final loss over seeds at each size, the ratio at the contender's loss at the largest compute, and its
+    bootstrap interval over seeds."""
+    out: dict[str, Any] = {}
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["contender"], r["ratio"]), []).append(r)
+    for (contender, ratio), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["flops"])
+        if len({r["params"] for r in rs}) < 4:
+            continue
+        n = min(len(r["seeds"]) for r in rs)
+        flops = [r["flops"] for r in rs]
+
+        def fit(idx: Sequence[int], rs: list[dict] = rs, flops: list[float] = flops) -> tuple[dict, dict]:
+            base = [statistics.fmean(r["baseline_val_loss"][i] for i in idx) for r in rs]
+            cont = [statistics.fmean(r["final_val_loss"][i] for i in idx) for r in rs]
+            return stats.fit_frontier(flops, base), stats.fit_frontier(flops, cont)
+
+        def factor(idx: Sequence[int], flops: list[float] = flops) -> float:
+            b, c = fit(idx)
+            loss = c["e"] + c["a"] * (max(flops) / c["c0"]) ** -c["alpha"]
+            return stats.frontier_ratio(b, c, loss)
+
+        b, c = fit(range(n))
+        loss = c["e"] + c["a"] * (max(flops) / c["c0"]) ** -c["alpha"]
+        out[f"{contender} @ {ratio:g} tokens/param"] = {
+            "contender": contender,
+            "tokens_per_param": ratio,
+            "sizes": len(rs),
+            "seeds": n,
+            "baseline_fit": b,
+            "contender_fit": c,
+            "at_loss": loss,
+            "at_flops": max(flops),
+            "factor": stats.frontier_ratio(b, c, loss),
+            "interval": stats.bootstrap_interval(list(range(n)), factor),
+            "points": [
+                {
+                    "params": r["params"],
+                    "flops": r["flops"],
+                    "baseline": r["baseline_val_loss"][:n],
+                    "contender": r["final_val_loss"][:n],
+                }
+                for r in rs
+            ],
+        }
+    return out
+
+
+def _trends(rows: list[dict]) -> dict[str, Any]:
+    """Log-factor against log-parameters over the measured sizes, with the slope's 95% interval; no extrapolation."""
+    from scipy import stats as sps
+
+    trends = {}
+    for contender in dict.fromkeys(r["contender"] for r in rows):
+        xs = [
+            (math.log(r["params"]), math.log(r["compute_factor"]))
+            for r in rows
+            if r["contender"] == contender and r["compute_factor"]
+        ]
+        if len({x for x, _ in xs}) >= 3:  # two points always fit a line: no trend to speak of
+            fit = sps.linregress([x for x, _ in xs], [y for _, y in xs])
+            half = stats.t95(len(xs) - 2) * fit.stderr if len(xs) > 2 else math.inf
+            trends[contender] = {
+                "log_factor": {"a": float(fit.intercept), "b": float(fit.slope)},
+                "slope_interval": [float(fit.slope - half), float(fit.slope + half)],
+                "points": len(xs),
+                "params_range": [min(math.exp(x) for x, _ in xs), max(math.exp(x) for x, _ in xs)],
+            }
+    return trends
+
+
+def summarize_scaling(out: Path, experiment: dict | None = None) -> dict:
+    """The study's ``summary.json`` (every point, run, command, tuned setting, factor and fit), ``summary.md`` and
+    the plots (``scaling.png``: the factor against size; ``frontier.png``: loss against compute); points that have
+    not finished are listed as pending."""
+    experiment = experiment or read_json(out / "experiment.json")
+    rows, runs, pending = [], [], []
+    for point in experiment["points"]:
+        if not (out / point["name"] / "summary.json").exists():
+            pending.append(point["name"])
+            continue
+        rows += _point_rows(out, point, experiment)
+        runs += _runs(out, point)
+    cfg = experiment["config"]
+    summary = {
+        "kind": "scaling",
+        "seeds": experiment["seeds"],
+        "precision": _precision(TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})),
+        "corpus": cfg["data"] or "python-stdlib",
+        "tuning": {"trials": experiment["tune_trials"], "seeds": experiment.get("tune_seeds", 1)},
+        "rows": rows,
+        "pending": pending,
+        "trend": _trends(rows),
+        "frontier": _frontiers(rows),
+        "runs": runs,
+    }
+    write_json(summary, out / "summary.json")
+    (out / "summary.md").write_text(markdown_scaling(summary, experiment) + "\n")
+    plots.scaling_plot(out, summary)
+    plots.frontier_plot(out, summary)
+    return summary
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def markdown_scaling(summary: dict, experiment: dict) -> str:
+    cfg = experiment["config"]
+    n = len(summary["seeds"])
+    tuning = summary["tuning"]
+    lines = [
+        f"scaling: {len(experiment['points'])} points (model size x tokens per parameter), batch "
+        f"{cfg['batch_size'] * cfg['block_size'] * cfg['grad_accum']:,} tokens, "
+        f"{'wsd' if experiment['ladder'] == 'wsd' else cfg['schedule']} schedule, {experiment['ladder']} ladder to "
+        f"{max(experiment.get('budgets', [2.5])):g}x, {summary['precision']}, corpus {summary['corpus']}; "
+        f"{n} seed{'s' * (n > 1)} per point; "
+        + (
+            f"every contender tuned at every point with {tuning['trials']} trials on {tuning['seeds']} unreported "
+            f"seed{'s' * (tuning['seeds'] > 1)}"
+            if tuning["trials"]
+            else "no tuning"
+        ),
+        "",
+        "| point | params | tokens/param | epochs (largest rung) | contender | final val loss | baseline "
+        "| compute factor (95% CI) | verdict | smallest detectable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        iv = r["interval"]
+        factor = f"{r['compute_factor']:.2f}x" if r["compute_factor"] else "n/a"
+        if iv.get("low") is not None:
+            factor += f" [{iv['low']:.2f}, {iv['high']:.2f}]"
+        if iv.get("censored"):
+            factor += f" ({len(iv['censored'])} seed{'s' * (len(iv['censored']) > 1)} beyond the ladder, at its bound)"
+        epochs = f"{r['epochs_largest_rung']:.2f}" + (" (over 1 epoch)" if r["epochs_largest_rung"] > 1 else "")
+        detect = f"{iv['detectable']:.2f}x" if iv.get("detectable") else "-"
+        lines.append(
+            f"| {r['point']} | {r['params']:,} | {r['tokens_per_param']:.3g} | {epochs} | {r['optimizer']} "
+            f"| {_mean_sd(r['final_val_loss'])} | {_mean_sd(r['baseline_val_loss'])} | {factor} | {iv['verdict']} "
+            f"| {detect} |"
+        )
+    if summary["pending"]:
+        lines.append(f"\npending (not finished; continue with --resume): {', '.join(summary['pending'])}")
+    lines.append(
+        "\ncompute factor: baseline steps on the point's own ladder that reach the contender's final loss, over the "
+        "contender's steps, per seed against the same seed's ladder; geometric mean over seeds with a 95% t-interval. "
+        "smallest detectable: the factor these seeds' spread detects with 80% power (5% two-sided)."
+    )
+    for name, f in summary["frontier"].items():
+        iv = f["interval"]
+        lines.append(
+            f"\nthe paper's way, {name}: L(C) = E + A (C/C0)^-alpha fitted per optimizer over {f['sizes']} sizes "
+            f"(C0 = {f['baseline_fit']['c0']:.3g} FLOPs); baseline E {f['baseline_fit']['e']:.3f}, alpha "
+            f"{f['baseline_fit']['alpha']:.3f}, rms residual {f['baseline_fit']['rms_residual']:.4f}; contender E "
+            f"{f['contender_fit']['e']:.3f}, alpha {f['contender_fit']['alpha']:.3f}, rms residual "
+            f"{f['contender_fit']['rms_residual']:.4f}. Compute factor at the contender's loss "
+            f"{f['at_loss']:.4f} (the largest measured compute, {f['at_flops']:.3g} FLOPs): **{f['factor']:.2f}x** "
+            f"[{iv['low']:.2f}, {iv['high']:.2f}] (bootstrap over {f['seeds']} seeds, {iv['resamples']} resamples"
+            + (f", {iv['failed']} without a fit" if iv["failed"] else "")
+            + ")"
+        )
+    for contender, t in summary["trend"].items():
+        lo, hi = t["slope_interval"]
+        lines.append(
+            f"\ntrend of {contender} over {t['points']} points ({t['params_range'][0]:,.0f} to "
+            f"{t['params_range'][1]:,.0f} params): ln(factor) = {t['log_factor']['a']:.3f} "
+            f"{t['log_factor']['b']:+.4f} * ln(params), slope 95% CI [{lo:+.4f}, {hi:+.4f}]; a description of the "
+            f"measured range, not a prediction beyond it"
+        )
+    return "\n".join(lines)
