@@ -19,7 +19,6 @@ def test_the_plan_fits_the_budget_from_flop_counts(monkeypatch):
     sizes are taken from the smallest while they fit, two seeds when four sizes still fit, else one."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_scaling
-
     from snoo.lab import config, scaling
 
     cfg = config.make_config("compare")

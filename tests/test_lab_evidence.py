@@ -293,7 +293,7 @@ def test_the_large_corpus_is_the_source_of_the_installed_torch():
     assert data.fingerprint("torch-source") not in {data.fingerprint(n) for n in ("python-stdlib", "python-docs")}
 
 
-# ---------------------------------------------------------------------------------------------- power and the paper's fit
+# ------------------------------------------------------------------------------------ power and the paper's fit
 
 
 def test_smallest_detectable_factor_has_the_power_it_claims():
