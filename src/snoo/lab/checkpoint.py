@@ -314,6 +314,11 @@ def load_branch(
     if not isinstance(saved, dict):
         raise ValueError(f"{path} does not say which run wrote it: it cannot be branched from")
     changed = [c for c in differences(saved, run) if not c.startswith("steps ")]
+    if any(c.startswith("corpus ") for c in changed):
+        raise ValueError(
+            f"{path} was trained on other data ({next(c for c in changed if c.startswith('corpus '))}): the data "
+            f"changed during the experiment; start afresh with a new --out on data that does not change"
+        )
     if changed:
         raise ValueError(f"{path} is of another run ({'; '.join(changed[:3])}): it cannot be branched from")
     step = record["step"]

@@ -140,7 +140,12 @@ def run_jobs(
         )
         return run_cfg, how
 
+    seen: dict[str, str] = {}  # the data's sha256 -> the first run that saw it
+
     def finish(i: int, r: dict) -> None:
+        seen.setdefault(r["corpus_sha256"], jobs[i]["dir"])
+        if len(seen) > 1:  # the data changed during the experiment: stop before more runs train on either
+            same_corpus(out, seen)
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
         tag = f"[{i + 1}/{len(jobs)}] " if processes > 1 else ""
         say(f"    {tag}val loss {loss}, {r['wall_time']:.1f}s")
@@ -152,6 +157,16 @@ def run_jobs(
                 finish(i, run(started[0], **started[1]))
         return
     _run_parallel(jobs, start, finish, processes)
+
+
+def same_corpus(out: Path, runs: dict[str, str]) -> None:
+    """Refuse runs (``runs``: sha256 of the data they saw -> a run that saw it) that did not all see the same data."""
+    if len(runs) > 1:
+        seen = "; ".join(f"{run} on data of sha256 {sha}" for sha, run in runs.items())
+        raise ValueError(
+            f"the runs in {out} did not all see the same data ({seen}): the data changed during the experiment; "
+            f"start afresh with a new --out on data that does not change"
+        )
 
 
 def _adopt_finished(
@@ -497,9 +512,11 @@ def summarize(out: Path | str) -> dict:
     if experiment["kind"] == "scaling":
         return _summarize_scaling(out, experiment)
     steps, baseline, seeds = experiment["steps"], experiment["baseline"], experiment["seeds"]
-    runs, curves = [], {}
+    runs, curves, corpora = [], {}, {}
     for job in experiment["jobs"]:
         r = _load_result(out / "runs" / job["dir"])
+        if r.get("corpus_sha256"):  # (a run of an older snoo did not record it)
+            corpora.setdefault(r["corpus_sha256"], job["dir"])
         runs.append(
             {
                 "optimizer": job["optimizer"],
@@ -514,6 +531,7 @@ def summarize(out: Path | str) -> dict:
             }
         )
         curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
+    same_corpus(out / "runs", corpora)
 
     def final(optimizer: str, seed: int, budget: float = 1.0) -> float:
         r = next(r for r in runs if r["optimizer"] == optimizer and r["seed"] == seed and r["budget"] == budget)
@@ -817,12 +835,14 @@ def run_scaling(
 
 
 def _summarize_scaling(out: Path, experiment: dict) -> dict:
-    rows = []
+    rows, corpora = [], {}
     for point in experiment["points"]:
         path = out / point["name"] / "summary.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the point did not finish (continue it with --resume)")
-        s = json.loads(path.read_text())
+        s = read_json(path)
+        corpora.setdefault(s["corpus"]["sha256"], point["name"])
+        same_corpus(out, corpora)
         for row in s["table"]:
             o = row["optimizer"]
             if o == s["baseline"]:
@@ -956,9 +976,11 @@ def _run_scale_out(
 
 
 def _summarize_scale_out(out: Path, experiment: dict) -> dict:
-    rows, curves = [], {}
+    rows, curves, corpora = [], {}, {}
     for job in experiment["jobs"]:
         r = _load_result(out / "runs" / job["dir"])
+        if r.get("corpus_sha256"):  # (a run of an older snoo did not record it)
+            corpora.setdefault(r["corpus_sha256"], job["dir"])
         sent = r["communicated_bytes_per_step"]
         rows.append(
             {
@@ -976,6 +998,7 @@ def _summarize_scale_out(out: Path, experiment: dict) -> dict:
             }
         )
         curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
+    same_corpus(out / "runs", corpora)
     summary = {
         "kind": "scale-out",
         "steps": experiment["steps"],

@@ -1,0 +1,78 @@
+"""The lab's experiments under hostile use, round two (issue 24): nothing mixed, nothing orphaned, nothing followed.
+
+Each test reproduces one finding of the probe; processes and signals are real processes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import LAB_TEXT
+from snoo.lab import experiments
+from snoo.lab.cli import main
+from snoo.lab.config import make_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = dict(steps=8, eval_every=4, ckpt_every=4, log_every=4, progress=False)
+
+
+def tiny(out: Path, data: str, **fields) -> object:
+    return make_config("tiny", data=data, out=str(out), **{**TINY, **fields})
+
+
+def one_line(capsys, args: list[str], status: int = 2) -> str:
+    assert main(args) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- 1. mixed data
+
+
+@pytest.mark.parametrize("ladder", ["cosine", "wsd"])
+def test_data_that_changes_during_an_experiment_is_refused(tmp_path, ladder):
+    data = tmp_path / "corpus3.txt"
+    data.write_text(LAB_TEXT)
+    said = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if "val loss" in line and len([s for s in said if "val loss" in s]) == 1:
+            with data.open("a") as f:  # someone appends to the corpus after the first run
+                f.write(LAB_TEXT[:5000])
+
+    cfg = tiny(tmp_path / "dc3", str(data))
+    with pytest.raises(ValueError, match="data") as e:
+        experiments.run_experiment("compare", cfg, ["adamw", "snoo+adamw"], budgets=[0.5, 1, 2], ladder=ladder, say=say)
+    assert "changed during the experiment" in str(e.value)
+    assert not (tmp_path / "dc3" / "summary.json").exists()
+
+
+def test_a_summary_of_runs_on_different_data_is_refused(tmp_path, corpus_file, capsys):
+    out = tmp_path / "x"
+    cfg = tiny(out, corpus_file)
+    experiments.run_experiment("compare", cfg, ["adamw", "snoo+adamw"], budgets=[1, 2], say=lambda _: None)
+    result = sorted((out / "runs").glob("*/result.json"))[-1]
+    spoiled = {**json.loads(result.read_text()), "corpus_sha256": "0123456789abcdef"}
+    result.write_text(json.dumps(spoiled))  # as a run of an older snoo, which did not stop at the change, left it
+    err = one_line(capsys, ["report", str(out)])
+    assert "did not all see the same data" in err and "0123456789abcdef" in err
+
+
+@pytest.mark.parametrize("where", ["dir", "glob"])
+def test_out_inside_data_is_refused(tmp_path, capsys, where):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "a.txt").write_text(LAB_TEXT)
+    data = str(proj) if where == "dir" else f"{proj}/**/*.txt"
+    args = ["compare", "--preset", "tiny", "--data", data, "--out", str(proj / "runs"), "--steps", "8"]
+    err = one_line(capsys, [*args, "--budgets", "1,2", "--no-progress"])
+    assert "is inside --data" in err
+    assert sorted(p.name for p in proj.iterdir()) == ["a.txt"]
