@@ -76,3 +76,28 @@ def test_out_inside_data_is_refused(tmp_path, capsys, where):
     err = one_line(capsys, [*args, "--budgets", "1,2", "--no-progress"])
     assert "is inside --data" in err
     assert sorted(p.name for p in proj.iterdir()) == ["a.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- 2. --tune
+
+
+def test_contenders_tuned_to_the_same_setting_keep_their_rows_and_share_their_runs(tmp_path, corpus_file):
+    out = tmp_path / "t"
+    contenders = ["adamw", "snoo(lr=0.5)+adamw", "snoo(lr=0.9,momentum=0.8)+adamw"]
+    said = []
+    summary = experiments.run_experiment(
+        "compare", tiny(out, corpus_file, steps=4), contenders, budgets=[1, 2], tune_trials=2, say=said.append
+    )
+    # the two SNOO contenders try the same two settings: each trial is trained once
+    assert len(list((out / "tune").iterdir())) == 4
+    rows = [r["optimizer"] for r in summary["table"]]
+    assert len(rows) == 3
+    tuned_from = {t["from"] for t in summary["tuning"].values()}
+    assert tuned_from == {experiments.spec.canonical(c) for c in contenders}
+    twins = [r for r in summary["table"] if "(tuned from" in r["optimizer"]]
+    assert len(twins) == 2 and twins[0]["final_val_loss"] == twins[1]["final_val_loss"]
+    assert any("were tuned to the same setting" in line for line in said)
+    # the baseline's two budgets and one run for the two SNOO rows
+    assert len(list((out / "runs").iterdir())) == 3
+    for label, t in summary["tuning"].items():
+        assert len(t["trials"]) == 2 and label in rows

@@ -316,22 +316,22 @@ def tune(
     """Give every optimizer the same budget of ``n`` trial runs at 1x on a seed no reported run uses; return, by
     optimizer, the best trial (``tuned``), every trial's final loss, and what the tuning cost (steps, wall time)."""
     seed = cfg.seed + TUNE_SEED_OFFSET
-    jobs, owner = [], []
+    owners: dict[str, list[str]] = {}  # each distinct trial, trained once -> the optimizers that try it
     for o in optimizers:
         for t in trials(o, n):
-            jobs.append(dict(optimizer=t, budget=1.0, seed=seed))
-            owner.append(o)
-    for i, job in enumerate(jobs):
-        job["dir"] = _dirname(i, job["optimizer"], 1.0, seed)
+            owners.setdefault(t, []).append(o)
+    jobs = [dict(optimizer=t, budget=1.0, seed=seed, dir=_dirname(i, t, 1.0, seed)) for i, t in enumerate(owners)]
     say(f"tuning: {n} trial{'s' * (n > 1)} each on seed {seed}, {len(jobs)} runs")
     run_jobs(cfg, jobs, out / "tune", resume, say, processes)
-    tuned: dict[str, dict] = {}
-    for o, job in zip(owner, jobs):
+    # a trial that two optimizers share counts in the cost of each: it is part of each one's budget
+    tuned: dict[str, dict] = {o: {"trials": {}, "steps": 0, "wall_time": 0.0} for o in optimizers}
+    for job in jobs:
         r = _load_result(out / "tune" / job["dir"])
-        entry = tuned.setdefault(o, {"trials": {}, "steps": 0, "wall_time": 0.0})
-        entry["trials"][job["optimizer"]] = r["final_val_loss"]
-        entry["steps"] += r["steps"]
-        entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
+        for o in owners[job["optimizer"]]:
+            entry = tuned[o]
+            entry["trials"][job["optimizer"]] = r["final_val_loss"]
+            entry["steps"] += r["steps"]
+            entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
     for o, entry in tuned.items():
         ok = [(loss, t) for t, loss in entry["trials"].items() if loss is not None]
         if not ok:
@@ -420,6 +420,19 @@ def run_experiment(
         )
 
 
+def _row_labels(renamed: dict[str, str], say: Callable[[str], None]) -> dict[str, str]:
+    """Each contender's row in the table: the SPEC it was tuned to (``renamed``), and where two contenders were tuned
+    to the same SPEC, which contender it was tuned from (the baseline keeps its SPEC): two rows of the same runs."""
+    baseline = next(iter(renamed))
+    labels = {}
+    for o, tuned in renamed.items():
+        twins = [c for c, t in renamed.items() if t == tuned]
+        labels[o] = tuned if o == baseline or len(twins) == 1 else f"{tuned} (tuned from {o})"
+        if len(twins) > 1 and o == twins[0]:
+            say(f"{' and '.join(twins)} were tuned to the same setting, {tuned}: its runs are trained once")
+    return labels
+
+
 #: what an experiment leaves in its directory; a fresh experiment refuses a directory that holds one
 EXPERIMENT_FILES = ("experiment.json", "runs", "tune", "summary.json")
 
@@ -457,27 +470,39 @@ def _run_experiment(
         base_name = spec.parse(optimizers[0])[-1].name
         renamed = {o: spec.override(o, {f"{base_name}.lr": lr}) for o in optimizers}
         experiment["tuned_lr"] = lr
+    tuned: dict[str, dict] = {}
     if tune_trials:
         tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes)
-        experiment["tuning"] = {tuned[r]["tuned"]: {"from": o, **tuned[r]} for o, r in renamed.items()}
-        renamed = {o: tuned[r]["tuned"] for o, r in renamed.items()}
+        tuned = {o: tuned[r] for o, r in renamed.items()}
+        renamed = {o: tuned[o]["tuned"] for o in optimizers}
+    labels = _row_labels(renamed, say)
+    if tuned:
+        experiment["tuning"] = {labels[o]: {"from": o, **tuned[o]} for o in optimizers}
     if renamed != {o: o for o in optimizers}:
         experiment.update(
             baseline=renamed[optimizers[0]],
-            optimizers=list(dict.fromkeys(renamed.values())),
-            grid={renamed[o]: v for o, v in (grid or {}).items()},
+            optimizers=list(dict.fromkeys(labels.values())),
+            grid={labels[o]: v for o, v in (grid or {}).items()},
         )
     jobs: list[dict] = []
     for seed in experiment["seeds"]:
         jobs += ladder_jobs(experiment["baseline"], experiment["budgets"], seed, cfg.steps, ladder, cfg.decay)
-        for o in experiment["optimizers"][1:]:  # the baseline already ran at 1x
-            jobs.append(dict(optimizer=o, budget=1.0, seed=seed))
+        for o in optimizers[1:]:  # the baseline already ran at 1x
+            jobs.append(dict(optimizer=renamed[o], budget=1.0, seed=seed))
+            if labels[o] != renamed[o]:
+                jobs[-1]["label"] = labels[o]
+    first: dict[tuple, str] = {}  # a run that two rows share is trained once, in the first one's directory
     for i, job in enumerate(jobs):
-        job["dir"] = _dirname(i, job["optimizer"], job["budget"], job["seed"])
+        key = (job["optimizer"], job["budget"], job["seed"])
+        job["dir"] = first.setdefault(key, _dirname(i, job["optimizer"], job["budget"], job["seed"]))
     for job in jobs:
         if "branch_of" in job:
             job["branch_of"] = job["branch_of"]["dir"]
     experiment["jobs"] = jobs
+    unique: dict[str, dict] = {}
+    for job in jobs:
+        unique.setdefault(job["dir"], job)
+    jobs = list(unique.values())
     check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say, processes)
@@ -519,7 +544,7 @@ def summarize(out: Path | str) -> dict:
             corpora.setdefault(r["corpus_sha256"], job["dir"])
         runs.append(
             {
-                "optimizer": job["optimizer"],
+                "optimizer": job.get("label", job["optimizer"]),
                 "seed": job["seed"],
                 "budget": job["budget"],
                 "steps": r["steps"],
