@@ -101,3 +101,23 @@ def test_contenders_tuned_to_the_same_setting_keep_their_rows_and_share_their_ru
     assert len(list((out / "runs").iterdir())) == 3
     for label, t in summary["tuning"].items():
         assert len(t["trials"]) == 2 and label in rows
+
+
+# ---------------------------------------------------------------------------------------------- 3. settings not dropped
+
+
+def test_the_wsd_ladder_keeps_the_warmup_steps_asked_for(tmp_path, corpus_file):
+    out = tmp_path / "w"
+    cfg = tiny(out, corpus_file, warmup_steps=3)
+    experiments.run_experiment("compare", cfg, ["adamw", "snoo+adamw"], budgets=[1, 2], ladder="wsd", say=print)
+    used = {json.loads(p.read_text())["config"]["warmup_steps"] for p in (out / "runs").glob("*/config.json")}
+    assert used == {3}
+
+
+@pytest.mark.parametrize("flag", [["--steps", "7"], ["--set", "eval_every=3"], ["--set", "log_every=2"]])
+def test_scaling_refuses_the_settings_it_derives(tmp_path, corpus_file, capsys, flag):
+    args = ["scaling", "--preset", "tiny", "--data", corpus_file, "--out", str(tmp_path / "s"), "--sizes", "1x32"]
+    err = one_line(capsys, [*args, *flag])
+    named = "--steps" if flag[0] == "--steps" else f"--set {flag[1].split('=')[0]}"
+    assert f"{named} cannot be given" in err
+    assert not (tmp_path / "s").exists()

@@ -334,6 +334,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "scaling":
         if args.tune_baseline:
             raise UsageError("scaling tunes with --tune N (every contender, every point), not --tune-baseline")
+        derived = [
+            f"--set {k}" for k in experiments.SCALING_DERIVED if any(s.startswith(f"{k}=") for s in args.set or [])
+        ]
+        if derived or args.steps is not None:
+            raise UsageError(
+                f"scaling sets each point's steps from --tokens-per-param, and its eval_every, ckpt_every and "
+                f"log_every from its steps: {(['--steps'] if args.steps is not None else derived)[0]} cannot be given"
+            )
         del common["tune_baseline"]
         summary = experiments.run_scaling(
             cfg,

@@ -398,8 +398,9 @@ def run_experiment(
         raise ValueError(f"ladder must be one of {', '.join(LADDERS)}, got {ladder!r}")
     if tune_trials < 0:
         raise ValueError(f"--tune must be 0 (off) or a number of trials, got {tune_trials}")
-    if ladder == "wsd":
-        cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=round(cfg.warmup * cfg.steps))
+    if ladder == "wsd":  # the warm-up in steps (the one asked for, if any), so that every budget shares it
+        warmup_steps = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
+        cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=warmup_steps)
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
     out = Path(cfg.out)
     with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
@@ -787,6 +788,10 @@ def model_params(cfg: TrainConfig, vocab_size: int) -> int:
         return GPT(model_config(cfg, vocab_size)).num_params()
 
 
+#: the fields that scaling sets for each point (from its size and tokens per parameter), whatever the config says
+SCALING_DERIVED = ("steps", "eval_every", "ckpt_every", "log_every")
+
+
 def run_scaling(
     cfg: TrainConfig,
     optimizers: list[str],
@@ -838,7 +843,7 @@ def run_scaling(
         "seeds": [cfg.seed + s for s in range(seeds)],
         "ladder": ladder,
         "tune_trials": tune_trials,
-        "config": dataclasses.asdict(cfg),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SCALING_DERIVED},  # each point's own
     }
     with checkpoint.claimed(out, fresh=not resume, earlier=("experiment.json",)):
         write_json(experiment, out / "experiment.json")
