@@ -5,6 +5,8 @@ Each test reproduces one finding of the probe; processes and signals are real pr
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LAB_TEXT
-from snoo.lab import experiments
+from snoo.lab import claims, experiments, train
 from snoo.lab.cli import main
 from snoo.lab.config import make_config
 
@@ -121,3 +123,85 @@ def test_scaling_refuses_the_settings_it_derives(tmp_path, corpus_file, capsys, 
     named = "--steps" if flag[0] == "--steps" else f"--set {flag[1].split('=')[0]}"
     assert f"{named} cannot be given" in err
     assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 4, 9. reproduce
+
+
+def _stub_claim(number: int) -> "claims.Claim":
+    """A claim whose run is one 2-step training run in its directory: what `reproduce` must keep apart."""
+
+    def run(ctx, setup):
+        result = train.train(ctx.config("run", steps=2), resume=ctx.resume)
+        return claims.Outcome(measured=f"loss {result['final_val_loss']:.3f}", values={})
+
+    return claims.Claim(
+        id=f"stub-{number}",
+        number=number,
+        claim="a stub",
+        source="-",
+        paper="-",
+        criterion="-",
+        setup={"quick": {}},
+        run=run,
+        decide=lambda values: claims.HOLDS,
+    )
+
+
+def test_reproduce_says_each_claims_data_and_settings_and_its_regenerate_line_works(
+    tmp_path, corpus_file, capsys, monkeypatch
+):
+    stubs = {c.id: c for c in (_stub_claim(1), _stub_claim(2))}
+    monkeypatch.setattr(claims, "registry", lambda: stubs)
+    out = str(tmp_path / "rp")
+    assert main(["reproduce", "1", "--out", out, "--data", corpus_file]) == 0
+    assert main(["reproduce", "2", "--out", out, "--data", corpus_file, "--set", "n_embd=64", "--resume"]) == 0
+    report = (tmp_path / "rp" / "report.md").read_text()
+    assert f"with --data {corpus_file}). " in report
+    assert f"with --data {corpus_file} --set n_embd=64). " in report
+    commands = re.findall(r"`(snoo reproduce [^`]*)`", report.split("Regenerate with")[1].split("\n")[0])
+    assert len(commands) == 2
+    capsys.readouterr()
+    for command in commands:  # each claim again with its own data and settings: kept, not refused
+        assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+
+
+def snoo_process(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "snoo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 60) -> None:
+    began = time.monotonic()
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - began < timeout
+        time.sleep(0.05)
+
+
+def holds_lock(out: Path, pid: int) -> bool:
+    lock = out / ".lock"
+    return lock.exists() and lock.read_text().strip() == str(pid)
+
+
+def test_two_reproduce_into_one_out_the_second_is_refused(tmp_path, corpus_file, capsys):
+    out = tmp_path / "x"
+    first = snoo_process(["reproduce", "3", "--out", str(out), "--data", corpus_file])
+    try:
+        wait_until(lambda: holds_lock(out, first.pid), first)
+        # the second, in this process (flock locks conflict between any two opens of the lock file)
+        err = one_line(capsys, ["reproduce", "9", "--out", str(out), "--data", corpus_file])
+        assert (
+            err == f"snoo: error: {out} is in use by another run (process {first.pid}): wait for it to end, or "
+            "choose another --out\n"
+        )
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
