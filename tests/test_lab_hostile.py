@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LAB_TEXT
-from snoo.lab import claims, experiments, train
+from snoo.lab import checkpoint, claims, experiments, train
 from snoo.lab.cli import main
 from snoo.lab.config import make_config
 
@@ -205,3 +205,88 @@ def test_two_reproduce_into_one_out_the_second_is_refused(tmp_path, corpus_file,
     finally:
         first.kill()
         first.communicate(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- 5, 6. --jobs workers
+
+
+def descendants(pid: int) -> list[int]:
+    """The living processes below ``pid`` (zombies are dead), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    def living(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    return [p for p in pids if living(p)]
+
+
+def long_compare(out: Path, data: str) -> list[str]:
+    """A compare whose runs train for minutes, two at a time."""
+    return [
+        *("compare", "--preset", "tiny", "--data", data, "--out", str(out), "--budgets", "1,2", "--seeds", "1"),
+        *("--ladder", "cosine", "--jobs", "2", "--steps", "100000", "--no-progress"),
+        *("--set", "eval_every=100000", "--set", "ckpt_every=5", "--set", "log_every=5"),
+    ]
+
+
+def two_training(out: Path, proc: subprocess.Popen) -> list[int]:
+    """Wait until two runs train in worker processes; their pids."""
+    wait_until(lambda: len(list(out.glob("runs/*/ckpt.pt"))) == 2, proc, timeout=120)
+    workers = [p for p in descendants(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) == 2, workers
+    return workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_main_process_is_killed(tmp_path, corpus_file):
+    out = tmp_path / "c"
+    main_process = snoo_process(long_compare(out, corpus_file))
+    try:
+        two_training(out, main_process)
+        below = descendants(main_process.pid)  # the workers and multiprocessing's resource tracker
+        main_process.send_signal(signal.SIGKILL)
+        main_process.communicate(timeout=30)  # returns: no orphan holds its stdout
+        began = time.monotonic()
+        while alive(below) and time.monotonic() - began < 10:
+            time.sleep(0.1)
+        assert not alive(below)
+    finally:
+        main_process.kill()
+        for pid in alive(descendants(main_process.pid)):
+            os.kill(pid, signal.SIGKILL)
+    for run in [out, *out.glob("runs/*")]:  # no lock of the dead is in the way of --resume
+        with checkpoint.claimed(run, fresh=False):
+            pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_from_outside_is_one_line_saying_resume(tmp_path, corpus_file):
+    out = tmp_path / "c"
+    main_process = snoo_process(long_compare(out, corpus_file))
+    try:
+        workers = two_training(out, main_process)
+        os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
+        _, err = main_process.communicate(timeout=60)
+    finally:
+        main_process.kill()
+    assert main_process.returncode == 1
+    assert err.startswith("snoo: error: a worker process of --jobs 2 ended abruptly") and err.count("\n") == 1, err
+    assert "continue with --resume" in err
+    assert not alive(workers)

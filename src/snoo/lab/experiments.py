@@ -22,7 +22,10 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json
 from snoo.lab.config import TrainConfig, differences, identity, model_config, validate
 from snoo.lab.data import fingerprint
-from snoo.lab.launch import run
+from snoo.lab.launch import LaunchFailed, run
 from snoo.lab.stats import compute_factor, fit_log_steps
 from snoo.lab.train import Diverged
 
@@ -199,15 +202,44 @@ def _run_job(run_cfg: TrainConfig, how: dict[str, Any]) -> dict:
     return run(run_cfg, **how)
 
 
+def _end_with_parent(parent: int) -> None:
+    """A pool worker's initializer: the worker ends when ``parent``, the process that started it, ends (killed too),
+    so that no orphan keeps training, holding the runs' locks and the terminal's output."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # sent when the parent ends
+    else:  # no such signal: look every second
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it ended before the worker asked
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes: int) -> None:
-    """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list."""
+    """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list. A worker
+    ends with this process; a worker killed from outside (the out-of-memory killer) stops the others and is one
+    :class:`~snoo.lab.launch.LaunchFailed` line, saying that ``--resume`` continues."""
     import concurrent.futures as cf
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
     waiting = list(range(len(jobs)))
     done: set[str] = set()
     running: dict[cf.Future, int] = {}
-    with cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         try:
             while waiting or running:
                 for i in [i for i in waiting if jobs[i].get("branch_of") in (None, *done)]:
@@ -224,7 +256,16 @@ def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in finished:
                     i = running.pop(future)
-                    finish(i, future.result())
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        raise LaunchFailed(
+                            f"a worker process of --jobs {processes} ended abruptly (killed from outside, e.g. by "
+                            f"the out-of-memory killer) while training {jobs[i]['dir']}: the finished runs and the "
+                            f"checkpoints are kept; continue with --resume (and fewer --jobs if memory is short)",
+                            1,
+                        ) from None
+                    finish(i, result)
                     done.add(jobs[i]["dir"])
         except BaseException:
             for future in running:

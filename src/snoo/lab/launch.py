@@ -24,7 +24,8 @@ from snoo.lab.workers import World
 
 
 class LaunchFailed(RuntimeError):
-    """The ranks of a launched run stopped before the run's end; ``status`` is torchrun's exit status."""
+    """The processes of a launched run (torchrun's ranks, or the workers of ``--jobs``) stopped before its end;
+    ``status`` is the exit status to give (torchrun's)."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
