@@ -3,6 +3,7 @@
 Each test reproduces one finding of the probe; processes and signals are real processes.
 """
 
+import errno
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import LAB_TEXT
 from snoo.lab import checkpoint, claims, experiments, train
@@ -290,3 +292,103 @@ def test_a_worker_killed_from_outside_is_one_line_saying_resume(tmp_path, corpus
     assert err.startswith("snoo: error: a worker process of --jobs 2 ended abruptly") and err.count("\n") == 1, err
     assert "continue with --resume" in err
     assert not alive(workers)
+
+
+# ---------------------------------------------------------------------------------------------- 7. a full disk
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether this machine lets an unprivileged mount namespace mount a tmpfs (a real disk that fills up)."""
+    try:
+        probe = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"]
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and a tmpfs mount")
+def test_a_full_disk_is_one_line_with_no_temporary_file_left(tmp_path, corpus_file):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # a 256 KB disk: the run's config fits, its first checkpoint (about 500 KB) does not
+    script = (
+        'mount -t tmpfs -o size=256k tmpfs "$1" || exit 99; shift; "$@"; echo "status $?"; ls -a "$OUT"; '
+        'cat "$OUT/config.json" > /dev/null'
+    )
+    out = disk / "run"
+    run = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(disk),
+            sys.executable,
+            "-m",
+            "snoo",
+            *argv_train(out, corpus_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(out)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "status 2\n" in run.stdout, run.stdout
+    assert run.stderr.startswith(f"snoo: error: cannot write {out / 'ckpt.pt'} (No space left on device)"), run.stderr
+    assert run.stderr.count("\n") == 1 and "continue with --resume" in run.stderr
+    listed = run.stdout.split("status 2\n")[1].split()
+    assert "ckpt.pt.tmp" not in listed and "ckpt.pt" not in listed and "config.json" in listed
+
+
+def argv_train(out: Path, data: str, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", data, "--out", str(out), "--no-progress", "--steps", "8", *extra]
+
+
+def test_a_write_that_fails_midway_leaves_the_last_checkpoint_and_no_temporary_file(
+    tmp_path, corpus_file, capsys, monkeypatch
+):
+    out = tmp_path / "r"
+    real_save, saved = torch.save, []
+
+    def disk_full(obj, f, *args, **kwargs):  # the second checkpoint: half of it gets onto the disk, then no room
+        saved.append((out / "ckpt.pt").read_bytes() if saved else None)
+        real_save(obj, f, *args, **kwargs)
+        if len(saved) == 2:
+            f.truncate(f.tell() // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    err = one_line(capsys, argv_train(out, corpus_file, "--set", "ckpt_every=4"))
+    assert f"cannot write {out / 'ckpt.pt'} (No space left on device)" in err
+    assert len(saved) == 2 and (out / "ckpt.pt").read_bytes() == saved[1]  # the step-4 checkpoint, as it was
+    assert not (out / "ckpt.pt.tmp").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 8. symbolic links
+
+
+@pytest.mark.parametrize("planted", [".lock", "config.json.tmp", "metrics.jsonl", "runs"])
+def test_a_link_planted_in_out_is_never_written_through(tmp_path, corpus_file, capsys, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / planted).symlink_to(victim)
+    err = one_line(capsys, argv_train(evil, corpus_file))
+    assert f"{evil / planted} is a symbolic link" in err
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_file_primitives_do_not_follow_links(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "config.json.tmp").symlink_to(victim)
+    checkpoint.write_json({"a": 1}, tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        checkpoint.open_to_append(tmp_path / "metrics.jsonl")
+    assert victim.read_text() == "precious\n"

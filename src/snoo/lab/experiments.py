@@ -32,7 +32,7 @@ from typing import Any
 
 from snoo import spec
 from snoo.lab import checkpoint, plots, stats
-from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json
+from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json, write_text
 from snoo.lab.config import TrainConfig, differences, identity, model_config, validate
 from snoo.lab.data import fingerprint
 from snoo.lab.launch import LaunchFailed, run
@@ -573,7 +573,8 @@ def summarize(out: Path | str) -> dict:
         raise FileNotFoundError(
             f"{path} is missing: not a directory written by `snoo compare`, `snoo sweep` or `snoo scale-out`"
         )
-    experiment = json.loads(path.read_text())
+    experiment = read_json(path)
+    checkpoint.refuse_links(out)  # the summary and the plots are written there
     if experiment["kind"] == "scale-out":
         return _summarize_scale_out(out, experiment)
     if experiment["kind"] == "scaling":
@@ -676,7 +677,7 @@ def summarize(out: Path | str) -> dict:
     if experiment["grid"]:
         summary["grid"] = experiment["grid"]
     write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text(markdown(summary, experiment) + "\n")
+    write_text(markdown(summary, experiment) + "\n", out / "summary.md")
     plots.draw(out, summary, curves)
     return summary
 
@@ -949,7 +950,7 @@ def _summarize_scaling(out: Path, experiment: dict) -> dict:
             }
     summary = {"kind": "scaling", "rows": rows, "trend": trends, "seeds": experiment["seeds"]}
     write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text(markdown_scaling(summary, experiment) + "\n")
+    write_text(markdown_scaling(summary, experiment) + "\n", out / "summary.md")
     plots.scaling_plot(out, summary)
     return summary
 
@@ -1078,7 +1079,7 @@ def _summarize_scale_out(out: Path, experiment: dict) -> dict:
         "corpus": _corpus_info(out, rows),
     }
     write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text(markdown_scale_out(summary, experiment) + "\n")
+    write_text(markdown_scale_out(summary, experiment) + "\n", out / "summary.md")
     plots.tokens_plot(out, summary, curves)
     return summary
 

@@ -61,7 +61,7 @@ def _launch(cfg: TrainConfig, *, resume: bool) -> dict:
     """
     out = Path(cfg.out)
     request = out / "launch.json"
-    request.write_text(json.dumps({"config": dataclasses.asdict(cfg), "resume": resume}, indent=2) + "\n")
+    checkpoint.write_json({"config": dataclasses.asdict(cfg), "resume": resume}, request)
     result = out / "result.json"
     result.unlink(missing_ok=True)  # what is there now is from an earlier run
     command = [

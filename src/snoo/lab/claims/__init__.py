@@ -366,9 +366,7 @@ def read_json(path: Path) -> Any:
 
 def write_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    checkpoint.write_json(obj, path)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -441,7 +439,7 @@ def _reproduce(
     order = {c.id: c.number for c in registry().values()}
     results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], 99)))
     write_json(results, path)
-    (out / "report.md").write_text(report(results, scale, time.perf_counter() - start) + "\n")
+    checkpoint.write_text(report(results, scale, time.perf_counter() - start) + "\n", out / "report.md")
     return results
 
 
