@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,13 +60,26 @@ def test_data_that_changes_during_an_experiment_is_refused(tmp_path, ladder):
     assert not (tmp_path / "dc3" / "summary.json").exists()
 
 
-def test_a_summary_of_runs_on_different_data_is_refused(tmp_path, corpus_file, capsys):
-    out = tmp_path / "x"
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus_file) -> Path:
+    """A finished compare on a wsd ladder (a trunk with snapshots, two branches): tests copy it and spoil it."""
+    out = tmp_path_factory.mktemp("exp") / "done"
     cfg = tiny(out, corpus_file)
-    experiments.run_experiment("compare", cfg, ["adamw", "snoo+adamw"], budgets=[1, 2], say=lambda _: None)
+    experiments.run_experiment("compare", cfg, ["adamw", "snoo+adamw"], budgets=[0.5, 1, 2], ladder="wsd", say=print)
+    return out
+
+
+def spoiled(finished: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_a_summary_of_runs_on_different_data_is_refused(finished, tmp_path, capsys):
+    out = spoiled(finished, tmp_path)
     result = sorted((out / "runs").glob("*/result.json"))[-1]
-    spoiled = {**json.loads(result.read_text()), "corpus_sha256": "0123456789abcdef"}
-    result.write_text(json.dumps(spoiled))  # as a run of an older snoo, which did not stop at the change, left it
+    changed = {**json.loads(result.read_text()), "corpus_sha256": "0123456789abcdef"}
+    result.write_text(json.dumps(changed))  # as a run of an older snoo, which did not stop at the change, left it
     err = one_line(capsys, ["report", str(out)])
     assert "did not all see the same data" in err and "0123456789abcdef" in err
 
@@ -392,3 +406,49 @@ def test_the_file_primitives_do_not_follow_links(tmp_path):
     with pytest.raises(ValueError, match="is a symbolic link"):
         checkpoint.open_to_append(tmp_path / "metrics.jsonl")
     assert victim.read_text() == "precious\n"
+
+
+# ---------------------------------------------------------------------------------------------- 10. damaged files
+
+
+def test_a_damaged_trunk_snapshot_is_branched_around_not_fatal(finished, tmp_path, capfd):
+    out = spoiled(finished, tmp_path)
+    experiment = json.loads((out / "experiment.json").read_text())
+    branch = next(j for j in experiment["jobs"] if "branch_of" in j)
+    snapshot = out / "runs" / branch["branch_of"] / checkpoint.snapshot_name(branch["from_step"])
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, in a tensor
+    snapshot.write_bytes(bytes(data))
+    before = json.loads((out / "runs" / branch["dir"] / "result.json").read_text())
+    shutil.rmtree(out / "runs" / branch["dir"])  # the branch must be trained again
+    cfg = tiny(out, experiment["config"]["data"])
+    experiments.run_experiment(
+        "compare", cfg, ["adamw", "snoo+adamw"], budgets=[0.5, 1, 2], ladder="wsd", resume=True, say=print
+    )
+    err = capfd.readouterr().err
+    assert f"{snapshot} is damaged: its contents do not match the sha256" in err and "from scratch" in err
+    after = json.loads((out / "runs" / branch["dir"] / "result.json").read_text())
+    assert after["final_val_loss"] == before["final_val_loss"]  # from scratch, to the same end
+
+
+@pytest.mark.parametrize("content", ['{"status": "ok", "final_', "[]", "NULL_LOSS"])
+def test_a_damaged_result_is_named_and_finished_again_on_resume(finished, tmp_path, capsys, content):
+    out = spoiled(finished, tmp_path)
+    result = sorted((out / "runs").glob("*/result.json"))[0]
+    kept = json.loads(result.read_text())
+    result.write_text(json.dumps({**kept, "final_val_loss": None}) if content == "NULL_LOSS" else content)
+    err = one_line(capsys, ["report", str(out)])
+    assert f"{result} is damaged" in err and "--resume" in err
+    experiment = json.loads((out / "experiment.json").read_text())
+    said = []
+    experiments.run_experiment(
+        "compare",
+        tiny(out, experiment["config"]["data"]),
+        ["adamw", "snoo+adamw"],
+        budgets=[0.5, 1, 2],
+        ladder="wsd",
+        resume=True,
+        say=said.append,
+    )
+    assert any("finished again from its checkpoint" in line for line in said)
+    assert json.loads(result.read_text())["final_val_loss"] == kept["final_val_loss"]

@@ -362,7 +362,8 @@ def load_branch(
 ) -> Progress:
     """Start ``cfg``'s run from ``path``, a snapshot of another run (the trunk), and copy the trunk's metrics up to
     it into ``metrics``. Refused unless the trunk is this run but for its length, and its lr schedule is this run's
-    at every step before the snapshot: then the branch trains exactly what it would have from scratch."""
+    at every step before the snapshot: then the branch trains exactly what it would have from scratch. A snapshot
+    that cannot be trusted is :class:`Damaged`, and nothing is changed."""
     from snoo.lab.config import lr_schedule
 
     record = _read_checkpoint(path, device)
@@ -390,17 +391,25 @@ def load_branch(
     return Progress(**{k: v for k, v in record.items() if k in names})
 
 
+class Damaged(ValueError):
+    """A checkpoint file that cannot be trusted: unreadable, not of this lab, or changed since it was saved."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} {why}; start afresh")
+        self.why = why
+
+
 def _read_checkpoint(path: Path, device: torch.device) -> dict:
-    """``ckpt.pt`` as saved, or a ``ValueError``: a file that torch cannot read, or whose contents changed."""
+    """``ckpt.pt`` as saved, or :class:`Damaged`: a file that torch cannot read, or whose contents changed."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # an untrusted file: whatever torch's reader raises on it
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}): it is damaged; start afresh") from None
+        raise Damaged(path, f"cannot be read ({type(e).__name__}): it is damaged") from None
     if not isinstance(ckpt, dict) or not ckpt.keys() >= CHECKPOINT_KEYS:
-        raise ValueError(f"{path} is not a checkpoint of this lab (an older snoo, or damaged): start afresh")
+        raise Damaged(path, "is not a checkpoint of this lab (an older snoo, or damaged)")
     saved = ckpt.pop("sha256")
     if saved != digest(ckpt):
-        raise ValueError(f"{path} is damaged: its contents do not match the sha256 it was saved with; start afresh")
+        raise Damaged(path, "is damaged: its contents do not match the sha256 it was saved with")
     return ckpt
 
 

@@ -119,9 +119,13 @@ def run_jobs(
     def start(i: int) -> tuple[TrainConfig, dict] | None:
         """What job ``i`` trains, and how (``run``'s keywords); None: it is done already."""
         job, run_cfg, earlier = planned[i]
-        if earlier and (out / job["dir"] / "result.json").exists():
-            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
-            return None
+        result = out / job["dir"] / "result.json"
+        if earlier and result.exists():
+            problem = _result_problem(result)
+            if problem is None:
+                say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
+                return None
+            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: {problem}: the run is finished again from its checkpoint")
         how: dict[str, Any] = {"resume": earlier}
         if job.get("snapshots"):
             how["snapshots"] = tuple(job["snapshots"])
@@ -554,11 +558,34 @@ def _run_experiment(
 # ---------------------------------------------------------------------------------------------- summarizing
 
 
+def _result_problem(path: Path) -> str | None:
+    """What is wrong with a run's ``result.json`` (torn, or not what ``train`` writes), or None."""
+    try:
+        r = read_json(path)
+    except ValueError as e:
+        return str(e).split(": delete it")[0]
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if (
+        r.get("status") not in ("ok", "diverged")
+        or not isinstance(r.get("steps"), int)
+        or not number(r.get("wall_time"))
+        or (r["status"] == "ok" and not number(r.get("final_val_loss")))
+        or not (r.get("weight_norm") is None or number(r["weight_norm"]))
+    ):
+        return f"{path} is damaged (not the result of a run)"
+    return None
+
+
 def _load_result(run: Path) -> dict:
     path = run / "result.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the run did not finish (continue it with --resume)")
-    return json.loads(path.read_text())
+    problem = _result_problem(path)
+    if problem is not None:
+        raise ValueError(f"{problem}: continue the experiment with --resume, which finishes the run again")
+    return read_json(path)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
