@@ -452,3 +452,54 @@ def test_a_damaged_result_is_named_and_finished_again_on_resume(finished, tmp_pa
     )
     assert any("finished again from its checkpoint" in line for line in said)
     assert json.loads(result.read_text())["final_val_loss"] == kept["final_val_loss"]
+
+
+# ---------------------------------------------------------------------------------------------- 13, 14. inputs
+
+
+@pytest.mark.parametrize("budgets", ["inf", "1,inf", "nan", "0.01,1,2"])
+def test_bad_budgets_are_one_line_naming_budgets(tmp_path, corpus_file, capsys, budgets):
+    out = tmp_path / "b"
+    args = ["compare", "--preset", "tiny", "--data", corpus_file, "--out", str(out), "--steps", "200"]
+    err = one_line(capsys, [*args, "--budgets", budgets])
+    assert "--budgets" in err
+    assert not out.exists()
+
+
+def test_jobs_0_is_refused_before_anything_is_written(tmp_path, corpus_file, capsys):
+    out = tmp_path / "j"
+    args = ["compare", "--preset", "tiny", "--data", corpus_file, "--out", str(out), "--jobs", "0"]
+    assert "--jobs must be at least 1, got 0" in one_line(capsys, args)
+    assert not out.exists()  # so the corrected command is not taken for a second run
+
+
+@pytest.mark.parametrize("size", [0, 4097])
+def test_a_bin_file_of_no_whole_tokens_is_named(tmp_path, capsys, size):
+    data = tmp_path / "tokens.bin"
+    data.write_bytes(bytes(size))
+    err = one_line(capsys, ["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "r")])
+    assert f"--data {data}: a .bin file holds uint16 token ids (2 bytes each), and this one has {size:,} bytes" in err
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path, corpus_file):
+    process = snoo_process(argv_train(tmp_path / "r", corpus_file))
+    time.sleep(0.5)  # Python is up, torch is still loading
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err == "snoo: interrupted: the last checkpoint is kept; continue with --resume\n"
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and a mount namespace")
+def test_report_prints_a_read_only_experiments_summary(finished, tmp_path):
+    out = spoiled(finished, tmp_path)
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(out), sys.executable, "-m", "snoo", "report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == (out / "summary.md").read_text()
+    assert run.stderr == f"snoo: {out} cannot be written: its summary as written when it finished\n"

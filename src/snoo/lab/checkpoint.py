@@ -115,11 +115,11 @@ def replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's writer, e.g. "unexpected pos" on a full disk
         tmp.unlink(missing_ok=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().split("\n")[0]
-        failed = OSError(
-            f"cannot write {path} ({why}): the file there is as it was; make room (is the disk full?) and continue "
-            f"with --resume"
-        )
-        failed.errno = getattr(e, "errno", None) or errno.EIO
+        code = getattr(e, "errno", None) or errno.EIO
+        full = isinstance(e, RuntimeError) or code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        then = "make room (is the disk full?)" if full else "make it writable, or choose another --out,"
+        failed = OSError(f"cannot write {path} ({why}): the file there is as it was; {then} and continue with --resume")
+        failed.errno = code
         raise failed from None
 
 

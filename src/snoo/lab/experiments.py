@@ -96,6 +96,11 @@ def check_jobs(
     ]
 
 
+def check_processes(processes: int) -> None:
+    if processes < 1:
+        raise ValueError(f"--jobs must be at least 1, got {processes}")
+
+
 def run_jobs(
     cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None], processes: int = 1
 ) -> None:
@@ -110,8 +115,7 @@ def run_jobs(
     ``threads`` is 0: the machine's cores shared out), a branch once its trunk is done. Every run is a function of
     its config alone, so the results are those of one process, bit for bit.
     """
-    if processes < 1:
-        raise ValueError(f"--jobs must be at least 1, got {processes}")
+    check_processes(processes)
     if processes > 1 and cfg.threads == 0:
         cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
     planned = check_jobs(cfg, jobs, out, resume, adopt=say)
@@ -437,8 +441,9 @@ def run_experiment(
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    if not budgets or min(budgets) <= 0:
-        raise ValueError("budgets must be positive multiples of the steps")
+    if not budgets or not all(0 < b < math.inf for b in budgets):  # (nan too)
+        raise ValueError(f"--budgets must be positive, finite multiples of the steps, got {list(budgets)}")
+    check_processes(processes)
     if ladder not in LADDERS:
         raise ValueError(f"ladder must be one of {', '.join(LADDERS)}, got {ladder!r}")
     if tune_trials < 0:
@@ -446,6 +451,12 @@ def run_experiment(
     if ladder == "wsd":  # the warm-up in steps (the one asked for, if any), so that every budget shares it
         warmup_steps = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
         cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=warmup_steps)
+    for b in budgets:
+        steps = budget_steps(cfg.steps, b)
+        try:
+            validate(dataclasses.replace(cfg, steps=steps))
+        except ValueError as e:
+            raise ValueError(f"--budgets {b:g} gives runs of {steps} steps (of --steps {cfg.steps}): {e}") from None
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
     out = Path(cfg.out)
     with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
@@ -564,6 +575,7 @@ def _result_problem(path: Path) -> str | None:
         r = read_json(path)
     except ValueError as e:
         return str(e).split(": delete it")[0]
+
     def number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -882,6 +894,7 @@ def run_scaling(
 
     if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
         raise ValueError("scaling needs at least one size and positive tokens per parameter")
+    check_processes(processes)
     vocab = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab).vocab_size
     out = Path(cfg.out)
     points = []
