@@ -203,6 +203,34 @@ def test_a_state_that_lacks_or_poisons_the_wrappers_tensors_is_refused():
 # -- non-finite outer steps -----------------------------------------------------------------------------------------
 
 
+STACKS = {
+    "SNOO": lambda m: snoo.SNOO(torch.optim.AdamW(m.parameters(), lr=1e-2), k=2),
+    "EMANesterov(SNOO)": WRAPPERS["EMANesterov(SNOO)"],
+    "Nesterov(SNOO)": lambda m: snoo.Nesterov(snoo.SNOO(torch.optim.AdamW(m.parameters(), lr=1e-2), k=2)),
+    "GPA(SNOO)": lambda m: snoo.GPA(snoo.SNOO(torch.optim.AdamW(m.parameters(), lr=1e-2), k=2)),
+}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize(
+    ("spoil", "cause"),
+    [
+        (lambda e: {**e, "step": torch.tensor(math.nan)}, "'step' must be a count >= 0"),  # issue 24, item 11
+        (lambda e: {**e, "step": e["step"].to("meta")}, "'step' is a tensor on the meta device"),  # item 12
+        (lambda e: {**e, "snoo.slow": e["snoo.slow"].to("meta")}, "'snoo.slow' is a tensor on the meta device"),
+    ],
+)
+def test_a_stack_names_the_real_cause_of_a_refusal(stack, spoil, cause):
+    model = make_model()
+    opt = STACKS[stack](model)
+    for t in range(3):
+        train_step(model, opt, t)
+    state_dict = copy.deepcopy(opt.state_dict())
+    state_dict["state"][0] = spoil(state_dict["state"][0])
+    err = assert_refused_and_unchanged(model, opt, state_dict)
+    assert isinstance(err, ValueError) and cause in str(err), err
+
+
 def test_a_non_finite_outer_step_is_skipped_warned_once_and_counted():
     model = make_model()
     opt = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.05), k=2, track_norms=True)

@@ -5,7 +5,10 @@
   killed run never blocks the next one. A fresh run (no ``--resume``) into a directory that holds an earlier run
   is refused too, so nothing is overwritten.
 - ``write_json``, ``atomic_save``: a temporary file beside the target, then a rename: a crash leaves the old file or
-  the new one. ``read_metrics`` reads ``metrics.jsonl``, forgiving a last line torn by a crash.
+  the new one, and a full disk an ``OSError`` naming the file, with no temporary file left. ``read_metrics`` reads
+  ``metrics.jsonl``, forgiving a last line torn by a crash.
+- Nothing is written through a symbolic link: a directory holding one is refused (``refuse_links``), the lock and
+  ``metrics.jsonl`` are opened with ``O_NOFOLLOW``, and a temporary file is created anew with ``O_EXCL``.
 - ``save``/``load``: one checkpoint per run, ``ckpt.pt`` (one process) or ``ckpt.dcp`` (a
   ``torch.distributed.checkpoint`` directory, several ranks). Each records the run's identity
   (``config.identity``) and the progress (step, wall time, bytes sent, SNOO's last outer norms); ``load`` refuses a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +28,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import torch
 import torch.distributed as dist
@@ -38,11 +42,13 @@ try:
 except ImportError:  # Windows: no lock
     fcntl = None  # type: ignore[assignment]
 
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX: open() refuses a symbolic link instead of following it
 CHECKPOINT = "ckpt.pt"  # one process
 SHARDED = "ckpt.dcp"  # several ranks
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "sha256"}  # what every checkpoint of this lab holds
 PROGRESS = "progress.json"  # written into a sharded checkpoint last: its presence says the checkpoint is whole
 LOCK = ".lock"
+LOGGER_DIRS = ("tb", "wandb")  # what TensorBoard and Weights & Biases write, links of their own included
 #: what a run leaves in its directory; one of them there means a fresh run would overwrite an earlier one
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, SHARDED, f"{SHARDED}.old", "result.json")
 
@@ -65,9 +71,10 @@ def claimed(out: Path, *, fresh: bool, earlier: tuple[str, ...] = RUN_FILES) -> 
     """Hold ``OUT``'s lock while the block runs; with ``fresh``, refuse a directory holding any of ``earlier``."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory: choose a directory")
+    refuse_links(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror}): choose another directory") from None
     try:
@@ -94,19 +101,63 @@ def claimed(out: Path, *, fresh: bool, earlier: tuple[str, ...] = RUN_FILES) -> 
 # ---------------------------------------------------------------------------------------------- files
 
 
-def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary file beside ``path``, then rename it: a crash leaves the old file or the new one."""
+def replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` into a new temporary file beside ``path``, then rename it over ``path``: a crash leaves the old file
+    or the new one. The temporary file is created afresh (what a crash left there, or a link planted there, is
+    removed first, never followed). A write that fails (a full disk) removes it and is an ``OSError`` that names
+    ``path``; the old file stays."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o644), "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's writer, e.g. "unexpected pos" on a full disk
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().split("\n")[0]
+        code = getattr(e, "errno", None) or errno.EIO
+        full = isinstance(e, RuntimeError) or code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        then = "make room (is the disk full?)" if full else "make it writable, or choose another --out,"
+        failed = OSError(f"cannot write {path} ({why}): the file there is as it was; {then} and continue with --resume")
+        failed.errno = code
+        raise failed from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+    replace_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_text(text: str, path: Path) -> None:
+    replace_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_json(obj: Any, path: Path) -> None:
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def open_to_append(path: Path) -> TextIO:
+    """``path`` opened to append text, created if missing; a symbolic link there is refused, not followed."""
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644), "a")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link: runs never write through one; remove it") from None
+        raise
+
+
+def refuse_links(out: Path) -> None:
+    """Refuse a directory that holds a symbolic link, or whose subdirectories do (the loggers' own aside): a run or
+    a summary writing there could write through it into a file elsewhere."""
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    below = [e for d in entries if d.is_dir() and not d.is_symlink() and d.name not in LOGGER_DIRS for e in d.iterdir()]
+    link = next((p for p in entries + below if p.is_symlink()), None)
+    if link is not None:
+        raise ValueError(
+            f"{link} is a symbolic link: runs never write through one, and {out} holds it; remove it, or choose "
+            f"another --out"
+        )
 
 
 def read_json(path: Path) -> dict:
@@ -145,7 +196,7 @@ def read_metrics(path: Path) -> list[dict]:
 def keep_metrics_until(path: Path, step: int) -> None:
     """Keep what was logged up to a checkpoint at ``step``; the loop logs the evaluation at ``step`` again."""
     kept = [m for m in read_metrics(path) if m["step"] < step or (m["step"] == step and "val_loss" not in m)]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    write_text("".join(json.dumps(m) + "\n" for m in kept), path)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -279,7 +330,12 @@ def snapshot_name(step: int) -> str:
 
 def keep_snapshot(out: Path, step: int) -> None:
     """Keep the checkpoint just written, of ``step``, as :func:`snapshot_name` (a WSD ladder branches from it)."""
-    replace_atomically(out / snapshot_name(step), lambda tmp: shutil.copyfile(out / CHECKPOINT, tmp))
+
+    def copy(f: BinaryIO) -> None:
+        with (out / CHECKPOINT).open("rb") as source:
+            shutil.copyfileobj(source, f)
+
+    replace_atomically(out / snapshot_name(step), copy)
 
 
 def unbranchable(path: Path) -> str | None:
@@ -306,7 +362,8 @@ def load_branch(
 ) -> Progress:
     """Start ``cfg``'s run from ``path``, a snapshot of another run (the trunk), and copy the trunk's metrics up to
     it into ``metrics``. Refused unless the trunk is this run but for its length, and its lr schedule is this run's
-    at every step before the snapshot: then the branch trains exactly what it would have from scratch."""
+    at every step before the snapshot: then the branch trains exactly what it would have from scratch. A snapshot
+    that cannot be trusted is :class:`Damaged`, and nothing is changed."""
     from snoo.lab.config import lr_schedule
 
     record = _read_checkpoint(path, device)
@@ -314,6 +371,11 @@ def load_branch(
     if not isinstance(saved, dict):
         raise ValueError(f"{path} does not say which run wrote it: it cannot be branched from")
     changed = [c for c in differences(saved, run) if not c.startswith("steps ")]
+    if any(c.startswith("corpus ") for c in changed):
+        raise ValueError(
+            f"{path} was trained on other data ({next(c for c in changed if c.startswith('corpus '))}): the data "
+            f"changed during the experiment; start afresh with a new --out on data that does not change"
+        )
     if changed:
         raise ValueError(f"{path} is of another run ({'; '.join(changed[:3])}): it cannot be branched from")
     step = record["step"]
@@ -323,23 +385,31 @@ def load_branch(
     model.load_state_dict(record["model"])
     opt.load_state_dict(record["optimizer"])
     kept = [m for m in read_metrics(path.parent / "metrics.jsonl") if m["step"] <= step]
-    replace_atomically(metrics, lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
+    write_text("".join(json.dumps(m) + "\n" for m in kept), metrics)
     keep_metrics_until(metrics, step)
     names = {f.name for f in dataclasses.fields(Progress)}
     return Progress(**{k: v for k, v in record.items() if k in names})
 
 
+class Damaged(ValueError):
+    """A checkpoint file that cannot be trusted: unreadable, not of this lab, or changed since it was saved."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} {why}; start afresh")
+        self.why = why
+
+
 def _read_checkpoint(path: Path, device: torch.device) -> dict:
-    """``ckpt.pt`` as saved, or a ``ValueError``: a file that torch cannot read, or whose contents changed."""
+    """``ckpt.pt`` as saved, or :class:`Damaged`: a file that torch cannot read, or whose contents changed."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # an untrusted file: whatever torch's reader raises on it
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}): it is damaged; start afresh") from None
+        raise Damaged(path, f"cannot be read ({type(e).__name__}): it is damaged") from None
     if not isinstance(ckpt, dict) or not ckpt.keys() >= CHECKPOINT_KEYS:
-        raise ValueError(f"{path} is not a checkpoint of this lab (an older snoo, or damaged): start afresh")
+        raise Damaged(path, "is not a checkpoint of this lab (an older snoo, or damaged)")
     saved = ckpt.pop("sha256")
     if saved != digest(ckpt):
-        raise ValueError(f"{path} is damaged: its contents do not match the sha256 it was saved with; start afresh")
+        raise Damaged(path, "is damaged: its contents do not match the sha256 it was saved with")
     return ckpt
 
 

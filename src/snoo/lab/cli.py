@@ -248,9 +248,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _budgets(text: str, flag: str = "--budgets") -> list[float]:
     try:
-        return [float(b) for b in text.split(",")]
+        values = [float(b) for b in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag} {text!r}: expected numbers like 1,1.5,2") from None
+    if not all(0 < v < float("inf") for v in values):  # (nan too)
+        raise UsageError(f"{flag} {text!r}: each must be a positive, finite number, like 1,1.5,2")
+    return values
 
 
 def _counts(text: str) -> list[int]:
@@ -306,6 +309,10 @@ def run(argv: list[str] | None = None) -> int:
 
     if args.command == "report":
         out = Path(args.dir)
+        if out.is_dir() and not os.access(out, os.W_OK) and (out / "summary.md").exists():
+            print(f"snoo: {out} cannot be written: its summary as written when it finished", file=sys.stderr)
+            print((out / "summary.md").read_text(), end="")
+            return 0
         _finish(experiments.summarize(out), out)
         return 0
     cfg, extra = _config(args, f"runs/{args.command}")
@@ -345,9 +352,15 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "scaling":
         if args.tune_baseline:
             raise UsageError("scaling tunes with --tune N (every contender, every point), not --tune-baseline")
-        del common["tune_baseline"]
         from snoo.lab import scaling
 
+        derived = [f"--set {k}" for k in scaling.SCALING_DERIVED if any(s.startswith(f"{k}=") for s in args.set or [])]
+        if derived or args.steps is not None:
+            raise UsageError(
+                f"scaling sets each point's steps from --tokens-per-param, and its eval_every, ckpt_every and "
+                f"log_every from its steps: {(['--steps'] if args.steps is not None else derived)[0]} cannot be given"
+            )
+        del common["tune_baseline"]
         summary = scaling.run_scaling(
             cfg,
             spec.split_list(args.optimizers or "adamw,snoo-adamw"),

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from snoo import spec
@@ -225,6 +226,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("data must be a path (or left out for the standard library's source), got ''")
     if not cfg.out:
         raise ValueError("out must be a directory, got ''")
+    _check_out_outside_data(cfg)
     if cfg.warmup_steps is not None and (
         isinstance(cfg.warmup_steps, bool) or not isinstance(cfg.warmup_steps, int) or cfg.warmup_steps < 0
     ):
@@ -240,6 +242,26 @@ def validate(cfg: TrainConfig) -> None:
         _check_workers(cfg)
     _check_device(cfg.device)
     lr_schedule(cfg)  # the schedule's own checks
+
+
+def _check_out_outside_data(cfg: TrainConfig) -> None:
+    """Refuse an ``out`` inside the directory that ``data`` reads (a directory, or a glob's fixed part): each run
+    would train on the files the runs before it wrote."""
+    if cfg.data is None:
+        return
+    fixed = re.split(r"[*?[]", cfg.data, maxsplit=1)[0]
+    if fixed != cfg.data:  # a glob: the directory its fixed part names
+        root = Path(fixed) if fixed.endswith(os.sep) else Path(fixed).parent
+    elif Path(cfg.data).is_dir():
+        root = Path(cfg.data)
+    else:
+        return
+    root, out = root.resolve(), Path(cfg.out).resolve()
+    if out == root or root in out.parents:
+        raise ValueError(
+            f"--out {cfg.out} is inside --data {cfg.data}: the runs would train on the files written there; choose "
+            f"an --out outside the data"
+        )
 
 
 def _check_device(device: str) -> None:

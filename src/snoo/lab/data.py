@@ -100,6 +100,13 @@ def _read_bin(path: Path) -> torch.Tensor:
     """uint16 token ids, memory-mapped: a 17 GB openwebtext train.bin is read only where batches fall."""
     import warnings
 
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise ValueError(
+            f"--data {path}: a .bin file holds uint16 token ids (2 bytes each), and this one has {size:,} bytes; "
+            f"write it with numpy's uint16 (nanoGPT's prepare.py)"
+        )
+
     import numpy as np
 
     with warnings.catch_warnings():  # torch warns that the read-only map is not writable; it is never written

@@ -22,17 +22,20 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from snoo import spec
 from snoo.lab import checkpoint, plots, stats
-from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json
+from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json, write_text
 from snoo.lab.config import TrainConfig, differences, identity, validate
 from snoo.lab.data import fingerprint
-from snoo.lab.launch import run
+from snoo.lab.launch import LaunchFailed, run
 from snoo.lab.stats import compute_factor, fit_log_steps
 from snoo.lab.train import Diverged
 
@@ -85,6 +88,11 @@ def check_jobs(
     ]
 
 
+def check_processes(processes: int) -> None:
+    if processes < 1:
+        raise ValueError(f"--jobs must be at least 1, got {processes}")
+
+
 def run_jobs(
     cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, say: Callable[[str], None], processes: int = 1
 ) -> None:
@@ -99,8 +107,7 @@ def run_jobs(
     ``threads`` is 0: the machine's cores shared out), a branch once its trunk is done. Every run is a function of
     its config alone, so the results are those of one process, bit for bit.
     """
-    if processes < 1:
-        raise ValueError(f"--jobs must be at least 1, got {processes}")
+    check_processes(processes)
     if processes > 1 and cfg.threads == 0:
         cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
     planned = check_jobs(cfg, jobs, out, resume, adopt=say)
@@ -108,9 +115,13 @@ def run_jobs(
     def start(i: int) -> tuple[TrainConfig, dict] | None:
         """What job ``i`` trains, and how (``run``'s keywords); None: it is done already."""
         job, run_cfg, earlier = planned[i]
-        if earlier and (out / job["dir"] / "result.json").exists():
-            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
-            return None
+        result = out / job["dir"] / "result.json"
+        if earlier and result.exists():
+            problem = _result_problem(result)
+            if problem is None:
+                say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
+                return None
+            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: {problem}: the run is finished again from its checkpoint")
         how: dict[str, Any] = {"resume": earlier}
         if job.get("snapshots"):
             how["snapshots"] = tuple(job["snapshots"])
@@ -132,7 +143,12 @@ def run_jobs(
         )
         return run_cfg, how
 
+    seen: dict[str, str] = {}  # the data's sha256 -> the first run that saw it
+
     def finish(i: int, r: dict) -> None:
+        seen.setdefault(r["corpus_sha256"], jobs[i]["dir"])
+        if len(seen) > 1:  # the data changed during the experiment: stop before more runs train on either
+            same_corpus(out, seen)
         loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
         tag = f"[{i + 1}/{len(jobs)}] " if processes > 1 else ""
         say(f"    {tag}val loss {loss}, {r['wall_time']:.1f}s")
@@ -144,6 +160,16 @@ def run_jobs(
                 finish(i, run(started[0], **started[1]))
         return
     _run_parallel(jobs, start, finish, processes)
+
+
+def same_corpus(out: Path, runs: dict[str, str]) -> None:
+    """Refuse runs (``runs``: sha256 of the data they saw -> a run that saw it) that did not all see the same data."""
+    if len(runs) > 1:
+        seen = "; ".join(f"{run} on data of sha256 {sha}" for sha, run in runs.items())
+        raise ValueError(
+            f"the runs in {out} did not all see the same data ({seen}): the data changed during the experiment; "
+            f"start afresh with a new --out on data that does not change"
+        )
 
 
 def _adopt_finished(
@@ -176,15 +202,44 @@ def _run_job(run_cfg: TrainConfig, how: dict[str, Any]) -> dict:
     return run(run_cfg, **how)
 
 
+def _end_with_parent(parent: int) -> None:
+    """A pool worker's initializer: the worker ends when ``parent``, the process that started it, ends (killed too),
+    so that no orphan keeps training, holding the runs' locks and the terminal's output."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # sent when the parent ends
+    else:  # no such signal: look every second
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it ended before the worker asked
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes: int) -> None:
-    """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list."""
+    """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list. A worker
+    ends with this process; a worker killed from outside (the out-of-memory killer) stops the others and is one
+    :class:`~snoo.lab.launch.LaunchFailed` line, saying that ``--resume`` continues."""
     import concurrent.futures as cf
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
     waiting = list(range(len(jobs)))
     done: set[str] = set()
     running: dict[cf.Future, int] = {}
-    with cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         try:
             while waiting or running:
                 for i in [i for i in waiting if jobs[i].get("branch_of") in (None, *done)]:
@@ -201,7 +256,16 @@ def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in finished:
                     i = running.pop(future)
-                    finish(i, future.result())
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        raise LaunchFailed(
+                            f"a worker process of --jobs {processes} ended abruptly (killed from outside, e.g. by "
+                            f"the out-of-memory killer) while training {jobs[i]['dir']}: the finished runs and the "
+                            f"checkpoints are kept; continue with --resume (and fewer --jobs if memory is short)",
+                            1,
+                        ) from None
+                    finish(i, result)
                     done.add(jobs[i]["dir"])
         except BaseException:
             for future in running:
@@ -303,26 +367,27 @@ def tune(
     """Give every optimizer the same budget of ``n`` trial runs at 1x, each on ``seeds`` seeds that no reported run
     uses (a trial's loss is their mean); return, by optimizer, the best trial (``tuned``), every trial's final loss,
     and what the tuning cost (steps, wall time)."""
-    jobs, owner = [], []
-    for seed in tuning_seeds(cfg, seeds):
-        for o in optimizers:
-            for t in trials(o, n):
-                jobs.append(dict(optimizer=t, budget=1.0, seed=seed))
-                owner.append(o)
+    owners: dict[str, list[str]] = {}  # each distinct trial, trained once -> the optimizers that try it
+    for o in optimizers:
+        for t in trials(o, n):
+            owners.setdefault(t, []).append(o)
+    jobs = [dict(optimizer=t, budget=1.0, seed=seed) for seed in tuning_seeds(cfg, seeds) for t in owners]
     for i, job in enumerate(jobs):
         job["dir"] = _dirname(i, job["optimizer"], 1.0, job["seed"])
     on = f"seed {tuning_seeds(cfg)[0]}" if seeds == 1 else f"seeds {tuning_seeds(cfg, seeds)}"
     say(f"tuning: {n} trial{'s' * (n > 1)} each on {on}, {len(jobs)} runs")
     run_jobs(cfg, jobs, out / "tune", resume, say, processes)
-    tuned: dict[str, dict] = {}
-    for o, job in zip(owner, jobs):
+    # a trial that two optimizers share counts in the cost of each: it is part of each one's budget
+    losses = _trial_losses(out / "tune", jobs, [j["optimizer"] for j in jobs])
+    seeds_used = tuning_seeds(cfg, seeds)
+    tuned: dict[str, dict] = {o: {"trials": {}, "steps": 0, "wall_time": 0.0, "seeds": seeds_used} for o in optimizers}
+    for job in jobs:
         r = _load_result(out / "tune" / job["dir"])
-        entry = tuned.setdefault(o, {"trials": {}, "steps": 0, "wall_time": 0.0, "seeds": tuning_seeds(cfg, seeds)})
-        entry["steps"] += r["steps"]
-        entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
-    for o, entry in tuned.items():
-        mine = [(j, w) for j, w in zip(jobs, owner) if w == o]
-        entry["trials"] = _trial_losses(out / "tune", [j for j, _ in mine], [j["optimizer"] for j, _ in mine])
+        for o in owners[job["optimizer"]]:
+            entry = tuned[o]
+            entry["trials"][job["optimizer"]] = losses[job["optimizer"]]
+            entry["steps"] += r["steps"]
+            entry["wall_time"] = round(entry["wall_time"] + r["wall_time"], 3)
     for o, entry in tuned.items():
         ok = [(loss, t) for t, loss in entry["trials"].items() if loss is not None]
         if not ok:
@@ -386,16 +451,24 @@ def run_experiment(
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    if not budgets or min(budgets) <= 0:
-        raise ValueError("budgets must be positive multiples of the steps")
+    if not budgets or not all(0 < b < math.inf for b in budgets):  # (nan too)
+        raise ValueError(f"--budgets must be positive, finite multiples of the steps, got {list(budgets)}")
+    check_processes(processes)
     if ladder not in LADDERS:
         raise ValueError(f"ladder must be one of {', '.join(LADDERS)}, got {ladder!r}")
     if tune_trials < 0:
         raise ValueError(f"--tune must be 0 (off) or a number of trials, got {tune_trials}")
     if tune_seeds < 1:
         raise ValueError(f"--tune-seeds must be at least 1, got {tune_seeds}")
-    if ladder == "wsd":
-        cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=round(cfg.warmup * cfg.steps))
+    if ladder == "wsd":  # the warm-up in steps (the one asked for, if any), so that every budget shares it
+        warmup_steps = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
+        cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=warmup_steps)
+    for b in budgets:
+        steps = budget_steps(cfg.steps, b)
+        try:
+            validate(dataclasses.replace(cfg, steps=steps))
+        except ValueError as e:
+            raise ValueError(f"--budgets {b:g} gives runs of {steps} steps (of --steps {cfg.steps}): {e}") from None
     optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
     out = Path(cfg.out)
     with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
@@ -415,6 +488,19 @@ def run_experiment(
             processes=processes,
             say=say,
         )
+
+
+def _row_labels(renamed: dict[str, str], say: Callable[[str], None]) -> dict[str, str]:
+    """Each contender's row in the table: the SPEC it was tuned to (``renamed``), and where two contenders were tuned
+    to the same SPEC, which contender it was tuned from (the baseline keeps its SPEC): two rows of the same runs."""
+    baseline = next(iter(renamed))
+    labels = {}
+    for o, tuned in renamed.items():
+        twins = [c for c, t in renamed.items() if t == tuned]
+        labels[o] = tuned if o == baseline or len(twins) == 1 else f"{tuned} (tuned from {o})"
+        if len(twins) > 1 and o == twins[0]:
+            say(f"{' and '.join(twins)} were tuned to the same setting, {tuned}: its runs are trained once")
+    return labels
 
 
 #: what an experiment leaves in its directory; a fresh experiment refuses a directory that holds one
@@ -455,27 +541,39 @@ def _run_experiment(
         base_name = spec.parse(optimizers[0])[-1].name
         renamed = {o: spec.override(o, {f"{base_name}.lr": lr}) for o in optimizers}
         experiment["tuned_lr"] = lr
+    tuned: dict[str, dict] = {}
     if tune_trials:
         tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes, tune_seeds)
-        experiment["tuning"] = {tuned[r]["tuned"]: {"from": o, **tuned[r]} for o, r in renamed.items()}
-        renamed = {o: tuned[r]["tuned"] for o, r in renamed.items()}
+        tuned = {o: tuned[r] for o, r in renamed.items()}
+        renamed = {o: tuned[o]["tuned"] for o in optimizers}
+    labels = _row_labels(renamed, say)
+    if tuned:
+        experiment["tuning"] = {labels[o]: {"from": o, **tuned[o]} for o in optimizers}
     if renamed != {o: o for o in optimizers}:
         experiment.update(
             baseline=renamed[optimizers[0]],
-            optimizers=list(dict.fromkeys(renamed.values())),
-            grid={renamed[o]: v for o, v in (grid or {}).items()},
+            optimizers=list(dict.fromkeys(labels.values())),
+            grid={labels[o]: v for o, v in (grid or {}).items()},
         )
     jobs: list[dict] = []
     for seed in experiment["seeds"]:
         jobs += ladder_jobs(experiment["baseline"], experiment["budgets"], seed, cfg.steps, ladder, cfg.decay)
-        for o in experiment["optimizers"][1:]:  # the baseline already ran at 1x
-            jobs.append(dict(optimizer=o, budget=1.0, seed=seed))
+        for o in optimizers[1:]:  # the baseline already ran at 1x
+            jobs.append(dict(optimizer=renamed[o], budget=1.0, seed=seed))
+            if labels[o] != renamed[o]:
+                jobs[-1]["label"] = labels[o]
+    first: dict[tuple, str] = {}  # a run that two rows share is trained once, in the first one's directory
     for i, job in enumerate(jobs):
-        job["dir"] = _dirname(i, job["optimizer"], job["budget"], job["seed"])
+        key = (job["optimizer"], job["budget"], job["seed"])
+        job["dir"] = first.setdefault(key, _dirname(i, job["optimizer"], job["budget"], job["seed"]))
     for job in jobs:
         if "branch_of" in job:
             job["branch_of"] = job["branch_of"]["dir"]
     experiment["jobs"] = jobs
+    unique: dict[str, dict] = {}
+    for job in jobs:
+        unique.setdefault(job["dir"], job)
+    jobs = list(unique.values())
     check_jobs(cfg, jobs, out / "runs", resume)  # before experiment.json is replaced
     write_json(experiment, out / "experiment.json")
     run_jobs(cfg, jobs, out / "runs", resume, say, processes)
@@ -485,11 +583,35 @@ def _run_experiment(
 # ---------------------------------------------------------------------------------------------- summarizing
 
 
+def _result_problem(path: Path) -> str | None:
+    """What is wrong with a run's ``result.json`` (torn, or not what ``train`` writes), or None."""
+    try:
+        r = read_json(path)
+    except ValueError as e:
+        return str(e).split(": delete it")[0]
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if (
+        r.get("status") not in ("ok", "diverged")
+        or not isinstance(r.get("steps"), int)
+        or not number(r.get("wall_time"))
+        or (r["status"] == "ok" and not number(r.get("final_val_loss")))
+        or not (r.get("weight_norm") is None or number(r["weight_norm"]))
+    ):
+        return f"{path} is damaged (not the result of a run)"
+    return None
+
+
 def _load_result(run: Path) -> dict:
     path = run / "result.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the run did not finish (continue it with --resume)")
-    return json.loads(path.read_text())
+    problem = _result_problem(path)
+    if problem is not None:
+        raise ValueError(f"{problem}: continue the experiment with --resume, which finishes the run again")
+    return read_json(path)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -504,7 +626,8 @@ def summarize(out: Path | str) -> dict:
         raise FileNotFoundError(
             f"{path} is missing: not a directory written by `snoo compare`, `snoo sweep` or `snoo scale-out`"
         )
-    experiment = json.loads(path.read_text())
+    experiment = read_json(path)
+    checkpoint.refuse_links(out)  # the summary and the plots are written there
     if experiment["kind"] == "scale-out":
         return _summarize_scale_out(out, experiment)
     if experiment["kind"] == "scaling":
@@ -512,12 +635,14 @@ def summarize(out: Path | str) -> dict:
 
         return summarize_scaling(out, experiment)
     steps, baseline, seeds = experiment["steps"], experiment["baseline"], experiment["seeds"]
-    runs, curves = [], {}
+    runs, curves, corpora = [], {}, {}
     for job in experiment["jobs"]:
         r = _load_result(out / "runs" / job["dir"])
+        if r.get("corpus_sha256"):  # (a run of an older snoo did not record it)
+            corpora.setdefault(r["corpus_sha256"], job["dir"])
         runs.append(
             {
-                "optimizer": job["optimizer"],
+                "optimizer": job.get("label", job["optimizer"]),
                 "seed": job["seed"],
                 "budget": job["budget"],
                 "steps": r["steps"],
@@ -529,6 +654,7 @@ def summarize(out: Path | str) -> dict:
             }
         )
         curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
+    same_corpus(out / "runs", corpora)
 
     def final(optimizer: str, seed: int, budget: float = 1.0) -> float:
         r = next(r for r in runs if r["optimizer"] == optimizer and r["seed"] == seed and r["budget"] == budget)
@@ -599,7 +725,7 @@ def summarize(out: Path | str) -> dict:
     if experiment["grid"]:
         summary["grid"] = experiment["grid"]
     write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text(markdown(summary, experiment) + "\n")
+    write_text(markdown(summary, experiment) + "\n", out / "summary.md")
     plots.draw(out, summary, curves)
     return summary
 
@@ -810,9 +936,11 @@ def _run_scale_out(
 
 
 def _summarize_scale_out(out: Path, experiment: dict) -> dict:
-    rows, curves = [], {}
+    rows, curves, corpora = [], {}, {}
     for job in experiment["jobs"]:
         r = _load_result(out / "runs" / job["dir"])
+        if r.get("corpus_sha256"):  # (a run of an older snoo did not record it)
+            corpora.setdefault(r["corpus_sha256"], job["dir"])
         sent = r["communicated_bytes_per_step"]
         rows.append(
             {
@@ -830,6 +958,7 @@ def _summarize_scale_out(out: Path, experiment: dict) -> dict:
             }
         )
         curves[job["dir"]] = read_metrics(out / "runs" / job["dir"] / "metrics.jsonl")
+    same_corpus(out / "runs", corpora)
     summary = {
         "kind": "scale-out",
         "steps": experiment["steps"],
@@ -838,7 +967,7 @@ def _summarize_scale_out(out: Path, experiment: dict) -> dict:
         "corpus": _corpus_info(out, rows),
     }
     write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text(markdown_scale_out(summary, experiment) + "\n")
+    write_text(markdown_scale_out(summary, experiment) + "\n", out / "summary.md")
     plots.tokens_plot(out, summary, curves)
     return summary
 

@@ -24,7 +24,8 @@ from snoo.lab.workers import World
 
 
 class LaunchFailed(RuntimeError):
-    """The ranks of a launched run stopped before the run's end; ``status`` is torchrun's exit status."""
+    """The processes of a launched run (torchrun's ranks, or the workers of ``--jobs``) stopped before its end;
+    ``status`` is the exit status to give (torchrun's)."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
@@ -60,7 +61,7 @@ def _launch(cfg: TrainConfig, *, resume: bool) -> dict:
     """
     out = Path(cfg.out)
     request = out / "launch.json"
-    request.write_text(json.dumps({"config": dataclasses.asdict(cfg), "resume": resume}, indent=2) + "\n")
+    checkpoint.write_json({"config": dataclasses.asdict(cfg), "resume": resume}, request)
     result = out / "result.json"
     result.unlink(missing_ok=True)  # what is there now is from an earlier run
     command = [

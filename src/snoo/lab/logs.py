@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from snoo.lab.checkpoint import open_to_append
 from snoo.lab.config import TrainConfig
 
 
@@ -22,7 +23,7 @@ class RunLog:
         self, cfg: TrainConfig, out: Path, *, enabled: bool, step: int, tokens_per_step: int, info: dict[str, Any]
     ) -> None:
         self.tokens_per_step = tokens_per_step
-        self.file = (out / "metrics.jsonl").open("a") if enabled else None
+        self.file = open_to_append(out / "metrics.jsonl") if enabled else None
         self.tensorboard = _tensorboard(out) if enabled and cfg.tensorboard else None
         self.wandb = _wandb(cfg, out, info) if enabled and cfg.wandb else None
         self.bar = None

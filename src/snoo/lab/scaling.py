@@ -33,7 +33,10 @@ from snoo import spec
 from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, write_json
 from snoo.lab.config import TrainConfig, model_config, validate
-from snoo.lab.experiments import BUDGETS, run_experiment
+from snoo.lab.experiments import BUDGETS, check_processes, run_experiment, same_corpus
+
+#: the fields that scaling sets for each point (from its size and tokens per parameter), whatever the config says
+SCALING_DERIVED = ("steps", "eval_every", "ckpt_every", "log_every")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -97,6 +100,7 @@ def run_scaling(
 
     if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
         raise ValueError("scaling needs at least one size and positive tokens per parameter")
+    check_processes(processes)
     corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
     vocab = corpus.vocab_size
     out = Path(cfg.out)
@@ -144,7 +148,7 @@ def run_scaling(
         "budgets": sorted(set(budgets) | {1.0}),
         "tune_trials": tune_trials,
         "tune_seeds": tune_seeds if tune_trials else 0,
-        "config": dataclasses.asdict(cfg),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SCALING_DERIVED},  # each point's own
     }
     with checkpoint.claimed(out, fresh=not resume, earlier=("experiment.json",)):
         write_json(experiment, out / "experiment.json")
@@ -325,11 +329,13 @@ def summarize_scaling(out: Path, experiment: dict | None = None) -> dict:
     the plots (``scaling.png``: the factor against size; ``frontier.png``: loss against compute); points that have
     not finished are listed as pending."""
     experiment = experiment or read_json(out / "experiment.json")
-    rows, runs, pending = [], [], []
+    rows, runs, pending, corpora = [], [], [], {}
     for point in experiment["points"]:
         if not (out / point["name"] / "summary.json").exists():
             pending.append(point["name"])
             continue
+        corpora.setdefault(read_json(out / point["name"] / "summary.json")["corpus"]["sha256"], point["name"])
+        same_corpus(out, corpora)
         rows += _point_rows(out, point, experiment)
         runs += _runs(out, point)
     cfg = experiment["config"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,7 +91,12 @@ def _train(
     run = identity(cfg, corpus.info["sha256"])
     at = _resume(cfg, world, model, opt, gradient_bytes, run, device) if resume else Progress()
     if at.step == 0 and start_from is not None:
-        at = checkpoint.load_branch(start_from, model, opt, cfg, run, device, out / "metrics.jsonl")
+        try:
+            at = checkpoint.load_branch(start_from, model, opt, cfg, run, device, out / "metrics.jsonl")
+        except checkpoint.Damaged as e:  # a branch is a shortcut: from scratch, it ends where it would have
+            print(
+                f"snoo: {start_from} {e.why}: {out.name} trains from scratch instead, to the same end", file=sys.stderr
+            )
     info = _info(cfg, corpus, model, device, run)
     if main:
         checkpoint.write_json(info, out / "config.json")

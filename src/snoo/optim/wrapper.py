@@ -570,6 +570,7 @@ class Wrapper(Optimizer):
                 f"'param_groups' (a list of dicts, each with its 'params')"
             )
         saved_groups = list(state_dict["param_groups"])
+        self._refuse_meta(state_dict["state"], saved_groups)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the state dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
@@ -605,6 +606,21 @@ class Wrapper(Optimizer):
         self._check_training_points(extra["training"], params, own)
         inner = {**state_dict, "state": inner_state, "param_groups": inner_groups}
         return LoadPlan(inner=inner, own=own, schedules=schedules, extra=extra)
+
+    @staticmethod
+    def _refuse_meta(saved_state: Mapping[Any, Any], saved_groups: list[Mapping[str, Any]]) -> None:
+        """Refuse tensors on the meta device, which hold no values to load (every check would fail on them)."""
+        where = [(f"state of parameter {key!r}", entry) for key, entry in saved_state.items()]
+        where += [(f"parameter group {g} of the state dict", group) for g, group in enumerate(saved_groups)]
+        for what, entries in where:
+            if not isinstance(entries, Mapping):
+                continue  # refused below, with its reason
+            meta = next((k for k, v in entries.items() if isinstance(v, torch.Tensor) and v.is_meta), None)
+            if meta is not None:
+                raise ValueError(
+                    f"{what}: {meta!r} is a tensor on the meta device, which holds no values: save the state dict "
+                    f"of an optimizer whose tensors are real"
+                )
 
     def _plan_inner_group(
         self, g: int, saved: Mapping[str, Any], group: dict[str, Any], kept: dict[str, Any]
@@ -745,15 +761,18 @@ class Wrapper(Optimizer):
         """Apply a checked :class:`LoadPlan`. The inner optimizer checks its own part as it loads it; if it refuses,
         its previous state is put back, so the wrapper is left as it was."""
         own_before = [{k: g[k] for k in self._own_defaults if k in g} for g in self.param_groups]
-        before = self.inner.state_dict()  # the live tensors: loading them back restores the state exactly
-        # without our hyperparameters, which may be schedules (not for the inner's loader to deep-copy)
-        before["param_groups"] = [
-            {k: v for k, v in g.items() if k not in self._own_defaults} for g in before["param_groups"]
-        ]
+        before = None
+        if not isinstance(self.inner, Wrapper):  # a wrapper inside loads all or nothing: no state to put back
+            before = self.inner.state_dict()  # the live tensors: loading them back restores the state exactly
+            # without our hyperparameters, which may be schedules (not for the inner's loader to deep-copy)
+            before["param_groups"] = [
+                {k: v for k, v in g.items() if k not in self._own_defaults} for g in before["param_groups"]
+            ]
         try:
             self.inner.load_state_dict(plan.inner)
         except Exception as e:
-            self.inner.load_state_dict(before)
+            if before is not None:
+                self.inner.load_state_dict(before)
             for group, own in zip(self.param_groups, own_before):
                 group.update(own)
             if isinstance(e, (TypeError, ValueError)):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snoo.lab import checkpoint
 from snoo.lab.config import TrainConfig, make_config, model_config
 from snoo.lab.train import Diverged
 
@@ -364,9 +366,7 @@ def read_json(path: Path) -> Any:
 
 def write_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    checkpoint.write_json(obj, path)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -386,13 +386,27 @@ def reproduce(
     the plots; return what claims.json holds. With ``resume``, a finished run is never trained again."""
     if scale not in SCALES:
         raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    the_scale = SCALES[scale]
+    the_scale, given_seeds = SCALES[scale], seeds
     seeds = the_scale.seeds if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     claims = select(names)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.claimed(out, fresh=False, earlier=()):  # one `snoo reproduce` at a time writes claims.json
+        return _reproduce(claims, the_scale, seeds, given_seeds, out, resume, dict(settings or {}), say)
+
+
+def _reproduce(
+    claims: list[Claim],
+    the_scale: Scale,
+    seeds: int,
+    given_seeds: int | None,
+    out: Path,
+    resume: bool,
+    settings: dict[str, Any],
+    say: Callable[[str], None],
+) -> dict[str, dict]:
+    scale = the_scale.name
     path = out / "claims.json"
     # the claims run before into this directory at this scale stay in the report
     results = {k: v for k, v in (read_json(path) if path.exists() else {}).items() if v.get("scale") == scale}
@@ -400,7 +414,7 @@ def reproduce(
     for claim in claims:
         say(f"=== claim {claim.number} ({claim.id}): {claim.claim}")
         t0 = time.perf_counter()
-        ctx = Context(the_scale, out / claim.id, seeds, resume, dict(settings or {}), say)
+        ctx = Context(the_scale, out / claim.id, seeds, resume, dict(settings), say)
         ctx.out.mkdir(parents=True, exist_ok=True)
         try:
             outcome = claim.run(ctx, claim.setup[scale])
@@ -419,22 +433,38 @@ def reproduce(
             "scale": scale,
             "seeds": outcome.seeds or seeds,
             "wall_time": round(time.perf_counter() - t0, 1),
+            "flags": flags(given_seeds, settings),
         }
         say(f"    claim {claim.number}: {verdict}")
     order = {c.id: c.number for c in registry().values()}
     results = dict(sorted(results.items(), key=lambda kv: order.get(kv[0], 99)))
     write_json(results, path)
-    (out / "report.md").write_text(report(results, scale, time.perf_counter() - start) + "\n")
+    checkpoint.write_text(report(results, scale, time.perf_counter() - start) + "\n", out / "report.md")
     return results
+
+
+def flags(seeds: int | None, settings: dict[str, Any]) -> str:
+    """The flags of `snoo reproduce` that give these seeds (None: the scale's) and settings (--data, --set)."""
+    words = [f"--seeds {seeds}"] if seeds is not None else []
+    words += [f"--data {shlex.quote(str(v))}" for k, v in settings.items() if k == "data"]
+    words += [f"--set {shlex.quote(f'{k}={v}')}" for k, v in settings.items() if k != "data"]
+    return " ".join(words)
 
 
 def report(results: dict[str, dict], scale: str, wall: float) -> str:
     claims = registry()
+    by_flags: dict[str, list[str]] = {}  # claims run with the same flags regenerate with one command
+    for cid, r in results.items():
+        by_flags.setdefault(r.get("flags", ""), []).append(str(claims[cid].number))
+    commands = "; ".join(
+        f"`snoo reproduce {' '.join(numbers)} --scale {scale} {f + ' ' if f else ''}--resume`"
+        for f, numbers in by_flags.items()
+    )
     lines = [
         f"# snoo reproduce --scale {scale}",
         "",
         f"{len(results)} claim{'s' * (len(results) != 1)}, {wall:.0f} s of wall time for this invocation (finished "
-        f"runs kept from earlier ones cost nothing). Regenerate with `snoo reproduce --scale {scale} --resume`.",
+        f"runs kept from earlier ones cost nothing). Regenerate with {commands}.",
     ]
     if not SCALES[scale].decidable:
         lines.append(
@@ -447,6 +477,7 @@ def report(results: dict[str, dict], scale: str, wall: float) -> str:
         lines.append(f"| {claims[cid].number}. {cid} | {paper} | {measured} | **{r['verdict']}** |")
     for cid, r in results.items():
         c = claims[cid]
+        used = f"with {r['flags']}" if r.get("flags") else "with the scale's data and settings"
         lines += [
             "",
             f"## {c.number}. {c.claim}",
@@ -455,7 +486,8 @@ def report(results: dict[str, dict], scale: str, wall: float) -> str:
             "",
             f"**Paper.** {r['paper']}",
             "",
-            f"**Measured** ({r['seeds']} seed{'s' * (r['seeds'] != 1)}, {r['wall_time']:.0f} s). {r['measured']}",
+            f"**Measured** ({r['seeds']} seed{'s' * (r['seeds'] != 1)}, {r['wall_time']:.0f} s, {used}). "
+            f"{r['measured']}",
         ]
         if r["table"]:
             lines += ["", r["table"]]
