@@ -7,6 +7,7 @@ docs/distributed.md quotes the recovery times these tests print (pytest -s)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -322,44 +323,38 @@ def test_bad_arguments_are_refused_clearly(one_replica, monkeypatch):
         FaultTolerantSNOO(torch.optim.AdamW(params), object())
 
 
-def test_two_replicas_without_failures_are_diloco(replicas):
-    """init_sync gives replica 1 replica 0's weights; then the run is DiLoCo from its equations (test_distributed's
-    simulation, which also leaves a parameter no replica touched alone)."""
-    run = replicas(STEPS // K)
-    run.start_together([0, 1])
-    run.finish()
-    runs = {f"replica {r}": run.load(r) for r in (0, 1)}
-    at = check_consistent(runs, STEPS // K)
-    fast, slow = simulated_diloco(2)
-    for got, want in zip(at[STEPS // K]["slow"], slow):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    for got, want in zip(at[STEPS // K]["fast"], fast):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert all(rec["replicas"] == 2 for r in runs.values() for rec in r["records"] if not rec.get("initial"))
-    assert runs["replica 1"]["heals"] == 1 and runs["replica 0"]["heals"] == 0
-
-
 def test_a_replica_killed_mid_window_is_restarted_and_healed(replicas):
-    """Replica 1 dies (SIGKILL) in the middle of window 3; replica 0's all-reduce fails, the vote throws the window
-    away, the next quorum leaves replica 1 out and replica 0 trains on; the restarted replica 1 heals from it."""
-    outer_steps, kill_at = 7, 2 * K + 1
+    """Replica 1 starts from other weights, which the first quorum replaces by replica 0's (init_sync); the first
+    3 windows are DiLoCo from its equations (test_distributed's simulation, which also leaves a parameter no replica
+    touched alone). Then replica 1 dies (SIGKILL) in the middle of window 4: replica 0's all-reduce fails, the vote
+    throws the window away, the next quorum leaves replica 1 out and replica 0 trains on alone; the restarted
+    replica 1 heals from it."""
+    clean = STEPS // K
+    outer_steps, kill_at = clean + 5, clean * K + 1
     run = replicas(outer_steps)
     # replica 0 trains on alone for a window, then waits until the restarted replica 1 is up
-    _, victim = run.start_together([0, 1], **{"0": {"wait_for": [3, "ready-1-1"]}, "1": {"kill_at": kill_at}})
+    wait = {"wait_for": [clean + 1, "ready-1-1"]}
+    _, victim = run.start_together([0, 1], **{"0": wait, "1": {"kill_at": kill_at}})
     assert run.wait(victim) == -signal.SIGKILL
     restarted_at = time.time()
     run.start(1, incarnation=1, started=restarted_at)
     run.finish()
     runs = {"replica 0": run.load(0), "replica 1 (restarted)": run.load(1, 1)}
-    check_consistent(runs, outer_steps)
+    at = check_consistent(runs, outer_steps)
+    fast, slow = simulated_diloco(2)
+    for got, want in zip(at[clean]["slow"], slow):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for got, want in zip(at[clean]["fast"], fast):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     survivor = runs["replica 0"]["records"][1:]
+    assert all(rec["replicas"] == 2 for rec in survivor[: clean + 1])
     discarded = [rec for rec in survivor if not rec["committed"]]
-    assert len(discarded) == 1 and discarded[0]["inner_step"] == 3 * K  # the window in flight, nothing else
-    assert discarded[0]["outer_step"] == 2
+    assert len(discarded) == 1 and discarded[0]["inner_step"] == (clean + 1) * K  # the window in flight, no other
+    assert discarded[0]["outer_step"] == clean
     healed = runs["replica 1 (restarted)"]["records"][0]
-    assert healed["healed"] and healed["outer_step"] >= 3
+    assert healed["healed"] and healed["outer_step"] >= clean + 1
     alone = [rec for rec in survivor if rec["committed"] and rec["replicas"] == 1]
-    assert alone and alone[0]["outer_step"] == 3  # the survivor went on alone after the failed window
+    assert alone and alone[0]["outer_step"] == clean + 1  # the survivor went on alone after the failed window
     # the healed replica's counters are the survivor's: its next window ends where the survivor's does
     assert runs["replica 1 (restarted)"]["records"][1]["inner_step"] % K == 0
     assert runs["replica 1 (restarted)"]["records"][-1]["replicas"] == 2
@@ -371,7 +366,7 @@ def test_a_replica_killed_mid_window_is_restarted_and_healed(replicas):
         normal_outer_step_s=round(min(rec["seconds"] for rec in survivor if rec["committed"]), 3),
         restart_to_healed_s=round(healed["time"] - restarted_at, 2),
         steps_lost_by_survivor=K * len(discarded),
-        steps_lost_by_victim=kill_at - 2 * K,
+        steps_lost_by_victim=kill_at - clean * K,
         healed_at_outer_step=healed["outer_step"],
     )
 
@@ -408,6 +403,54 @@ def test_three_replicas_a_failed_all_reduce_and_a_late_joiner(replicas):
     sizes = [len(members[q]) for q in sorted(members)]
     assert sizes[0] == 2 and sizes[-1] == 3, members  # {0, 1} (re-formed after the failed vote), then {0, 1, 2}
     report("three", late_join_to_healed_s=round(late["time"] - joined_at, 2), healed_at_outer_step=late["outer_step"])
+
+
+# -- the lab: snoo train --workers N --set fault_tolerant=on ----------------------------------------------------------
+
+
+def test_fault_tolerant_settings_are_checked(tmp_path):
+    from snoo.lab import config, launch
+
+    with pytest.raises(ValueError, match="set workers > 1"):
+        config.validate(config.make_config("tiny", fault_tolerant="on"))
+    with pytest.raises(ValueError, match="not ddp"):
+        config.validate(config.make_config("tiny", workers=2, parallel="ddp", fault_tolerant="on"))
+    with pytest.raises(ValueError, match="cannot --resume"):
+        ft = config.make_config("tiny", workers=2, optimizer="snoo+adamw", fault_tolerant="on", out=str(tmp_path))
+        launch.run(ft, resume=True)
+
+
+def test_the_lab_restarts_a_rank_that_dies_and_it_heals(tmp_path, corpus_file):
+    """`snoo train --workers 2 --set fault_tolerant=on`: rank 1 exits in window 3; rank 0 throws that window away and
+    goes on alone; the launching process restarts rank 1, which heals from rank 0 and averages with it again.
+    metrics.jsonl says who averaged at each outer step and how each vote went."""
+    from snoo.lab import checkpoint
+
+    out, k, steps = tmp_path / "run", 6, 480  # long enough for a restarted rank to start on a busy machine
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "snoo", "train", "--preset", "tiny", "--data", corpus_file, "--out", str(out)),
+            *("--no-progress", "--workers", "2", "--steps", str(steps), "--optimizer", f"snoo(k={k})+adamw"),
+            *("--set", "fault_tolerant=on"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SNOO_LAB_FAULT": "1:13"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["restarts"] == {"0": 0, "1": 1} and result["stopped"] == {}
+    quorums = [m["quorum"] for m in checkpoint.read_metrics(out / "metrics.jsonl") if "quorum" in m]
+    assert [q["inner_step"] for q in quorums] == list(range(k, steps + 1, k))
+    assert [q["committed"] for q in quorums].count(False) == 1 and not quorums[2]["committed"]  # steps 13-18
+    assert [q["outer_step"] for q in quorums] == list(itertools.accumulate(int(q["committed"]) for q in quorums))
+    assert [q["replicas"] for q in quorums[:4]] == [2, 2, 2, 1]  # the failed window was averaged over 2
+    assert quorums[-1]["replicas"] == 2  # the restarted rank healed and averages again
+    pause = quorums[2]["seconds"]
+    back = next(i for i, q in enumerate(quorums) if i > 3 and q["replicas"] == 2)
+    report("lab", pause_s=round(pause, 2), rank_1_back_after_outer_steps=back - 2, steps_lost=k)
+    assert not list(out.glob("ckpt*"))  # no checkpoints: a restarted rank heals from the live one
 
 
 if __name__ == "__main__":

@@ -155,6 +155,12 @@ class FaultTolerantSNOO(SNOO):
         manager.register_state_dict_fn(state_key, self._load_live_state, self._live_state)
         manager.start_quorum()
 
+    @property
+    def inner_steps(self) -> int:
+        """Inner steps taken so far by the run: after healing, the live replica's count, so a restarted replica goes
+        on from there (its data, schedules and outer steps follow this count)."""
+        return self._inner_steps
+
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 

@@ -67,6 +67,9 @@ class TrainConfig:
     parallel: str = "diloco"  # "diloco": SNOO averages pseudo-gradients every K steps; "ddp": gradients every step
     reduce_dtype: str = "fp32"  # what the ranks average in: "fp32" or "bf16" (half the bytes)
     dist_timeout: float = 300.0  # seconds a rank waits for the others in a collective before the run stops
+    # "on" (workers > 1, parallel=diloco, needs torchft): each rank is a torchft replica; a rank that dies is
+    # restarted and heals from the others, which go on without it (docs/distributed.md)
+    fault_tolerant: str = "off"
 
 
 #: fields that change no trained number, so a run may be resumed or kept with other values of them
@@ -81,6 +84,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "parallel": PARALLEL,
     "reduce_dtype": REDUCE_DTYPES,
+    "fault_tolerant": ("off", "on"),
 }
 AT_LEAST_ONE = (
     "n_layer",
@@ -238,6 +242,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
     if cfg.workers > 1:
         _check_workers(cfg)
+    elif cfg.fault_tolerant == "on":
+        raise ValueError("fault_tolerant=on keeps a run on several workers going when one dies: set workers > 1")
     _check_device(cfg.device)
     lr_schedule(cfg)  # the schedule's own checks
 
@@ -268,6 +274,12 @@ def _check_workers(cfg: TrainConfig) -> None:
         raise ValueError(
             f"with workers > 1 each rank takes the GPU cuda:LOCAL_RANK: set device to cuda, not {cfg.device}"
         )
+    if cfg.fault_tolerant == "on":
+        if cfg.parallel != "diloco":
+            raise ValueError("fault_tolerant=on is for parallel=diloco (SNOO's outer step on torchft), not ddp")
+        from snoo.integrations.torchft import require_torchft
+
+        require_torchft()
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
