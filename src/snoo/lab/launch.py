@@ -71,6 +71,7 @@ def _launch(cfg: TrainConfig, *, resume: bool) -> dict:
     result.unlink(missing_ok=True)  # what is there now is from an earlier run
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.workers}"),
+        f"--max-restarts={cfg.max_restarts}",
         *("-m", "snoo.lab.launch", str(request)),
     ]
     # torchrun sets one thread per rank anyway, and says so unless asked
@@ -184,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     (path,) = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(path).read_text())
     rank = World.from_env().rank
+    # torchrun restarted every rank after one died (max_restarts): continue from the last checkpoint
+    restarted = int(os.environ.get(workers.RESTART_ENV, "0")) > 0
     try:
         # the launching process holds OUT's lock and checked the directory
-        result = train(TrainConfig(**request["config"]), resume=request["resume"], claim=False)
+        result = train(TrainConfig(**request["config"]), resume=request["resume"] or restarted, claim=False)
     except (ValueError, OSError, ImportError, RuntimeError) as e:
         if os.environ.get("SNOO_DEBUG"):
             raise

@@ -124,7 +124,10 @@ def _train(
                     log.emit(at.step, at.wall, {"train_loss": loss, "lr": opt.param_groups[0]["lr"], **outer})
                 # a fault-tolerant run heals a restarted rank from the live ones instead of a checkpoint
                 checkpoints = cfg.fault_tolerant == "off"
-                if checkpoints and (at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots):
+                # restarted ranks (max_restarts) continue from the last checkpoint: for DiLoCo, the last outer step
+                outer_step = cfg.max_restarts > 0 and cfg.parallel == "diloco" and at.step % opt.k == 0
+                every = at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots or outer_step
+                if checkpoints and every:
                     if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
                         raise Diverged(
                             f"non-finite weights after step {at.step}: the run diverged; {_last_good(out, world)}"

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 REDUCE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 #: tests only: "RANK:STEP" makes rank RANK exit with status 3 as it starts step STEP; "RANK:STEP:hang" makes it hang
 FAULT_ENV = "SNOO_LAB_FAULT"
+#: torchrun's count of the times it restarted the ranks (``max_restarts``)
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,10 @@ def adopt(cfg: TrainConfig, world: World) -> TrainConfig:
 
 
 def fault_point(world: World, step: int) -> None:
-    """Tests only: die or hang here when ``SNOO_LAB_FAULT`` names this rank and step."""
+    """Tests only: die or hang here when ``SNOO_LAB_FAULT`` names this rank and step (not in ranks that torchrun
+    restarted, ``max_restarts``)."""
     fault = os.environ.get(FAULT_ENV)
-    if not fault:
+    if not fault or int(os.environ.get(RESTART_ENV, "0")) > 0:
         return
     rank, at, *how = fault.split(":")
     if (int(rank), int(at)) != (world.rank, step):
@@ -127,7 +130,16 @@ def init_process_group(cfg: TrainConfig, world: World, device: torch.device) -> 
                 f"GPUs: use at most that many workers, or --device cpu"
             )
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+    backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.dist_timeout)
+    restart = int(os.environ.get(RESTART_ENV, "0"))
+    if not restart:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # ranks that torchrun restarted meet in its store, which still holds the dead ranks' addresses: a fresh prefix
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"restart{restart}", store), rank=rank, world_size=size, timeout=timeout
+    )
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
