@@ -62,7 +62,7 @@ def worker(scenario: str, rank: int, world: int, directory: Path) -> None:
     elif scenario == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), **OUTER)
-    elif scenario.startswith("fsdp"):
+    elif scenario.startswith("fsdp") or scenario == "hsdp-reshard":
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model.body[0])
@@ -86,12 +86,13 @@ def worker(scenario: str, rank: int, world: int, directory: Path) -> None:
         raise ValueError(scenario)
 
     start, stop = 0, STEPS
-    if scenario == "fsdp-resume":  # a fresh launch: load the sharded checkpoint saved at step CUT and finish
+    if scenario in ("fsdp-resume", "hsdp-reshard"):  # a fresh launch loads the sharded checkpoint
         msd, osd = get_state_dict(model, opt)
         saved = {"model": msd, "optim": osd}
         dcp.load(saved, checkpoint_id=directory / "checkpoint")
         set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
-        start = CUT
+        # fsdp-resume finishes the run from step CUT; hsdp-reshard only reads the checkpoint into its layout
+        start, stop = (CUT, STEPS) if scenario == "fsdp-resume" else (0, 0)
     for t in range(start, stop):
         if scenario == "rank-dies" and rank == 1 and t == K - 1:
             os._exit(3)  # killed before the first outer step: rank 0 waits in its all-reduce
@@ -271,7 +272,7 @@ def test_fsdp2_inside_each_diloco_group_matches_the_simulation(tmp_path):
     """HSDP-style DiLoCo: 4 ranks, 2 replica groups of 2; FSDP2 shards the parameters and SNOO's state within a
     group, and SNOO averages each rank's shard of the pseudo-gradients with the same shard of the other group. That
     is DiLoCo over 2 workers (test_distributed's simulation), and its sharded checkpoint at an outer step loads into
-    one process as the slow weights."""
+    one process as the slow weights, and into FSDP2 over 2 ranks."""
     results = run_ranks("hsdp", 4, tmp_path)
     params, slow = simulated_diloco(2)
     numel = sum(p.numel() for p in Net().parameters())
@@ -284,8 +285,14 @@ def test_fsdp2_inside_each_diloco_group_matches_the_simulation(tmp_path):
     assert results[0]["communicated_bytes"] + results[1]["communicated_bytes"] < (STEPS // K) * 4 * 2 * numel
     model = Net()
     model.load_state_dict(snoo.distributed.load_evaluation_weights(tmp_path / "checkpoint", model))
-    for got, want in zip(model.parameters(), simulated_diloco(2, steps=2 * K)[1]):
+    at_checkpoint = simulated_diloco(2, steps=2 * K)[1]
+    for got, want in zip(model.parameters(), at_checkpoint):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and into another layout: FSDP2 over 2 ranks (one group), the slow weights and parameters sharded anew
+    for r in run_ranks("hsdp-reshard", 2, tmp_path):
+        assert all(r["state_is_sharded"])
+        for got, want in zip(r["params"] + r["slow"], at_checkpoint + at_checkpoint):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def full_batch_loss(model: torch.nn.Module, t: int) -> torch.Tensor:
