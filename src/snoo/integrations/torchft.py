@@ -30,6 +30,7 @@ end, where a healing replica takes a peer's fast weights and counts that peer's 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from itertools import compress
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_map_only
 
 from snoo.optim.schedules import Coefficient
-from snoo.optim.snoo import SNOO, _all_finite, _total_norms, outer_update
+from snoo.optim.snoo import SNOO, OuterPlan, _all_finite, _total_norms, outer_update
 from snoo.optim.tensors import foreach_copy_, local
 from snoo.optim.wrapper import as_state_tensors
 
@@ -234,7 +235,9 @@ class FaultTolerantSNOO(SNOO):
             self.communicated_bytes += flat.numel() * flat.element_size()
             foreach_copy_(group, list(_unflatten_dense_tensors(flat, group)))
 
-    def _apply(self, plans: list, neg_s: list[list[torch.Tensor]], touched: Any) -> list[dict[str, torch.Tensor]]:
+    def _apply(
+        self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: Iterator[bool]
+    ) -> list[dict[str, torch.Tensor]]:
         """SNOO's outer step on the averaged pseudo-gradients, for the parameters some replica touched."""
         squares = []
         for plan, neg in zip(plans, neg_s):
