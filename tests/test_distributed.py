@@ -62,31 +62,46 @@ def worker(scenario: str, rank: int, world: int, directory: Path) -> None:
     elif scenario == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), **OUTER)
-    elif scenario.startswith("fsdp"):
+    elif scenario.startswith("fsdp") or scenario == "hsdp-reshard":
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model.body[0])
         fully_shard(model.body[2])
         fully_shard(model)
         opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), **OUTER)
+    elif scenario == "hsdp":  # DiLoCo over 2 replica groups, FSDP2 inside each: mesh (replicate 2, shard 2)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        data_rank = mesh.get_local_rank("replicate")  # the two ranks of a group read the same batches
+        for module in (model.body[0], model.body[2], model):
+            fully_shard(module, mesh=mesh["shard"])
+        inner = torch.optim.AdamW(model.parameters(), lr=LR)
+        # the pseudo-gradients of each rank's shard are averaged with the same shard of the other group
+        opt = snoo.SNOO(inner, **OUTER, process_group=mesh["replicate"].get_group())
     elif scenario == "rank-dies":
         opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), **OUTER, process_group=dist.group.WORLD)
     else:
         raise ValueError(scenario)
 
     start, stop = 0, STEPS
-    if scenario == "fsdp-resume":  # a fresh launch: load the sharded checkpoint saved at step CUT and finish
+    if scenario in ("fsdp-resume", "hsdp-reshard"):  # a fresh launch loads the sharded checkpoint
         msd, osd = get_state_dict(model, opt)
         saved = {"model": msd, "optim": osd}
         dcp.load(saved, checkpoint_id=directory / "checkpoint")
         set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
-        start = CUT
+        # fsdp-resume finishes the run from step CUT; hsdp-reshard only reads the checkpoint into its layout
+        start, stop = (CUT, STEPS) if scenario == "fsdp-resume" else (0, 0)
     for t in range(start, stop):
         if scenario == "rank-dies" and rank == 1 and t == K - 1:
             os._exit(3)  # killed before the first outer step: rank 0 waits in its all-reduce
         loss_of(model, t, data_rank, (0, 1) if scenario.startswith(("ddp", "fsdp")) else (0,)).backward()
         opt.step()
         opt.zero_grad()
+        if scenario == "hsdp" and t + 1 == 2 * K:  # at an outer step: every group holds the same weights
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory / "checkpoint")
         if scenario == "fsdp" and t + 1 == CUT:
             msd, osd = get_state_dict(model, opt)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory / "checkpoint")
@@ -159,7 +174,7 @@ def single_process_snoo(batches_of_step, steps: int = STEPS) -> tuple[list[torch
     return [p.detach() for p in params], [opt.state[p]["slow"] for p in params]
 
 
-def simulated_diloco(world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def simulated_diloco(world: int, steps: int = STEPS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """DiLoCo from its equations: `world` copies take K AdamW steps each on their own data from the same w; the outer
     step is torch's SGD(nesterov) on the mean pseudo-gradient s = mean_r (w - p_r); then every copy restarts at w.
     A parameter that no copy gave a gradient during the cycle is left alone (SNOO's rule)."""
@@ -168,7 +183,7 @@ def simulated_diloco(world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]
     slow = [torch.nn.Parameter(p.detach().clone()) for p in copies[0].parameters()]
     outer = torch.optim.SGD(slow, lr=OUTER["lr"], momentum=OUTER["momentum"], nesterov=True)
     touched = set()
-    for t in range(STEPS):
+    for t in range(steps):
         for rank, (m, inner) in enumerate(zip(copies, inners)):
             loss_of(m, t, rank).backward()
             touched.update(i for i, p in enumerate(m.parameters()) if p.grad is not None)
@@ -251,6 +266,33 @@ def test_bf16_pseudo_gradients_halve_the_bytes_and_stay_close(tmp_path):
     for got, want in zip(results[0]["params"], params):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-3)  # bf16 keeps ~3 digits of each pseudo-gradient
     assert all(map(torch.equal, results[0]["params"], results[1]["params"]))
+
+
+def test_fsdp2_inside_each_diloco_group_matches_the_simulation(tmp_path):
+    """HSDP-style DiLoCo: 4 ranks, 2 replica groups of 2; FSDP2 shards the parameters and SNOO's state within a
+    group, and SNOO averages each rank's shard of the pseudo-gradients with the same shard of the other group. That
+    is DiLoCo over 2 workers (test_distributed's simulation), and its sharded checkpoint at an outer step loads into
+    one process as the slow weights, and into FSDP2 over 2 ranks."""
+    results = run_ranks("hsdp", 4, tmp_path)
+    params, slow = simulated_diloco(2)
+    numel = sum(p.numel() for p in Net().parameters())
+    for r in results:
+        assert all(r["state_is_sharded"])
+        assert sum(r["local_numel"]) < numel  # each rank holds about half of the state
+        for got, want in zip(r["params"] + r["slow"], params + slow):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # each rank sends its shard only: the two ranks of a group together send what one DiLoCo worker sends
+    assert results[0]["communicated_bytes"] + results[1]["communicated_bytes"] < (STEPS // K) * 4 * 2 * numel
+    model = Net()
+    model.load_state_dict(snoo.distributed.load_evaluation_weights(tmp_path / "checkpoint", model))
+    at_checkpoint = simulated_diloco(2, steps=2 * K)[1]
+    for got, want in zip(model.parameters(), at_checkpoint):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and into another layout: FSDP2 over 2 ranks (one group), the slow weights and parameters sharded anew
+    for r in run_ranks("hsdp-reshard", 2, tmp_path):
+        assert all(r["state_is_sharded"])
+        for got, want in zip(r["params"] + r["slow"], at_checkpoint + at_checkpoint):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def full_batch_loss(model: torch.nn.Module, t: int) -> torch.Tensor:

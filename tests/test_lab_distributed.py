@@ -167,6 +167,25 @@ def test_a_rank_that_dies_stops_the_run_and_a_fresh_launch_resumes_bit_exact(tmp
         assert_same(a[part], b[part], part)
 
 
+def test_torchrun_restarts_the_ranks_from_the_last_outer_step(tmp_path, corpus_file, diloco_run):
+    """--set max_restarts=1: rank 1 dies as it starts step 25; torchrun restarts both ranks, which continue from the
+    checkpoint of the last outer step (24: one step lost) and end bit for bit where the run that did not stop ends."""
+    argv = args(tmp_path, corpus_file, "--workers", "2", "--optimizer", DILOCO, "--set", "threads=1")
+    began = time.monotonic()
+    # no checkpoint but those of the outer steps (and the end): the restart continues from step 24
+    restarts = ["--set", "max_restarts=1", "--set", "ckpt_every=100"]
+    done = snoo_process([*argv, *restarts], timeout=180, SNOO_LAB_FAULT="1:25")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(exitcode: 3) local_rank: 1" in done.stderr  # torchrun saw rank 1 die, and restarted the ranks
+    print(f"\n[max_restarts] the run with one restart took {time.monotonic() - began:.1f} s, launch included")
+    assert metrics(tmp_path) == metrics(diloco_run)
+    cut, straight = (json.loads((d / "result.json").read_text()) for d in (tmp_path, diloco_run))
+    assert {k: v for k, v in cut.items() if k != "wall_time"} == {k: v for k, v in straight.items() if k != "wall_time"}
+    a, b = sharded_state(tmp_path), sharded_state(diloco_run)
+    for part in ("model", "optim", "rank1"):
+        assert_same(a[part], b[part], part)
+
+
 def assert_same(a, b, where: str) -> None:
     assert type(a) is type(b), where
     if isinstance(a, torch.Tensor):

@@ -1,7 +1,8 @@
-"""Glue for training frameworks: Hugging Face Trainer and Accelerate, Lightning, config-driven trainers.
+"""Glue for training frameworks: Hugging Face Trainer and Accelerate, Lightning, config-driven trainers, torchft.
 
 Each submodule imports its framework lazily, so ``import snoo`` never needs them; ``snoo.integrations.hf``,
-``snoo.integrations.lightning`` and ``snoo.integrations.config`` are imported on first access.
+``snoo.integrations.lightning``, ``snoo.integrations.config`` and ``snoo.integrations.torchft`` are imported on first
+access.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from snoo.integrations import config, hf, lightning
+    from snoo.integrations import config, hf, lightning, torchft
 
-_LAZY = ("config", "hf", "lightning")
-__all__ = ["config", "hf", "lightning"]
+_LAZY = ("config", "hf", "lightning", "torchft")
+__all__ = ["config", "hf", "lightning", "torchft"]
 
 
 def __getattr__(name: str) -> Any:

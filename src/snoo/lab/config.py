@@ -68,10 +68,18 @@ class TrainConfig:
     parallel: str = "diloco"  # "diloco": SNOO averages pseudo-gradients every K steps; "ddp": gradients every step
     reduce_dtype: str = "fp32"  # what the ranks average in: "fp32" or "bf16" (half the bytes)
     dist_timeout: float = 300.0  # seconds a rank waits for the others in a collective before the run stops
+    # torchrun --max-restarts: when a rank dies, every rank restarts from the last checkpoint, up to this many times
+    # (DiLoCo then also checkpoints at every outer step, so a failure loses at most the window in flight)
+    max_restarts: int = 0
+    # "on" (workers > 1, parallel=diloco, needs torchft): each rank is a torchft replica; a rank that dies is
+    # restarted and heals from the others, which go on without it (docs/distributed.md)
+    fault_tolerant: str = "off"
 
 
 #: fields that change no trained number, so a run may be resumed or kept with other values of them
-NOT_IDENTITY = frozenset({"out", "progress", "tensorboard", "wandb", "threads", "ckpt_every", "dist_timeout"})
+NOT_IDENTITY = frozenset(
+    {"out", "progress", "tensorboard", "wandb", "threads", "ckpt_every", "dist_timeout", "max_restarts"}
+)
 PARALLEL = ("diloco", "ddp")
 REDUCE_DTYPES = ("fp32", "bf16")
 CHOICES = {
@@ -82,6 +90,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "parallel": PARALLEL,
     "reduce_dtype": REDUCE_DTYPES,
+    "fault_tolerant": ("off", "on"),
 }
 AT_LEAST_ONE = (
     "n_layer",
@@ -238,8 +247,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"grad_clip must be 0 (off) or a positive number, got {cfg.grad_clip}")
     if not 0 < cfg.dist_timeout < float("inf"):
         raise ValueError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
+    if isinstance(cfg.max_restarts, bool) or not isinstance(cfg.max_restarts, int) or cfg.max_restarts < 0:
+        raise ValueError(f"max_restarts must be a whole number, 0 or more, got {cfg.max_restarts!r}")
     if cfg.workers > 1:
         _check_workers(cfg)
+    elif cfg.max_restarts:
+        raise ValueError("max_restarts restarts the ranks of a run on several workers: set workers > 1")
+    elif cfg.fault_tolerant == "on":
+        raise ValueError("fault_tolerant=on keeps a run on several workers going when one dies: set workers > 1")
     _check_device(cfg.device)
     lr_schedule(cfg)  # the schedule's own checks
 
@@ -290,6 +305,14 @@ def _check_workers(cfg: TrainConfig) -> None:
         raise ValueError(
             f"with workers > 1 each rank takes the GPU cuda:LOCAL_RANK: set device to cuda, not {cfg.device}"
         )
+    if cfg.fault_tolerant == "on":
+        if cfg.max_restarts:
+            raise ValueError("fault_tolerant=on restarts a rank that dies on its own: leave max_restarts at 0")
+        if cfg.parallel != "diloco":
+            raise ValueError("fault_tolerant=on is for parallel=diloco (SNOO's outer step on torchft), not ddp")
+        from snoo.integrations.torchft import require_torchft
+
+        require_torchft()
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:

@@ -90,6 +90,8 @@ def _train(
     forward = torch.compile(net) if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda") else net
     run = identity(cfg, corpus.info["sha256"])
     at = _resume(cfg, world, model, opt, gradient_bytes, run, device) if resume else Progress()
+    if cfg.fault_tolerant == "on":
+        at.step = opt.inner_steps  # a restarted rank healed from the live ones: it goes on from their step
     if at.step == 0 and start_from is not None:
         try:
             at = checkpoint.load_branch(start_from, model, opt, cfg, run, device, out / "metrics.jsonl")
@@ -121,10 +123,17 @@ def _train(
                 at.step += 1
                 at.wall += time.perf_counter() - t0
                 t0 = time.perf_counter()
+                if cfg.fault_tolerant == "on" and opt.outer_steps and opt.outer_steps[-1]["inner_step"] == at.step:
+                    log.emit(at.step, at.wall, {"quorum": opt.outer_steps[-1]})  # who averaged, and the vote
                 if at.step % cfg.log_every == 0:
                     outer = {f"outer/{k}": v for k, v in _outer_norms(opt, at).items()}
                     log.emit(at.step, at.wall, {"train_loss": loss, "lr": opt.param_groups[0]["lr"], **outer})
-                if at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots:
+                # a fault-tolerant run heals a restarted rank from the live ones instead of a checkpoint
+                checkpoints = cfg.fault_tolerant == "off"
+                # restarted ranks (max_restarts) continue from the last checkpoint: for DiLoCo, the last outer step
+                outer_step = cfg.max_restarts > 0 and cfg.parallel == "diloco" and at.step % opt.k == 0
+                every = at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots or outer_step
+                if checkpoints and every:
                     if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
                         raise Diverged(
                             f"non-finite weights after step {at.step}: the run diverged; {_last_good(out, world)}"

@@ -7,6 +7,10 @@ model from the same seed and reads batches no other rank reads; ``parallel`` say
   each outer step (one all-reduce every K steps). The SPEC must be SNOO-based (``snoo+...`` or ``lookahead+...``).
 - ``ddp``: ``DistributedDataParallel`` averages the gradients at every step; any optimizer.
 
+With ``fault_tolerant = "on"`` (DiLoCo only) the ranks share no process group: each is a torchft replica whose
+:class:`snoo.integrations.torchft.FaultTolerantSNOO` averages over the replicas alive at each outer step; the launching
+process runs the lighthouse and restarts a rank that dies, which heals from the others (``launch.py``).
+
 Rank 0 writes the run's files; the sharded checkpoints are in ``checkpoint.py``. See docs/distributed.md.
 """
 
@@ -20,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,10 +34,15 @@ import snoo
 from snoo import spec
 from snoo.lab.config import TrainConfig
 
+if TYPE_CHECKING:
+    import torchft
+
 #: what the ranks average in (DiLoCo's pseudo-gradients, DDP's gradients); None: the tensors' own dtype
 REDUCE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 #: tests only: "RANK:STEP" makes rank RANK exit with status 3 as it starts step STEP; "RANK:STEP:hang" makes it hang
 FAULT_ENV = "SNOO_LAB_FAULT"
+#: torchrun's count of the times it restarted the ranks (``max_restarts``)
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 
 @dataclass(frozen=True)
@@ -70,9 +80,10 @@ def adopt(cfg: TrainConfig, world: World) -> TrainConfig:
 
 
 def fault_point(world: World, step: int) -> None:
-    """Tests only: die or hang here when ``SNOO_LAB_FAULT`` names this rank and step."""
+    """Tests only: die or hang here when ``SNOO_LAB_FAULT`` names this rank and step (not in ranks that torchrun
+    restarted, ``max_restarts``)."""
     fault = os.environ.get(FAULT_ENV)
-    if not fault:
+    if not fault or int(os.environ.get(RESTART_ENV, "0")) > 0:
         return
     rank, at, *how = fault.split(":")
     if (int(rank), int(at)) != (world.rank, step):
@@ -97,8 +108,9 @@ def device(cfg: TrainConfig, world: World) -> torch.device:
 
 @contextlib.contextmanager
 def process_group(cfg: TrainConfig, world: World, device: torch.device) -> Iterator[None]:
-    """The process group of the ranks for the duration of the run (nothing with one rank)."""
-    if world.size == 1:
+    """The process group of the ranks for the duration of the run (nothing with one rank, nor for torchft replicas,
+    which form their groups through the lighthouse)."""
+    if world.size == 1 or cfg.fault_tolerant == "on":
         yield
         return
     init_process_group(cfg, world, device)
@@ -118,7 +130,16 @@ def init_process_group(cfg: TrainConfig, world: World, device: torch.device) -> 
                 f"GPUs: use at most that many workers, or --device cpu"
             )
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=cfg.dist_timeout))
+    backend, timeout = "nccl" if device.type == "cuda" else "gloo", timedelta(seconds=cfg.dist_timeout)
+    restart = int(os.environ.get(RESTART_ENV, "0"))
+    if not restart:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # ranks that torchrun restarted meet in its store, which still holds the dead ranks' addresses: a fresh prefix
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"restart{restart}", store), rank=rank, world_size=size, timeout=timeout
+    )
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -130,12 +151,62 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     params = outer.params
     if outer.name == "lookahead":
         params = dict(k=params["k"], lr=params["alpha"], momentum=0.0, nesterov=False)
+    if cfg.fault_tolerant == "on":
+        return fault_tolerant_snoo(cfg, spec.build(rest, model), params)
     return snoo.SNOO(
         spec.build(rest, model),
         **params,
         track_norms=True,
         process_group=dist.group.WORLD,
         reduce_dtype=REDUCE_DTYPES[cfg.reduce_dtype],
+    )
+
+
+#: set by the launching process of a fault-tolerant run: the port of its store where the ranks meet before the
+#: first quorum, and "1" for a rank it restarted
+START_ENV, RESTARTED_ENV = "SNOO_FT_START", "SNOO_FT_RESTARTED"
+
+
+def fault_tolerant_snoo(cfg: TrainConfig, inner: torch.optim.Optimizer, params: dict) -> torch.optim.Optimizer:
+    """DiLoCo on torchft: SNOO over this rank's Manager. The ranks the run starts with wait for each other, so that
+    the first quorum holds them all; a restarted rank must heal from a live one in its first quorum (else the run
+    is over, or every rank died, and it stops rather than train alone from the start)."""
+    from snoo.integrations.torchft import FaultTolerantSNOO
+
+    manager = replica_manager(cfg)  # heartbeats from here on
+    restarted = os.environ.get(RESTARTED_ENV) == "1"
+    if not restarted and START_ENV in os.environ:
+        start = dist.TCPStore("localhost", int(os.environ[START_ENV]), is_master=False, wait_for_workers=False)
+        start.add("ready", 1)
+        while start.add("ready", 0) < cfg.workers:
+            time.sleep(0.05)
+    opt = FaultTolerantSNOO(inner, manager, **params, track_norms=True)
+    if restarted and opt.heals == 0:
+        raise RuntimeError("this restarted rank found no live rank to heal from: the run is over, or every rank died")
+    return opt
+
+
+def replica_manager(cfg: TrainConfig) -> torchft.Manager:
+    """This rank's torchft ``Manager``: a replica group of one process, whose store (``MASTER_ADDR``,
+    ``MASTER_PORT``) and lighthouse (``TORCHFT_LIGHTHOUSE``) the launching process runs; named by its rank, so a
+    restarted rank is the same replica. Its collectives and votes wait ``dist_timeout`` seconds."""
+    from torchft import Manager, ProcessGroupBabyNCCL, ProcessGroupGloo
+
+    timeout = timedelta(seconds=cfg.dist_timeout)
+    world = World.from_env()
+    group = ProcessGroupBabyNCCL if device(cfg, world).type == "cuda" else ProcessGroupGloo
+    return Manager(
+        pg=group(timeout=timeout),
+        load_state_dict=None,
+        state_dict=None,
+        min_replica_size=1,
+        use_async_quorum=False,
+        replica_id=f"rank_{world.rank}",
+        rank=0,
+        world_size=1,
+        timeout=timeout,
+        quorum_timeout=timeout,
+        connect_timeout=timeout,
     )
 
 
