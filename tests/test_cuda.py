@@ -1,7 +1,7 @@
-"""On a CUDA device: every wrapper and inner optimizer in float32 and bf16 against the CPU float64 references of the
-other test files; host-offloaded SNOO state bit for bit equal to state on the GPU, with work queued on the streams,
-and each synchronisation of the offload shown to matter; eval()/train() and resume; the lab's loop with bf16
-autocast and torch.compile, resumed bit for bit; MuonAdamW.
+"""On a CUDA device: every wrapper and inner optimizer in float32 and bf16 (SNOO and Lookahead also fused, compiled)
+against the CPU float64 references of the other test files; host-offloaded SNOO state bit for bit equal to state on
+the GPU, with work queued on the streams, and each synchronisation of the offload shown to matter; eval()/train() and
+resume; the lab's loop with bf16 autocast and torch.compile, resumed bit for bit; MuonAdamW.
 
 Marked ``cuda`` and skipped where there is no CUDA device (``pytest -m cuda`` selects it; benchmarks/gpu_check.sh
 runs it). ``SNOO_TEST_DEVICE=cpu pytest -m cuda tests/test_cuda.py`` runs the tests that do not need streams on the
@@ -137,6 +137,14 @@ WRAPPERS: dict[str, tuple[Callable, Callable[[], list[torch.Tensor]]]] = {
     ),
     "lookahead": (
         lambda ps: snoo.Lookahead(adamw(ps), k=3, alpha=0.6),
+        lambda: reference_snoo(STEPS, 3, 0.6, 0.0, False),
+    ),
+    "snoo, fused": (
+        lambda ps: snoo.SNOO(adamw(ps), k=3, lr=0.7, momentum=0.5, fused=True),
+        lambda: reference_snoo(STEPS, 3, 0.7, 0.5, True),
+    ),
+    "lookahead, fused": (
+        lambda ps: snoo.Lookahead(adamw(ps), k=3, alpha=0.6, fused=True),
         lambda: reference_snoo(STEPS, 3, 0.6, 0.0, False),
     ),
     "ema-nesterov": (

@@ -205,7 +205,7 @@ class SNOO(Wrapper):
         plans = self._plans()
         if self.process_group is not None:
             squares = self._averaged_outer_step(plans)
-        elif self.fused and len(self._touched) == len(self.state):
+        elif self.fused and plans and len(self._touched) == len(self.state):
             squares = self._fused_outer_step(plans)
         elif self.skip_nonfinite and not _all_finite([plan.params for plan in plans]):
             squares = self._skip_outer_step(plans, "the fast weights")
