@@ -239,3 +239,19 @@ def test_a_parameter_unfrozen_later_gets_its_state_from_the_step_that_first_sees
     before = frozen.detach().clone()
     train_step(model, opt, 3)
     assert torch.equal(opt.state[frozen]["slow"], before) and not torch.equal(frozen.detach(), before)
+
+
+def test_a_compile_failure_says_to_use_the_foreach_path(monkeypatch):
+    import torch._dynamo
+
+    def fails(*args, **kwargs):
+        raise torch._dynamo.exc.Unsupported("no C++ compiler")
+
+    monkeypatch.setattr(snoo_module, "_compiled_outer_step", lambda: fails)
+    model = make_model()
+    opt = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.1), k=1, fused=True)
+    model(torch.randn(4, 6)).sum().backward()
+    with pytest.raises(
+        RuntimeError, match=r"fused=True: torch.compile could not build .*no C\+\+ compiler.*fused=False"
+    ):
+        opt.step()

@@ -237,18 +237,25 @@ class SNOO(Wrapper):
         for plan in plans:
             slow = plan.slow()
             device, dtype = slow[0].device, slow[0].dtype
-            squares.append(
-                _compiled_outer_step()(
-                    plan.params,
-                    slow,
-                    self._momentum_buffers(plan.states, plan.momentum),
-                    torch.full((), plan.lr, dtype=dtype, device=device),  # tensors, so a new value does not recompile
-                    torch.full((), plan.momentum, dtype=dtype, device=device),
-                    None if finite is None else finite.to(device, non_blocking=True),
-                    nesterov=plan.nesterov,
-                    track_norms=self.track_norms,
+            try:
+                squares.append(
+                    _compiled_outer_step()(
+                        plan.params,
+                        slow,
+                        self._momentum_buffers(plan.states, plan.momentum),
+                        torch.full((), plan.lr, dtype=dtype, device=device),  # tensors: a new value does not recompile
+                        torch.full((), plan.momentum, dtype=dtype, device=device),
+                        None if finite is None else finite.to(device, non_blocking=True),
+                        nesterov=plan.nesterov,
+                        track_norms=self.track_norms,
+                    )
                 )
-            )
+            except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RuntimeError(
+                    f"fused=True: torch.compile could not build the fused outer step for {device} "
+                    f"({type(e).__name__}: {first}); build {type(self).__name__} with fused=False (the foreach path)"
+                ) from e
         if finite is not None and not bool(finite):  # the one host synchronisation of this outer step
             return self._count_skipped("the fast weights")
         return squares
