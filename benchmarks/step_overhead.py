@@ -201,6 +201,11 @@ def build_contenders(params: list[torch.nn.Parameter], fused: bool) -> tuple[lis
             FLOOR,
         ),
         (outer_name("snoo.Lookahead", "foreach"), snoo.Lookahead(Still(params), k=1), FLOOR2),
+        (
+            outer_name("snoo.Lookahead", "foreach, skip_nonfinite=False"),
+            snoo.Lookahead(Still(params), k=1, skip_nonfinite=False),
+            FLOOR2,
+        ),
     ]
     if fused:
         outer += [
@@ -252,6 +257,11 @@ def comparisons(by_name: dict[str, Contender]) -> list[tuple[str, str, str]]:
             PEER_OUTER,
         ),
         ("snoo.Lookahead outer step / pytorch_optimizer's, fused", outer_name("snoo.Lookahead", "fused"), PEER_OUTER),
+        (
+            "snoo.Lookahead outer step / pytorch_optimizer's, foreach, skip_nonfinite=False",
+            outer_name("snoo.Lookahead", "foreach, skip_nonfinite=False"),
+            PEER_OUTER,
+        ),
         ("pytorch_optimizer's Lookahead outer step / floor2", PEER_OUTER, FLOOR2),
     ]
     return [row for row in rows if row[1] in by_name and row[2] in by_name]
