@@ -139,14 +139,6 @@ WRAPPERS: dict[str, tuple[Callable, Callable[[], list[torch.Tensor]]]] = {
         lambda ps: snoo.Lookahead(adamw(ps), k=3, alpha=0.6),
         lambda: reference_snoo(STEPS, 3, 0.6, 0.0, False),
     ),
-    "snoo, fused": (
-        lambda ps: snoo.SNOO(adamw(ps), k=3, lr=0.7, momentum=0.5, fused=True),
-        lambda: reference_snoo(STEPS, 3, 0.7, 0.5, True),
-    ),
-    "lookahead, fused": (
-        lambda ps: snoo.Lookahead(adamw(ps), k=3, alpha=0.6, fused=True),
-        lambda: reference_snoo(STEPS, 3, 0.6, 0.0, False),
-    ),
     "ema-nesterov": (
         lambda ps: snoo.EMANesterov(adamw(ps, weight_decay=0.05), beta=0.5, gamma=0.9),
         lambda: ema_nesterov_reference(STEPS, 0.5, 0.9)[0],
@@ -180,6 +172,29 @@ def test_wrapper_on_the_device_follows_the_float64_reference(name, dtype):
                 assert value.device.type == ("cpu" if "host" in name else DEVICE.type), key
                 if name.startswith("snoo"):  # what HostOffload streams must be pinned for the copies to overlap
                     assert value.is_pinned() == ("host" in name and DEVICE.type == "cuda"), key
+
+
+FUSED: dict[str, tuple[Callable, Callable[[], list[torch.Tensor]]]] = {
+    "snoo": (
+        lambda ps: snoo.SNOO(adamw(ps), k=3, lr=0.7, momentum=0.5, fused=True),
+        lambda: reference_snoo(STEPS, 3, 0.7, 0.5, True),
+    ),
+    "lookahead": (
+        lambda ps: snoo.Lookahead(adamw(ps), k=3, alpha=0.6, fused=True),
+        lambda: reference_snoo(STEPS, 3, 0.6, 0.0, False),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_outer_step_on_the_device_follows_the_float64_reference(name, dtype):
+    build, reference = FUSED[name]
+    model, opt = run(dtype, build)
+    on_cpu = list(run(dtype, build, torch.device("cpu"))[0].parameters()) if dtype == torch.bfloat16 else None
+    assert_near(list(model.parameters()), reference(), params_of(make_model(0, torch.float64)), dtype, on_cpu)
+    assert opt.fused and opt.skipped_outer_steps == 0
+    assert all(opt.state[p]["slow"].dtype == torch.float32 for p in model.parameters())
 
 
 def _leaves(params: dict[str, list[torch.Tensor]], device: torch.device, dtype: torch.dtype):
