@@ -306,10 +306,12 @@ class Wrapper(Optimizer):
 
     def _groups_layout(self) -> tuple:
         """What the checks before a step depend on, compared at each step so that they cost nothing while it stays
-        the same (O(groups), not O(parameters)): each group, its number of parameters and this wrapper's
-        hyperparameters in it, and the state's identity and size."""
+        the same (O(groups), not O(parameters)): each group, its list of parameters and their number, this
+        wrapper's hyperparameters in it, and the state's identity and size."""
         own = tuple(self._own_defaults)
-        groups = tuple((id(g), len(g["params"]), *(g.get(name) for name in own)) for g in self.param_groups)
+        groups = tuple(
+            (id(g), id(g["params"]), len(g["params"]), *(g.get(name) for name in own)) for g in self.param_groups
+        )
         return groups, id(self.state), len(self.state)
 
     def _check_groups(self) -> None:
