@@ -5,21 +5,25 @@ parameters), with float32 parameters and with bf16 parameters (float32 slow weig
 
 - a device-to-device copy of the bytes the outer step must read and write (parameters, slow weights, momentum): the
   floor; and of the parameters and slow weights only, Lookahead's floor;
-- the outer step as SNOO runs it (``snoo.optim.snoo.outer_step``: a few ``torch._foreach_*`` passes), Nesterov, and
-  Lookahead's (lerp and copy);
-- with ``--fused`` (timed last), the same ``outer_step`` under ``torch.compile`` (Inductor fuses the passes), with its
-  difference to the foreach result: the measurement that decides whether a fused kernel is worth adding to the
-  library;
+- the outer step: the bare foreach function (``snoo.optim.snoo.outer_step``), and as SNOO's ``step()`` runs it
+  around an inner optimizer that does nothing (foreach, foreach with ``skip_nonfinite=False``, and with
+  ``--fused`` the compiled ``fused=True`` path, with its compile time and its largest difference to the foreach
+  result); the authors' approach (slow weights stepped by ``torch.optim.SGD(nesterov=True)``); Lookahead's outer
+  step, foreach and fused, and ``pytorch_optimizer.Lookahead``'s when it is installed (left out with a message
+  when not);
 - one training step of that model (forward and backward under bf16 autocast, ``torch.compile``\\d unless
   ``--no-compile``, AdamW), at the lab's ``base`` micro-batch (16 x 1024 tokens), and the outer step amortised over
-  K=20 such steps as a share of it (a real step of the lab's ``base`` preset accumulates 4 micro-batches, so this
-  share is an upper bound).
+  K = 1, 5, 20, 100 such steps as a share of it (a real step of the lab's ``base`` preset accumulates 4
+  micro-batches, so this share is an upper bound).
 
-Prints markdown tables. Targets (issue 14): the outer step at most 1.3x the floor, and under 0.5% of a training step
-at K=20. ``--quick`` runs a tiny model on the CPU in seconds (what the test suite runs, so that this script does not
-rot); its numbers mean nothing.
+Prints markdown tables. Targets (issues 14, 25): the fused outer step at most 1.3x the floor, and under 0.5% of a
+training step at K=20. ``--quick`` runs a tiny model on the CPU in seconds (what the test suite runs, so that this
+script does not rot); its numbers mean nothing.
 
     PYTHONPATH=src python benchmarks/outer_step_gpu.py [--fused] [--repeats 20] [--quick]
+
+A ratio here is of two medians taken one after the other (CUDA events on a quiet GPU are steady); on a shared CPU
+use ``benchmarks/step_overhead.py``, which pairs its ratios within interleaved rounds.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ from collections.abc import Callable
 
 import torch
 
+import snoo
 from snoo.optim.snoo import outer_step
+from step_overhead import Still, authors_outer_step  # this directory, as when run as a script
+
+AMORTISED_KS = (1, 5, 20, 100)
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
@@ -80,8 +88,14 @@ def state_for(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torc
     return slow, [torch.zeros_like(w) for w in slow]
 
 
-def outer_step_rows(params: list[torch.Tensor], measure: Callable, repeats: int) -> list[tuple[str, float, str]]:
-    """Rows (what, ms, ratio) for one parameter dtype; the second is SNOO's outer step."""
+def outer_step_rows(
+    params: list[torch.Tensor], measure: Callable, repeats: int, fused: bool
+) -> list[tuple[str, float, str]]:
+    """Rows (what, ms, ratio) for one parameter dtype; those named "SNOO outer step in step() (...)" are what the
+    amortised table takes."""
+    for p in params:  # the wrappers take the outer step of trainable parameters that got a gradient in the cycle
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
     slow, momentum = state_for(params)
     sources = params + slow + momentum
     targets = [torch.empty_like(t) for t in sources]
@@ -99,25 +113,68 @@ def outer_step_rows(params: list[torch.Tensor], measure: Callable, repeats: int)
     rows.append(("copy of p, w (Lookahead's floor2)", floor2, "1.00x floor2"))
     look = measure(lambda: outer_step(params, slow, None, lr=0.5, momentum=0.0, nesterov=False), repeats)
     rows.append(("Lookahead outer step (lerp + copy)", look, f"{look / floor2:.2f}x floor2"))
+
+    in_step: list[tuple[str, str, dict, float, str]] = [
+        ("SNOO", "foreach", {}, floor, "floor"),
+        ("SNOO", "foreach, skip_nonfinite=False", {"skip_nonfinite": False}, floor, "floor"),
+        ("snoo.Lookahead", "foreach", {}, floor2, "floor2"),
+    ]
+    if fused:
+        in_step += [
+            ("SNOO", "fused", {"fused": True}, floor, "floor"),
+            ("snoo.Lookahead", "fused", {"fused": True}, floor2, "floor2"),
+        ]
+    for what, how, kwargs, reference, unit in in_step:
+        kind = snoo.SNOO if what == "SNOO" else snoo.Lookahead
+        opt = kind(Still(params), k=1, **kwargs)
+        name = f"{what} outer step in step() ({how})"
+        if opt.fused:
+            name += f"; {compile_and_compare(kind, opt, params)}"
+        ms = measure(opt.step, repeats)
+        rows.append((name, ms, f"{ms / reference:.2f}x {unit}"))
+        del opt
+    authors = measure(authors_outer_step(params, lr=0.7, momentum=0.5), repeats)
+    rows.append(
+        ("authors' outer step (slow weights stepped by SGD(nesterov=True))", authors, f"{authors / floor:.2f}x floor")
+    )
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        print("pytorch_optimizer is not installed: its Lookahead is left out (pip install pytorch_optimizer)\n")
+    else:
+        peer = pytorch_optimizer.Lookahead(Still(params), k=1, alpha=0.5)
+        peer.step()  # creates its slow weights (in the parameters' dtype)
+        ms = measure(lambda: peer.update(peer.param_groups[0]), repeats)
+        rows.append(("pytorch_optimizer.Lookahead outer step", ms, f"{ms / floor2:.2f}x floor2"))
     return rows
 
 
-def fused_row(params: list[torch.Tensor], floor_ms: float, measure: Callable, repeats: int) -> tuple[str, float, str]:
-    """``outer_step`` under ``torch.compile`` (Inductor fuses its passes into few kernels), with its largest difference
-    to the foreach result after one step from the same tensors."""
-    slow, momentum = state_for(params)
-    compiled = torch.compile(outer_step)
-    check = [[t.detach().clone() for t in ts] for ts in (params, slow, momentum)]
-    want = [[t.detach().clone() for t in ts] for ts in (params, slow, momentum)]
+def compile_and_compare(kind: type[snoo.SNOO], opt: snoo.SNOO, params: list[torch.Tensor]) -> str:
+    """Take ``opt``'s first (compiling) outer step; then, from fast weights moved by the same noise, one more beside
+    the foreach path's from the same tensors. Says how long the first took and the largest difference of the slow
+    weights of the second, relative to the largest slow weight."""
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    for copy, p in zip(copies, params):
+        copy.grad = p.grad
     t0 = time.perf_counter()
-    compiled(*check, lr=0.7, momentum=0.5, nesterov=True)
+    opt.step()
+    if params[0].device.type == "cuda":
+        torch.cuda.synchronize(params[0].device)
     seconds = time.perf_counter() - t0
-    outer_step(*want, lr=0.7, momentum=0.5, nesterov=True)
-    error = max((a.float() - b.float()).abs().max().item() for x, y in zip(check, want) for a, b in zip(x, y))
-    del check, want
-    ms = measure(lambda: compiled(params, slow, momentum, lr=0.7, momentum=0.5, nesterov=True), repeats)
-    what = f"SNOO outer step, torch.compile'd (compiled in {seconds:.0f} s; max diff to foreach {error:.1e})"
-    return what, ms, f"{ms / floor_ms:.2f}x floor"
+    foreach = kind(Still(copies), k=1)
+    foreach.step()  # its state: the same slow weights
+    generator = torch.Generator(params[0].device).manual_seed(0)
+    for p, copy in zip(params, copies):
+        noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * 0.01
+        p.add_(noise)
+        copy.add_(noise)
+    opt.step()
+    foreach.step()
+    got = [opt.state[p]["slow"] for p in params]
+    want = [foreach.state[p]["slow"] for p in copies]
+    scale = max(w.abs().max().item() for w in want)
+    error = max((a - b).abs().max().item() for a, b in zip(got, want)) / scale
+    return f"compiled in {seconds:.0f} s, max diff to foreach {error:.1e} of max abs w"
 
 
 def print_table(title: str, rows: list[tuple[str, float, str]]) -> None:
@@ -152,9 +209,8 @@ def training_step_ms(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--fused", action="store_true", help="also time outer_step under torch.compile")
+    parser.add_argument("--fused", action="store_true", help="also time SNOO's fused=True path (compiles first)")
     parser.add_argument("--no-compile", action="store_true", help="time the training step eagerly")
-    parser.add_argument("--k", type=int, default=20, help="inner steps per outer step for the amortised cost")
     parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU, to check the script runs")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -178,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = {}
     with torch.no_grad():
         for dtype in dtypes:
-            tables[dtype] = outer_step_rows(parameters(dtype), measure, repeats)
+            tables[dtype] = outer_step_rows(parameters(dtype), measure, repeats, args.fused)
             print_table(f"{kind(dtype)} parameters, float32 state", tables[dtype])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -187,21 +243,20 @@ def main(argv: list[str] | None = None) -> None:
     step_ms = training_step_ms(model, device, measure, max(3, repeats // 4), compile, args.quick)
     tokens = "2 x 32" if args.quick else "16 x 1024"
     how = "bf16 autocast, compiled" if compile else ("bf16 autocast, eager" if device.type == "cuda" else "eager")
-    print(f"### amortised at K={args.k}: one training step ({tokens} tokens, {how}, AdamW) = {step_ms:.1f} ms\n")
-    print("| parameters | outer step ms | per inner step ms | share of a training step |\n|---|---:|---:|---:|")
+    ks = ", ".join(str(k) for k in AMORTISED_KS if k != 20)
+    print(
+        f"### amortised at K=20 and at K = {ks}: one training step ({tokens} tokens, {how}, AdamW) = {step_ms:.1f} ms\n"
+    )
+    print("| parameters | outer step | ms | " + " | ".join(f"K={k}" for k in AMORTISED_KS) + " |")
+    print("|---|---|---:|" + "---:|" * len(AMORTISED_KS))
+    prefix = "SNOO outer step in step() ("
     for dtype in dtypes:
-        ms = tables[dtype][1][1]
-        print(f"| {kind(dtype)} | {ms:.3f} | {ms / args.k:.4f} | {100 * ms / args.k / step_ms:.3f}% |")
+        for what, ms, _ in tables[dtype]:
+            if what.startswith(prefix) and "skip_nonfinite" not in what:
+                path = what[len(prefix) :].split(")")[0].split(";")[0]
+                shares = " | ".join(f"{100 * ms / k / step_ms:.3f}%" for k in AMORTISED_KS)
+                print(f"| {kind(dtype)} | {path} | {ms:.3f} | {shares} |")
     print(flush=True)
-
-    if args.fused and not args.quick:  # last: compiling takes a while, and the tables above are out already
-        with torch.no_grad():
-            for dtype in dtypes:
-                try:
-                    row = fused_row(parameters(dtype), tables[dtype][0][1], measure, repeats)
-                except Exception as e:  # a failure to compile is a result too; the tables above stand
-                    row = (f"torch.compile'd outer step failed: {type(e).__name__}: {e}"[:300], float("nan"), "-")
-                print_table(f"{kind(dtype)} parameters, fused", [row])
 
 
 if __name__ == "__main__":

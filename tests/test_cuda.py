@@ -1,7 +1,7 @@
-"""On a CUDA device: every wrapper and inner optimizer in float32 and bf16 against the CPU float64 references of the
-other test files; host-offloaded SNOO state bit for bit equal to state on the GPU, with work queued on the streams,
-and each synchronisation of the offload shown to matter; eval()/train() and resume; the lab's loop with bf16
-autocast and torch.compile, resumed bit for bit; MuonAdamW.
+"""On a CUDA device: every wrapper and inner optimizer in float32 and bf16 (SNOO and Lookahead also fused, compiled)
+against the CPU float64 references of the other test files; host-offloaded SNOO state bit for bit equal to state on
+the GPU, with work queued on the streams, and each synchronisation of the offload shown to matter; eval()/train() and
+resume; the lab's loop with bf16 autocast and torch.compile, resumed bit for bit; MuonAdamW.
 
 Marked ``cuda`` and skipped where there is no CUDA device (``pytest -m cuda`` selects it; benchmarks/gpu_check.sh
 runs it). ``SNOO_TEST_DEVICE=cpu pytest -m cuda tests/test_cuda.py`` runs the tests that do not need streams on the
@@ -172,6 +172,29 @@ def test_wrapper_on_the_device_follows_the_float64_reference(name, dtype):
                 assert value.device.type == ("cpu" if "host" in name else DEVICE.type), key
                 if name.startswith("snoo"):  # what HostOffload streams must be pinned for the copies to overlap
                     assert value.is_pinned() == ("host" in name and DEVICE.type == "cuda"), key
+
+
+FUSED: dict[str, tuple[Callable, Callable[[], list[torch.Tensor]]]] = {
+    "snoo": (
+        lambda ps: snoo.SNOO(adamw(ps), k=3, lr=0.7, momentum=0.5, fused=True),
+        lambda: reference_snoo(STEPS, 3, 0.7, 0.5, True),
+    ),
+    "lookahead": (
+        lambda ps: snoo.Lookahead(adamw(ps), k=3, alpha=0.6, fused=True),
+        lambda: reference_snoo(STEPS, 3, 0.6, 0.0, False),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_outer_step_on_the_device_follows_the_float64_reference(name, dtype):
+    build, reference = FUSED[name]
+    model, opt = run(dtype, build)
+    on_cpu = list(run(dtype, build, torch.device("cpu"))[0].parameters()) if dtype == torch.bfloat16 else None
+    assert_near(list(model.parameters()), reference(), params_of(make_model(0, torch.float64)), dtype, on_cpu)
+    assert opt.fused and opt.skipped_outer_steps == 0
+    assert all(opt.state[p]["slow"].dtype == torch.float32 for p in model.parameters())
 
 
 def _leaves(params: dict[str, list[torch.Tensor]], device: torch.device, dtype: torch.dtype):

@@ -64,3 +64,35 @@ def test_the_benchmark_runs_and_prints_every_row(bench, monkeypatch, capsys, one
     ]
     assert "| 1.00x AdamW | 1.00-1.00 | - |" in table[0]
     assert table[2].endswith("| 2.0x params |") and table[4].endswith("| 1.0x params |")
+
+
+def test_the_benchmark_compares_the_outer_step_with_the_floor_the_authors_and_the_peer_and_amortises_it(
+    bench, monkeypatch, capsys, one_thread
+):
+    monkeypatch.setattr(sys, "argv", ["step_overhead.py", "--width", "16", "--layers", "2", "--rounds", "2"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
+    for name in (
+        "SNOO(AdamW) step, K=5",
+        "SNOO(AdamW) step, K=100",
+        "SNOO(AdamW) step, K=20, fused",
+        "SNOO outer step in step() (foreach)",
+        "SNOO outer step in step() (foreach, skip_nonfinite=False)",
+        "SNOO outer step in step() (fused)",
+        "snoo.Lookahead outer step in step() (fused)",
+        "authors' outer step (slow weights stepped by SGD(nesterov=True))",
+        "SNOO outer step / floor, fused",
+        "SNOO outer step / authors' approach, foreach",
+    ):
+        assert name in rows, name
+    amortised = [rows[what] for what in rows if what.startswith(("SNOO(AdamW) step at K", "outer step ("))]
+    assert len(amortised) == 3 and all(line.count("%") == 4 for line in amortised)
+    assert "SNOO outer step in step() (fused): compiled in" in out
+    peer = "snoo.Lookahead outer step / pytorch_optimizer's, foreach"
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        assert "pytorch_optimizer is not installed" in out and peer not in rows
+    else:
+        assert peer in rows

@@ -5,7 +5,10 @@ SNOO: Kallusky, Rao, Nandavanam, Shi, arXiv 2510.15830. Lookahead: Zhang, Lucas,
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
+from collections.abc import Callable
 from functools import partial
 from itertools import compress
 from typing import Any, ClassVar, NamedTuple
@@ -75,6 +78,15 @@ class SNOO(Wrapper):
             outer step runs on each rank's shard. The ranks must start from the same weights.
         reduce_dtype: the dtype the pseudo-gradients travel in, e.g. ``torch.bfloat16`` to halve the bytes of a
             float32 model (they are averaged in that precision and cast back). ``None``: the state dtype.
+        fused: run the outer step as one ``torch.compile``\d kernel per tensor (:func:`fused_outer_step`: it reads
+            :math:`p, w, b` once and writes them once, at the memory floor) instead of six ``torch._foreach_*``
+            passes. Equal to the foreach path within float32 rounding (:data:`FUSED_ROUNDING`). The first outer
+            step compiles it (tens of seconds on a CPU, see ``docs/snoo.md``); a cycle in which some parameter with
+            state got no gradient runs the foreach path. Not with ``process_group`` or ``state_device``, nor for
+            sharded (DTensor) parameters: ``ValueError``.
+        skip_nonfinite: check the fast weights for NaN and infinite values at each outer step and skip the step
+            when any is found (below). One read of the parameters and one host synchronisation per outer step;
+            ``False`` takes neither, for runs that keep non-finite values out of the inner optimizer themselves.
 
     Defaults: ``lr=0.7, momentum=0.5`` are a published public run (0.7, 0.5, K=30), inside the paper's good ranges
     (eta 0.2-0.8, mu 0.5-0.9; higher mu is more sensitive to K). ``k=20`` is the low end of the good range
@@ -128,7 +140,11 @@ class SNOO(Wrapper):
         track_norms: bool = False,
         process_group: dist.ProcessGroup | None = None,
         reduce_dtype: torch.dtype | None = None,
+        fused: bool = False,
+        skip_nonfinite: bool = True,
     ) -> None:
+        if checks.flag(fused, "fused"):
+            _check_fusable(inner, state_device=state_device, process_group=process_group)
         if process_group is not None:  # snoo.distributed is imported by those who use it
             from snoo.distributed import check_process_group
 
@@ -140,6 +156,8 @@ class SNOO(Wrapper):
                 raise TypeError(f"reduce_dtype must be a floating-point torch.dtype, got {reduce_dtype!r}")
         checks.flag(nesterov, "nesterov")
         self.k = k
+        self.fused = fused
+        self.skip_nonfinite = checks.flag(skip_nonfinite, "skip_nonfinite")
         self.track_norms = checks.flag(track_norms, "track_norms")
         #: l2 norms over all parameters after the last outer step, when ``track_norms`` is set.
         self.outer_norms: dict[str, torch.Tensor] = {}
@@ -190,30 +208,67 @@ class SNOO(Wrapper):
         return torch.zeros_like(like)
 
     def _after_inner_step(self) -> None:
-        self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
+        if len(self._touched) < len(self.state):  # once every parameter with state is touched, nothing to add
+            self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
         if self._inner_steps % self.k:
             return
         plans = self._plans()
-        if self.process_group is None:
-            if not _all_finite([plan.params for plan in plans]):
-                squares = self._skip_outer_step(plans, "the fast weights")
-            else:
-                squares = [
-                    # host offload hook: with state_device set, the same outer_step runs chunk by chunk (offload.py)
-                    (outer_step if self.offload is None else partial(self.offload.apply, outer_step))(
-                        plan.params,
-                        [st["slow"] for st in plan.states],
-                        self._momentum_buffers(plan.states, plan.momentum),
-                        **plan.hyperparameters(),
-                        track_norms=self.track_norms,
-                    )
-                    for plan in plans
-                ]
-        else:
+        if self.process_group is not None:
             squares = self._averaged_outer_step(plans)
+        elif self.fused and plans and len(self._touched) == len(self.state):
+            squares = self._fused_outer_step(plans)
+        elif self.skip_nonfinite and not _all_finite([plan.params for plan in plans]):
+            squares = self._skip_outer_step(plans, "the fast weights")
+        else:
+            squares = [
+                # host offload hook: with state_device set, the same outer_step runs chunk by chunk (offload.py)
+                (outer_step if self.offload is None else partial(self.offload.apply, outer_step))(
+                    plan.params,
+                    [st["slow"] for st in plan.states],
+                    self._momentum_buffers(plan.states, plan.momentum),
+                    **plan.hyperparameters(),
+                    track_norms=self.track_norms,
+                )
+                for plan in plans
+            ]
         self._touched.clear()
         if self.track_norms and squares is not None:
             self.outer_norms = _total_norms(squares)
+
+    def _fused_outer_step(self, plans: list[OuterPlan]) -> list[dict] | None:
+        """The outer step of every plan by :func:`fused_outer_step`, compiled. The non-finite check is one reduction
+        over the fast weights that stays on the device: each kernel takes the flag and, where it is set, keeps the
+        slow weights and momentum and restarts the fast weights from them, so the host reads the flag once, after
+        the work is queued, only to count and warn."""
+        if any(is_dtensor(p) for plan in plans for p in plan.params):
+            raise ValueError(_FUSED_REFUSED.format(what="sharded (DTensor) parameters"))
+        finite = _finite_flag([plan.params for plan in plans]) if self.skip_nonfinite else None
+        squares = []
+        for plan in plans:
+            slow = plan.slow()
+            device, dtype = slow[0].device, slow[0].dtype
+            try:
+                squares.append(
+                    _compiled_outer_step()(
+                        plan.params,
+                        slow,
+                        self._momentum_buffers(plan.states, plan.momentum),
+                        torch.full((), plan.lr, dtype=dtype, device=device),  # tensors: a new value does not recompile
+                        torch.full((), plan.momentum, dtype=dtype, device=device),
+                        None if finite is None else finite.to(device, non_blocking=True),
+                        nesterov=plan.nesterov,
+                        track_norms=self.track_norms,
+                    )
+                )
+            except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RuntimeError(
+                    f"fused=True: torch.compile could not build the fused outer step for {device} "
+                    f"({type(e).__name__}: {first}); build {type(self).__name__} with fused=False (the foreach path)"
+                ) from e
+        if finite is not None and not bool(finite):  # the one host synchronisation of this outer step
+            return self._count_skipped("the fast weights")
+        return squares
 
     def _plans(self) -> list[OuterPlan]:
         """One :class:`OuterPlan` per run of tensors that foreach can take at once, for this outer step."""
@@ -236,6 +291,9 @@ class SNOO(Wrapper):
         """Keep the slow weights and momentum of the last good outer step and restart the fast weights from them."""
         for plan in plans:
             foreach_copy_(plan.params, [st["slow"] for st in plan.states], non_blocking=True)
+        return self._count_skipped(what)
+
+    def _count_skipped(self, what: str) -> None:
         self.skipped_outer_steps += 1
         if self.skipped_outer_steps == 1:
             warnings.warn(
@@ -245,7 +303,7 @@ class SNOO(Wrapper):
                 f"The inner optimizer's own state is its own: if its moments took the bad gradient, they keep it. "
                 f"Counted in .skipped_outer_steps; this warning is not repeated.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
 
     def _averaged_outer_step(self, plans: list[OuterPlan]) -> list[dict] | None:
@@ -369,14 +427,18 @@ def _total_norms(squares: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return {name: torch.stack([v.to(device) for v in vs]).sum().sqrt() for name, vs in parts.items()}
 
 
-def _all_finite(tensor_lists: list[list[torch.Tensor]]) -> bool:
-    """Whether every tensor of the lists is finite (one reduction per list and one host sync per outer step; under
-    FSDP2 the sum is over all ranks' shards, so every rank takes the same decision)."""
+def _finite_flag(tensor_lists: list[list[torch.Tensor]]) -> torch.Tensor:
+    """A 0-d bool tensor on the device of the first tensor: whether every tensor of the lists is finite. One
+    reduction per list (a read of each tensor), no host synchronisation; under FSDP2 the sum is over all ranks'
+    shards, so every rank takes the same decision."""
     sums = [_squared_norm(ts) for ts in tensor_lists if ts]
-    if not sums:
-        return True
     device = sums[0].device
-    return bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all())
+    return torch.isfinite(torch.stack([s.to(device) for s in sums])).all()
+
+
+def _all_finite(tensor_lists: list[list[torch.Tensor]]) -> bool:
+    """Whether every tensor of the lists is finite: :func:`_finite_flag` and one host synchronisation."""
+    return not any(tensor_lists) or bool(_finite_flag(tensor_lists))
 
 
 def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -458,12 +520,97 @@ def outer_update(
     return squares
 
 
+#: How far :func:`fused_outer_step` may end from :func:`outer_step` after one outer step from the same tensors, per
+#: element, in units of the state dtype's rounding unit :math:`u` (``torch.finfo(dtype).eps / 2``) times the size of
+#: what the element is made of: :math:`|w| + \eta(|s| + \mu|b| + \mu|b'|)` for the slow and fast weights,
+#: :math:`|s| + \mu|b| + |b'|` for the momentum (:math:`b'` the new momentum). Each path rounds the pseudo-gradient,
+#: the momentum, the Nesterov direction, the new slow weights and the float32 values of :math:`\eta, \mu`; summing the
+#: first-order errors puts each within :math:`8u` of that size from the exact result (the compiled kernel may use a
+#: fused multiply-add or keep a value in a register, so the two round differently), hence :math:`16u` between them.
+#: Tested against a float64 reference written from the equations (``tests/test_snoo_fused.py``).
+FUSED_ROUNDING = 16
+
+_FUSED_REFUSED = (
+    "fused=True compiles the outer step of parameters and state that live on one device, on this process alone; it "
+    "cannot take {what}: use fused=False (the foreach path) there"
+)
+
+
+def _check_fusable(
+    inner: Optimizer, *, state_device: torch.device | str | None, process_group: dist.ProcessGroup | None
+) -> None:
+    """Refuse, with the reason, what the fused outer step cannot run."""
+    if process_group is not None:
+        raise ValueError(_FUSED_REFUSED.format(what="a process_group (DiLoCo averages the pseudo-gradients first)"))
+    if state_device is not None:
+        raise ValueError(_FUSED_REFUSED.format(what="state_device (the offload streams the state in chunks)"))
+    if any(is_dtensor(p) for group in inner.param_groups for p in group["params"]):
+        raise ValueError(_FUSED_REFUSED.format(what="sharded (DTensor) parameters"))
+    import torch._dynamo  # seconds to import: only for those who ask for fused
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ValueError(f"fused=True needs torch.compile, which this Python ({sys.version.split()[0]}) lacks")
+
+
+@functools.cache
+def _compiled_outer_step() -> Callable[..., dict[str, torch.Tensor]]:
+    # made at the first fused outer step: torch.compile imports torch._dynamo, which takes seconds
+    return torch.compile(fused_outer_step, fullgraph=True)
+
+
+def fused_outer_step(
+    params: list[torch.Tensor],
+    slow: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    finite: torch.Tensor | None,
+    *,
+    nesterov: bool,
+    track_norms: bool = False,
+) -> dict[str, torch.Tensor]:
+    r"""The outer step of :func:`outer_step` written per tensor, for ``torch.compile`` to fuse into one pass over
+    :math:`p, w, b` each (no temporaries: a bf16 parameter is read as float32 inside the kernel).
+
+    ``lr`` and ``momentum`` are 0-d tensors on the state's device (so a new value does not recompile; ``momentum``
+    is ignored when ``momentum_buffers`` is ``None``: Lookahead's lerp). ``finite``, a 0-d bool tensor or ``None``:
+    where it is false, the slow weights and momentum stay as they are and the parameters get the slow weights (the
+    skipped step of the non-finite check), decided on the device without a host synchronisation. Returns the
+    squared l2 norms of :math:`s`, :math:`b` and the new :math:`w` when ``track_norms`` is set, else an empty dict.
+    """
+    names = ("pseudo_grad", "momentum", "slow") if momentum_buffers is not None else ("pseudo_grad", "slow")
+    squares = dict.fromkeys(names, 0.0) if track_norms else {}
+    for i, (p, w) in enumerate(zip(params, slow)):
+        fast = p.to(w.dtype)
+        s = w - fast  # pseudo-gradient
+        if momentum_buffers is None:
+            new_w = torch.lerp(w, fast, lr)  # w + eta (p - w)
+        else:
+            b = momentum_buffers[i]
+            new_b = momentum * b + s
+            new_w = w - lr * (s + momentum * new_b) if nesterov else w - lr * new_b
+            if finite is not None:
+                new_b = torch.where(finite, new_b, b)
+            if track_norms:
+                squares["momentum"] = squares["momentum"] + new_b.square().sum()
+            b.copy_(new_b)
+        if finite is not None:
+            new_w = torch.where(finite, new_w, w)
+        if track_norms:
+            squares["pseudo_grad"] = squares["pseudo_grad"] + s.square().sum()
+            squares["slow"] = squares["slow"] + new_w.square().sum()
+        w.copy_(new_w)
+        p.copy_(new_w)  # p <- w
+    return squares
+
+
 class Lookahead(SNOO):
     r"""Lookahead: every K steps, :math:`w \leftarrow w + \alpha (p - w)` and :math:`p \leftarrow w`.
 
     This is :class:`SNOO` with ``momentum=0`` and ``lr=alpha`` (stored in each group as ``"outer_lr"``): no momentum
-    buffer, one lerp and one copy per outer step. ``eval()``/``train()``, checkpoints and the per-parameter details
-    are SNOO's. Defaults ``k=5, alpha=0.5`` are the paper's.
+    buffer, one lerp and one copy per outer step (one pass with ``fused=True``). ``eval()``/``train()``,
+    checkpoints, ``fused``, ``skip_nonfinite`` and the per-parameter details are SNOO's. Defaults ``k=5, alpha=0.5``
+    are the paper's.
     """
 
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
@@ -488,6 +635,8 @@ class Lookahead(SNOO):
         *,
         state_device: torch.device | str | None = None,
         track_norms: bool = False,
+        fused: bool = False,
+        skip_nonfinite: bool = True,
     ) -> None:
         checks.number(alpha, "alpha (slow weights step size)", Lookahead.hyperparameter_ranges["alpha"])
         super().__init__(
@@ -498,4 +647,6 @@ class Lookahead(SNOO):
             nesterov=False,
             state_device=state_device,
             track_norms=track_norms,
+            fused=fused,
+            skip_nonfinite=skip_nonfinite,
         )

@@ -268,6 +268,8 @@ class Wrapper(Optimizer):
         self.inner = inner
         self.training = True
         self._inner_steps = 0
+        #: :meth:`_groups_layout` when the groups were last checked and every parameter had its state
+        self._checked_layout: tuple | None = None
         # Optimizer.__init__ calls add_param_group for each of the inner's groups, which only adds our keys.
         super().__init__(inner.param_groups, {**inner.defaults, **defaults})
         # inner.load_state_dict (of a state dict of the inner optimizer alone) replaces the group dicts: keep ours
@@ -311,6 +313,16 @@ class Wrapper(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError (or TypeError) for a group whose wrapper hyperparameters are out of range. ``group`` has
         all of this wrapper's hyperparameters, and the inner optimizer's where it has them."""
+
+    def _groups_layout(self) -> tuple:
+        """What the checks before a step depend on, compared at each step so that they cost nothing while it stays
+        the same (O(groups), not O(parameters)): each group, its list of parameters and their number, this
+        wrapper's hyperparameters in it, and the state's identity and size."""
+        own = tuple(self._own_defaults)
+        groups = tuple(
+            (id(g), id(g["params"]), len(g["params"]), *(g.get(name) for name in own)) for g in self.param_groups
+        )
+        return groups, id(self.state), len(self.state)
 
     def _check_groups(self) -> None:
         """Before each step: give a group that was added to the inner optimizer directly this wrapper's defaults,
@@ -369,12 +381,17 @@ class Wrapper(Optimizer):
                 f"{type(self).__name__}.step() was called in eval mode: the parameters hold the evaluation "
                 f"weights. Call .train() before training again."
             )
-        self._check_groups()
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad and p not in self.state:
-                        self.state[p] = self._init_param_state(p, group)
+        layout = self._groups_layout()
+        if layout != self._checked_layout:
+            self._check_groups()
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.requires_grad and p not in self.state:
+                            self.state[p] = self._init_param_state(p, group)
+            # a parameter without state (frozen now, maybe not at the next step) keeps this check running every step
+            if len(self.state) == sum(len(g["params"]) for g in self.param_groups):
+                self._checked_layout = self._groups_layout()
         with torch.no_grad():
             self._before_inner_step()
         loss = self.inner.step(closure) if closure is not None else self.inner.step()
