@@ -24,6 +24,7 @@ runs with 1 thread each at the same time (their tokens together), in forked proc
 round to round; the ratios are again within a round.
 
     python benchmarks/throughput.py [--sizes 2x32,2x64,3x96,4x128,4x192] [--rounds 5] [--parallel-size 4x128]
+    python benchmarks/throughput.py --sizes '' --rounds 3    # the threads measurement alone
     python benchmarks/throughput.py --quick    # a smoke run of a few seconds (the tests run it)
 """
 
@@ -192,13 +193,13 @@ def _fmt(q: tuple[float, float, float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="2x32,2x64,3x96,4x128,4x192", help="LAYERSxWIDTH,... (heads: width / 32)")
+    ap.add_argument("--sizes", default="2x32,2x64,3x96,4x128,4x192", help="LAYERSxWIDTH,... ('': none)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 only")
     ap.add_argument("--parallel-size", default="4x128", help="the size of the threads measurement; '' to skip it")
-    ap.add_argument("--parallel-steps", type=int, default=5, help="steps per sample of the threads measurement")
+    ap.add_argument("--parallel-steps", type=int, default=1, help="steps per sample of the threads measurement")
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: tiny sizes, two rounds")
     args = ap.parse_args()
     if args.quick:
@@ -216,8 +217,10 @@ def main() -> None:
     for p in precisions:
         columns += [f"{p} tokens/s", f"{p} GFLOP/s", f"{p} peak GFLOP/s", f"{p} of peak"]
     columns += ["bf16 speed / fp32"] if args.bf16 else []
-    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
-    for layers, width in experiments.parse_sizes(args.sizes):
+    sizes = experiments.parse_sizes(args.sizes) if args.sizes else []
+    if sizes:
+        print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+    for layers, width in sizes:
         row = measure_size(layers, width, args.batch, args.block, tokens, args.rounds, args.bf16)
         line = (
             f"| {row['model']} | {row['params']:,} | {row['flops_per_token'] / 1e6:.3g} "

@@ -1,8 +1,10 @@
-"""The FLOP count of a training step, and benchmarks/throughput.py, which measures the lab against the matmul peak."""
+"""The FLOP count of a training step; benchmarks/throughput.py, which measures the lab against the matmul peak, and
+benchmarks/precision.py, which compares bf16 autocast with fp32 paired by seed."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +81,41 @@ def test_quick_form_prints_both_tables():
     cells = rows["2x32"].strip("| ").split(" | ")
     assert cells[1] == "41,120" and float(cells[2]) == pytest.approx(0.274, abs=5e-4)  # params, MFLOP per token
     assert float(cells[4].replace(",", "")) > 0 and float(cells[6]) > 0  # tokens/s and peak GFLOP/s, measured
+
+
+def test_precision_trains_each_seed_in_both_precisions_and_pairs_them(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    precision = importlib.import_module("precision")
+    try:
+        argv = [
+            "precision.py",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--seeds",
+            "2",
+            "--jobs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+        monkeypatch.setattr(sys, "argv", argv)
+        precision.main()
+    finally:
+        sys.modules.pop("precision", None)
+    out = capsys.readouterr().out
+    for seed in (0, 1):
+        for i, optimizer in enumerate(("adamw", "snoo+adamw")):
+            info = {p: json.loads((tmp_path / f"{p}-{i}-s{seed}" / "config.json").read_text()) for p in ("off", "bf16")}
+            assert [info[p]["bf16"] for p in ("off", "bf16")] == [False, True]
+            assert {info[p]["spec"] for p in info} == {optimizer}
+            assert {info[p]["config"]["schedule"] for p in info} == {"wsd"}
+    losses = {
+        p: [json.loads((tmp_path / f"{p}-0-s{s}" / "result.json").read_text())["final_val_loss"] for s in (0, 1)]
+        for p in ("off", "bf16")
+    }
+    mean = (losses["bf16"][0] - losses["off"][0] + losses["bf16"][1] - losses["off"][1]) / 2
+    row = next(line for line in out.splitlines() if line.startswith("| adamw |"))
+    assert f"| {mean:+.4f} [" in row
+    assert "seeds [0, 1]" in out
