@@ -3,7 +3,7 @@ parameter a default `snoo compare` (three seeds, WSD ladder, two optimizers, `--
 
 One training step (forward, backward, clip, AdamW) of the lab's GPT on byte-level batches of the default corpus,
 one CPU thread per process, as `--jobs 2` runs it; the median of ``--repeats`` timings of ``--steps`` steps after a
-warm-up. Run it on a quiet machine: every figure is per process, and two processes share two cores.
+warm-up of as many steps. Run it on a quiet machine: every figure is per process, and two processes share two cores.
 
     python benchmarks/regime.py [--sizes 1x64,2x64,3x64,4x64,4x96,4x128] [--batch 16] [--block 128] [--minutes 10]
 """
@@ -11,43 +11,56 @@ warm-up. Run it on a quiet machine: every figure is per process, and two process
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import statistics
-import time
+from collections.abc import Callable
 
 import torch
 
+from snoo import spec
 from snoo.lab import experiments, scaling
 from snoo.lab.data import get_batch, load_corpus
 from snoo.lab.model import GPT, ModelConfig
+from step_overhead import Contender, time_round_robin
 
 #: a default compare in runs of its 1x length: per seed the WSD ladder (2.5 + 0.2 * (1 + 1.25 + 1.5 + 2)) and SNOO
 RUNS_PER_SEED = max(experiments.BUDGETS) + 0.2 * sum(b for b in experiments.BUDGETS if b != max(experiments.BUDGETS))
 RUNS_PER_SEED += 1
 
 
+def train_step(
+    layers: int, width: int, batch: int, block: int, tokens: torch.Tensor, bf16: bool = False
+) -> tuple[Callable[[], None], GPT]:
+    """One training step of the lab's GPT per call, each on the next batch, as ``snoo.lab.train`` takes it: forward
+    and loss (under bf16 autocast with ``bf16``), backward, gradient clipping, the lab's AdamW (``spec.build``)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, block_size=block, n_layer=layers, n_head=max(1, width // 32), n_embd=width)
+    model = GPT(cfg)
+    opt = spec.build("adamw", model)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    step = itertools.count()
+
+    def run() -> None:
+        x, y = get_batch(tokens, batch, block, 0, next(step))
+        with amp():
+            loss = model(x, y)
+        loss.backward()
+        loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run, model
+
+
 def step_seconds(
     layers: int, width: int, batch: int, block: int, steps: int, repeats: int, tokens: torch.Tensor
 ) -> tuple[float, int]:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=256, block_size=block, n_layer=layers, n_head=width // 32, n_embd=width)
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, fused=False)
-
-    def run(n: int, start: int) -> None:
-        for s in range(start, start + n):
-            x, y = get_batch(tokens, batch, block, 0, s)
-            model(x, y).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    run(3, 0)
-    times = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        run(steps, 3 + r * steps)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times), model.num_params()
+    run, model = train_step(layers, width, batch, block, tokens)
+    timed = Contender(f"{layers}x{width}", run, steps)
+    time_round_robin([timed], repeats, "cpu")
+    return statistics.median(timed.seconds), model.num_params()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 @dataclass
@@ -145,3 +146,39 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+#: torch counts its CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention runs here
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
+def training_flops_per_token(model: GPT) -> float:
+    """Matmul FLOPs of one training step (forward and backward) per token, at the model's block size.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` over one sequence: every Linear, the head included (the
+    embedding is a lookup; norms, activations, the loss and the optimizer are not counted), and attention's two
+    products per layer, dense ``T x T`` as torch counts them (a causal kernel may skip about half). For ``N``
+    weights in Linear layers, ``L`` layers of width ``C`` and block size ``T`` this is
+
+    .. math:: 6 N + 14 L T C
+
+    (forward :math:`2N + 4LTC`; backward :math:`4N + 10LTC`, since the fused attention kernel computes the scores
+    again instead of keeping them). Gradients are taken with ``torch.autograd.grad``, so the model's ``.grad`` is
+    left as it was.
+    """
+    idx = torch.zeros(1, model.cfg.block_size, dtype=torch.long, device=model.embed.weight.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+        torch.autograd.grad(model(idx, idx), params)
+    return counter.get_total_flops() / model.cfg.block_size

@@ -11,9 +11,9 @@ the points and measures each contender against the baseline
    ``C_baseline(L) / C_contender(L)`` at the loss the contender's frontier reaches at the largest measured compute,
    with a bootstrap interval over seeds (the seeds resampled together at every size, the frontiers refitted).
 
-Training FLOPs are counted from the model: ``6 * (matmul weights) + 6 * n_layer * block_size * n_embd`` per token
-(Kaplan et al. 2020: the weights' multiply-adds forward and backward, and attention's scores and mixing over the
-context; the embedding lookup is no matmul, the output head is).
+Training FLOPs are counted from the model by ``torch.utils.flop_counter`` (:func:`flops_per_token`): per token,
+``6 N + 14 L T C`` for ``N`` Linear weights (the output head included, the embedding lookup not) and attention over
+``T`` positions of width ``C`` in ``L`` layers, as the kernels compute it.
 
 No trend is extrapolated beyond the measured sizes: the fitted slope of log-factor against log-parameters is given
 with its interval, as a description of the measured range.
@@ -64,14 +64,15 @@ def model_params(cfg: TrainConfig, vocab_size: int) -> int:
     return _meta_model(cfg, vocab_size).num_params()
 
 
-def flops_per_token(cfg: TrainConfig, vocab_size: int) -> int:
-    """Training FLOPs per token of ``cfg``'s model: 6 per matmul weight (forward and backward multiply-adds; the
-    output head included, the embedding lookup not) and ``6 * n_layer * block_size * n_embd`` for attention."""
+def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
+    """Training FLOPs per token of ``cfg``'s model, counted by ``torch.utils.flop_counter`` over one step
+    (:func:`snoo.lab.model.training_flops_per_token`: ``6 N + 14 L T C``)."""
     import torch
 
-    model = _meta_model(cfg, vocab_size)
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 6 * matmul + 6 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    from snoo.lab.model import GPT, training_flops_per_token
+
+    with torch.random.fork_rng():  # only the shapes count: the caller's random state is left as it was
+        return training_flops_per_token(GPT(model_config(cfg, vocab_size)))
 
 
 def _precision(cfg: TrainConfig) -> str:
