@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import bmm_flop, mm_flop
 
 from regime import train_step
-from snoo.lab import experiments
+from snoo.lab import scaling
 from snoo.lab.data import load_corpus
 from snoo.lab.model import training_flops_per_token
 from step_overhead import Contender, quartiles, time_round_robin
