@@ -113,6 +113,9 @@ class FaultTolerantSNOO(SNOO):
         k, lr, momentum, nesterov, state_device, track_norms: as for :class:`snoo.SNOO`. Schedules must pickle
             (those of :mod:`snoo.optim.schedules` do) only if a group of the inner optimizer holds them; SNOO's own
             travel as placeholders, like in its ``state_dict()``.
+        skip_nonfinite: as for :class:`snoo.SNOO`, checked on the averaged pseudo-gradient (the same on every
+            replica, so every replica takes or skips the step alike).
+        fused: must be False: the fused outer step is one process's, and this one averages over the quorum first.
         state_key: the key of this optimizer's state among the Manager's registered state.
 
     Attributes:
@@ -136,9 +139,16 @@ class FaultTolerantSNOO(SNOO):
         *,
         state_device: torch.device | str | None = None,
         track_norms: bool = False,
+        skip_nonfinite: bool = True,
+        fused: bool = False,
         state_key: str = "snoo",
     ) -> None:
         require_torchft()
+        if fused:
+            raise ValueError(
+                "fused=True compiles the outer step of one process; FaultTolerantSNOO averages over a torchft quorum "
+                "before it: use fused=False"
+            )
         from torchft import Manager
 
         if not isinstance(manager, Manager):
@@ -148,7 +158,16 @@ class FaultTolerantSNOO(SNOO):
                 "the Manager was built with use_async_quorum=True: build it with use_async_quorum=False, so that the "
                 "quorum of each window (and a replica's healing) is complete before the window's first forward pass"
             )
-        super().__init__(inner, k, lr, momentum, nesterov, state_device=state_device, track_norms=track_norms)
+        super().__init__(
+            inner,
+            k,
+            lr,
+            momentum,
+            nesterov,
+            state_device=state_device,
+            track_norms=track_norms,
+            skip_nonfinite=skip_nonfinite,
+        )
         self.manager = manager
         self.outer_steps: list[dict[str, Any]] = []
         self.discarded_windows = 0
@@ -198,7 +217,7 @@ class FaultTolerantSNOO(SNOO):
                 foreach_copy_(plan.params, plan.slow(), non_blocking=True)
             self.discarded_windows += 1
             squares = None
-        elif not _all_finite(neg_s):
+        elif self.skip_nonfinite and not _all_finite(neg_s):
             squares = self._skip_outer_step(plans, "the averaged pseudo-gradient")
         else:
             squares = self._apply(plans, neg_s, iter((flags > 0).tolist()))
