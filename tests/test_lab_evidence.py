@@ -209,6 +209,45 @@ def test_tune_reports_the_best_trial_on_an_unreported_seed(tmp_path, corpus_file
     assert "tuned adamw" in (tmp_path / "t" / "summary.md").read_text()
 
 
+def test_every_wrapper_is_tuned_on_the_trials_its_class_declares():
+    """--tune N takes the first N of the outermost stage's declared trials: the base lr times a factor, and that
+    wrapper's own knobs (SNOO: outer lr and momentum; GPA: mu_y and mu_x; ...); a base optimizer its lr alone."""
+    import snoo
+
+    for name, cls in (("snoo", snoo.SNOO), ("lookahead", snoo.Lookahead), ("gpa", snoo.GPA)):
+        for n in (1, 4, 6):
+            got = experiments.trials(f"{name}+adamw(lr=0.004)", n)
+            want = [
+                spec.canonical(
+                    spec.override(
+                        f"{name}+adamw(lr=0.004)",
+                        {"adamw.lr": 0.004 * f, **{f"{name}.{k}": v for k, v in knobs.items()}},
+                    )
+                )
+                for f, knobs in cls.tuning_trials[:n]
+            ]
+            assert got == list(dict.fromkeys(want)) and len(got) == n
+    assert experiments.trials("adamw(lr=0.004)", 3) == ["adamw(lr=0.004)", "adamw(lr=0.008)", "adamw(lr=0.002)"]
+    # the package's defaults come first for every wrapper, so a budget of one trial compares the defaults
+    assert all(c.tuning_trials[0][0] == 1.0 for c in (snoo.SNOO, snoo.Lookahead, snoo.EMANesterov, snoo.GPA))
+
+
+def test_tuning_on_two_seeds_takes_the_mean_and_reports_neither(tmp_path, corpus_file):
+    cfg = tiny(tmp_path / "t2", corpus_file, steps=6, eval_every=3)
+    summary = experiments.run_experiment(
+        "compare", cfg, ["adamw", "snoo(k=3)+adamw"], budgets=(1.0,), tune_trials=2, tune_seeds=2, say=lambda s: None
+    )
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "t2" / "tune").glob("*/result.json")}
+    configs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "t2" / "tune").glob("*/config.json")}
+    assert {c["config"]["seed"] for c in configs.values()} == {cfg.seed + 1000, cfg.seed + 1001}
+    for t in summary["tuning"].values():
+        assert t["seeds"] == [cfg.seed + 1000, cfg.seed + 1001] and t["steps"] == 4 * 6
+        for trial, loss in t["trials"].items():
+            per_seed = [runs[d]["final_val_loss"] for d, c in configs.items() if c["spec"] == trial]
+            assert len(per_seed) == 2 and loss == pytest.approx(statistics.fmean(per_seed))
+    assert "seeds 1000, 1001 (trial loss: their mean)" in (tmp_path / "t2" / "summary.md").read_text()
+
+
 def test_a_tuned_lr_at_the_edge_of_its_trials_is_flagged():
     lrs = ["adamw(lr=0.001)", "adamw(lr=0.002)", "adamw(lr=0.004)"]
     assert experiments._at_edge("adamw(lr=0.004)", lrs) and experiments._at_edge("adamw(lr=0.001)", lrs)
