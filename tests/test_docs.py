@@ -1,15 +1,12 @@
 """The documentation site (Sphinx + MyST + furo, docs/conf.py) builds with warnings as errors, as CI builds it."""
 
-import importlib.metadata
 import inspect
 import subprocess
 import sys
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
 import snoo
+from helpers import python_with_only
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -52,55 +49,17 @@ def test_docs_build_without_warnings(tmp_path):
     assert "mathjax" in (out / "snoo.html").read_text(encoding="utf-8").lower()
 
 
-def installed_by(name: str, extras: set[str]) -> dict[str, importlib.metadata.Distribution]:
-    """The installed distributions that ``pip install "name[extras]"`` pulls in: ``name`` and its requirements under
-    those extras, recursively (each dependency with the extras it is asked for)."""
-    found: dict[str, importlib.metadata.Distribution] = {}
-    seen, todo = set(), [(name, frozenset(extras))]
-    while todo:
-        dist_name, wanted = todo.pop()
-        if (canonicalize_name(dist_name), wanted) in seen:
-            continue
-        seen.add((canonicalize_name(dist_name), wanted))
-        try:
-            dist = importlib.metadata.distribution(dist_name)
-        except importlib.metadata.PackageNotFoundError:  # an optional dependency of a dependency, not installed here
-            continue
-        found[canonicalize_name(dist_name)] = dist
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in wanted or {""}):
-                todo.append((req.name, frozenset(req.extras)))
-    return found
-
-
 def test_docs_build_from_the_docs_extra_alone(tmp_path):
     """The README's `pip install -e ".[docs]" && python -m sphinx -W -b html docs docs/_build/html` in a fresh
     environment, simulated without a download: a directory that holds links to exactly the packages that install
     would bring (torch, Sphinx and their dependencies; no transformers, accelerate, lightning, numpy, matplotlib),
     and a Python that sees only it, the standard library and this checkout (``-I -S``: no site-packages)."""
-    site = tmp_path / "site-packages"
-    site.mkdir()
-    for name, dist in installed_by("snoo-optim", {"docs"}).items():
-        if name == "snoo-optim":
-            continue  # this checkout's src/ is what docs/conf.py documents
-        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")}:
-            if dist.locate_file(top).exists() and not (site / top).exists():
-                (site / top).symlink_to(dist.locate_file(top))
-    build = (
-        "import sys; from importlib.util import find_spec; "
-        f"sys.path.insert(0, {str(site)!r}); sys.path.insert(0, {str(ROOT / 'src')!r}); "
-        "absent = [m for m in ('transformers', 'accelerate', 'lightning', 'numpy', 'matplotlib') if find_spec(m)]; "
-        "assert not absent, f'installed in the simulated environment: {absent}'; "
-        "from sphinx.cmd.build import main; sys.exit(main(sys.argv[1:]))"
-    )
+    check = "from importlib.util import find_spec\n"
+    check += "found = [m for m in ('transformers', 'accelerate', 'lightning', 'numpy', 'matplotlib') if find_spec(m)]\n"
+    check += "assert not found, f'installed in the simulated environment: {found}'\n"
+    build = check + "from sphinx.cmd.build import main\nsys.exit(main(sys.argv[1:]))"
     out = tmp_path / "html"
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", build, "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = python_with_only(tmp_path, {"docs"}, build, "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     # the integrations are documented from snoo's own docstrings, hooks included, as where their frameworks are
     page = (out / "api-integrations.html").read_text(encoding="utf-8")
