@@ -18,6 +18,7 @@ import snoo
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)

@@ -156,7 +156,8 @@ def test_the_library_alone_imports_with_no_warning_of_its_own(tmp_path):
     import adds nothing to that (docs/faq.md)."""
     code = (
         "import warnings\nfrom importlib.util import find_spec\nassert find_spec('numpy') is None\n"
-        "with warnings.catch_warnings(record=True) as by_torch:\n    warnings.simplefilter('always')\n    import torch\n"
+        "with warnings.catch_warnings(record=True) as by_torch:\n"
+        "    warnings.simplefilter('always')\n    import torch\n"
         "warnings.simplefilter('error')\nimport snoo\n"
         "print('|'.join(str(w.message).split(':')[0] for w in by_torch))\n"
     )
