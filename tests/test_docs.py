@@ -1,6 +1,7 @@
 """The documentation site (Sphinx + MyST + furo, docs/conf.py) builds with warnings as errors, as CI builds it."""
 
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,22 @@ DOCS = ROOT / "docs"
 
 # Where the API reference documents each public module of ``snoo.__all__`` (classes and functions are on "api").
 API_PAGE_OF_MODULE = {"snoo.optim.schedules": "api", "snoo.distributed": "api-integrations"}
+
+
+def linked_pages(page: str) -> list[str]:
+    """The pages that the ``<!-- toctree -->`` lists of ``docs/<page>.md`` link to, in order (docs/conf.py)."""
+    text = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+    return re.findall(r"^- \[[^\]]+\]\(([\w-]+)\.md\)", text, flags=re.M)
+
+
+def test_the_index_is_a_plain_list_of_links_to_every_page():
+    """On the forge a toctree is a code fence; the index and the integrations guide are lists of links instead,
+    which docs/conf.py also makes their toctrees."""
+    pages = {md.stem for md in DOCS.glob("*.md")} - {"index"}
+    for page in ("index", "integrations"):
+        assert "{toctree}" not in (DOCS / f"{page}.md").read_text(encoding="utf-8"), page
+    listed = linked_pages("index") + linked_pages("integrations")
+    assert sorted(listed) == sorted(pages), "every page once, from the index or the integrations guide"
 
 
 def test_docs_build_without_warnings(tmp_path):
@@ -42,6 +59,13 @@ def test_docs_build_without_warnings(tmp_path):
         assert f'id="{anchor}"' in (out / f"{page}.html").read_text(encoding="utf-8"), f"{name} not in {page}.html"
     for name in ("build", "parse", "from_config"):
         assert f'id="snoo.spec.{name}"' in api
+
+    # the index's plain list of links (readable on the forge) is the site's navigation, in its order, with captions
+    index = (out / "index.html").read_text(encoding="utf-8")
+    sidebar = re.findall(r'<li class="toctree-l1[^"]*"><a class="reference internal" href="([\w-]+)\.html"', index)
+    assert sidebar[: len(linked_pages("index"))] == linked_pages("index")
+    assert '<span class="caption-text">Optimizers</span>' in index
+    assert '<li class="toctree-l2"><a class="reference internal" href="hf.html">' in index
 
     # the lab guide's plots from a real run are in the site, and math is rendered by MathJax
     for image in ("compare_val_loss.png", "compare_weight_norm.png", "ksweep_heatmap.png"):

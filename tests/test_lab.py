@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import LAB_TEXT as TEXT
+from snoo import __version__ as snoo_version
 from snoo import spec
 from snoo.lab import checkpoint, config, data, experiments, train
 from snoo.lab.cli import main
@@ -370,6 +371,8 @@ def test_tune_baseline_uses_best_lr_for_everyone(tmp_path, corpus_file):
         (["train", "--optimizer", "adamx"], "unknown optimizer 'adamx'"),
         (["train", "--optimizer", "snoo(k=0)+adamw"], "k=0 is out of range"),
         (["train", "--data", "/no/such/file.txt"], "no such file"),
+        (["train", "--data", "python-doc"], "nor a built-in corpus (python-stdlib, python-docs, python-headers)"),
+        (["compare", "--schedule", "cosine"], "wsd ladder trains every run on the wsd schedule"),
         (["train", "--data", "EMPTY"], "fewer than one block"),
         (["train", "--preset", "huge"], "unknown preset 'huge'"),
         (["train", "--set", "n_layers=3"], "unknown config key 'n_layers'"),
@@ -392,6 +395,25 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("snoo: error: ") and words in err and err.count("\n") == 1
+
+
+def test_version_and_help_name_the_corpora_and_the_schedule_that_runs(capsys):
+    import platform
+    import re
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    expected = f"snoo {snoo_version} (torch {torch.__version__}, Python {platform.python_version()})"
+    assert capsys.readouterr().out.strip() == expected
+    helps = {}
+    for command in ("train", "compare", "reproduce"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(re.sub(r"-\n\s+", "-", capsys.readouterr().out).split())  # as argparse wraps
+        assert f"a built-in corpus ({', '.join(data.BUILTIN_CORPORA)}; default python-stdlib" in helps[command], command
+    assert "inner lr schedule (default cosine)" in helps["train"]
+    assert "inner lr schedule (default wsd, as the default --ladder wsd needs" in helps["compare"]
 
 
 @pytest.mark.parametrize(
