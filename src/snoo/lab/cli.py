@@ -278,8 +278,8 @@ def _counts(text: str) -> list[int]:
 
 def _finish(summary: dict, out: Path) -> None:
     print((out / "summary.md").read_text(), end="")
-    plots = sorted(p.name for p in out.glob("*.png"))
-    print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {', '.join(plots)}")
+    plots = [str(p) for p in sorted(out.glob("*.png"))]
+    print(f"\nwrote {', '.join([str(out / 'summary.json'), str(out / 'summary.md'), *plots])}")
 
 
 def _reproduce(args: argparse.Namespace) -> int:
