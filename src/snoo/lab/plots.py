@@ -137,7 +137,13 @@ def ladder_plot(out: Path, summary: dict) -> None:
     colours = _colours(summary)
     xs = [b["steps"] for b in budgets]
     base = summary["baseline"]
-    ax.plot(xs, [b["final_val_loss"] for b in budgets], "o", color=colours[base], label=f"{base}, trained this long")
+    ax.plot(
+        xs,
+        [b["final_val_loss"] for b in budgets],
+        "o",
+        color=colours[base],
+        label=f"{base}: final loss after each length",
+    )
     if all(b.get("ruler") is not None for b in budgets):
         ax.plot(
             xs,
@@ -145,7 +151,7 @@ def ladder_plot(out: Path, summary: dict) -> None:
             "-",
             color=colours[base],
             lw=1.2,
-            label=f"{base}'s steps for a loss, read between its lengths",
+            label=f"{base}: the steps it needs for each loss",
         )
     n = len(summary["seeds"])
     for row in summary["table"]:
@@ -171,6 +177,9 @@ def ladder_plot(out: Path, summary: dict) -> None:
                 label=f"its 95% interval over {n} seeds: {iv['low']:.2f}x to {iv['high']:.2f}x",
             )
     ax.set_xscale("log")
+    steps_label = plt.FuncFormatter(lambda x, _: f"{x:g}")  # 800, not 8 x 10^2
+    ax.xaxis.set_major_formatter(steps_label)
+    ax.xaxis.set_minor_formatter(steps_label)
     ax.set_xlabel(f"{base}'s training steps (log scale)")
     ax.set_ylabel("final validation loss (mean over seeds)")
     ax.set_title(
@@ -259,8 +268,8 @@ def draw(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None:
         "weight_norm",
         "weight l2 norm (evaluation weights)",
         "weight_norm.png",
-        title="size of the weights; the SNOO paper reports lower norms than AdamW's,\nits sign of a regularising "
-        "effect",
+        title="size of the weights: the SNOO paper reports it lower than AdamW's throughout training;\n"
+        "this checks that claim",
     )
     if summary.get("grid"):
         heatmap(out, summary)
