@@ -420,9 +420,13 @@ def test_plain_words_follow_the_verdict_and_print_the_one_factor():
 
     (faster,) = experiments.plain_words(summary(1.5, 1.2, 1.9, "faster"))
     assert faster.startswith("snoo is faster than adamw at this size (123,456 parameters, 16.6 tokens per parameter)")
-    assert "1.50x less compute (95% interval over 3 seeds 1.20x to 1.90x)" in faster
+    assert "1.50x less compute (95% interval over 3 seeds: 1.20x to 1.90x)" in faster
     (same,) = experiments.plain_words(summary(1.04, 0.9, 1.2, "no measurable difference"))
-    assert same.startswith("snoo is not measurably faster than adamw") and "1.04x" in same and "contains 1x" in same
+    assert (
+        same.startswith("snoo is not measurably faster than adamw")
+        and "1.04x" in same
+        and "0.90x to 1.20x, includes 1x" in same
+    )
     (slower,) = experiments.plain_words(summary(0.88, 0.86, 0.9, "slower"))
     assert slower.startswith("snoo is slower than adamw") and "0.88x" in slower
 

@@ -803,7 +803,7 @@ def plain_words(summary: dict) -> list[str]:
         elif iv["low"] is None:
             said.append(f"{o}: {factor:.2f}x the compute of {base} on one seed, with no interval (use --seeds 3).")
         else:
-            ci = f"95% interval over {n} seeds {iv['low']:.2f}x to {iv['high']:.2f}x"
+            ci = f"95% interval over {n} seeds: {iv['low']:.2f}x to {iv['high']:.2f}x"
             if iv["verdict"] == "faster":
                 said.append(f"{o} is faster than {base} {size}: the same loss for {factor:.2f}x less compute ({ci}).")
             elif iv["verdict"] == "slower":
@@ -811,7 +811,7 @@ def plain_words(summary: dict) -> list[str]:
             else:
                 said.append(
                     f"{o} is not measurably faster than {base} {size}: its compute factor is {factor:.2f}x, but the "
-                    f"{ci} contains 1x."
+                    f"95% interval over {n} seeds, {iv['low']:.2f}x to {iv['high']:.2f}x, includes 1x (no saving)."
                 )
     return said
 
