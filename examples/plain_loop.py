@@ -134,7 +134,8 @@ def main() -> None:
         opt.eval()  # end of training: the slow weights into the model, then save it for use
         torch.save(model.state_dict(), out / "model.pt")
         final = [p.detach().clone() for p in model.parameters()]
-        print(f"saved {(out / 'model.pt').name}: the slow weights, val loss {evaluate(model, data[1]):.3f}")
+        kept = "" if args.out else " (a temporary folder, removed at exit: --out DIR keeps the files)"
+        print(f"saved {out / 'model.pt'}{kept}: the slow weights, val loss {evaluate(model, data[1]):.3f}")
 
         # a fresh process would do this: build the same model, optimizer and scheduler, then load
         model, opt, sched = build(seed=1, steps=args.steps)  # another initialisation: the checkpoint overwrites it

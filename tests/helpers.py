@@ -1,17 +1,22 @@
-"""What several test files share: a small model, deterministic batches, a training step, an op counter, and the
-harness that resumes a run in a fresh process."""
+"""What several test files share: a small model, deterministic batches, a training step, an op counter, the
+harness that resumes a run in a fresh process, and a Python that sees only what an install of snoo would bring."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import snoo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -135,3 +140,46 @@ def assert_fresh_process_finishes_the_same(script: str, directory: Path, cuts: l
     for cut, _ in cuts:
         got = torch.load(directory / f"ckpt-{cut}.final", weights_only=True)
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), f"resumed at step {cut}"
+
+
+# -- a fresh environment, simulated -----------------------------------------------------------------------------------
+
+
+def installed_by(name: str, extras: set[str]) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions that ``pip install "name[extras]"`` pulls in: ``name`` and its requirements under
+    those extras, recursively (each dependency with the extras it is asked for)."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    seen, todo = set(), [(name, frozenset(extras))]
+    while todo:
+        dist_name, wanted = todo.pop()
+        if (canonicalize_name(dist_name), wanted) in seen:
+            continue
+        seen.add((canonicalize_name(dist_name), wanted))
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:  # an optional dependency of a dependency, not installed here
+            continue
+        found[canonicalize_name(dist_name)] = dist
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in wanted or {""}):
+                todo.append((req.name, frozenset(req.extras)))
+    return found
+
+
+def python_with_only(tmp_path: Path, extras: set[str], code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` (with ``args`` as its argv) as it would run after ``pip install -e ".[extras]"`` in a fresh
+    environment, without a download: a Python that sees the standard library, this checkout's ``src/`` and a
+    directory of links to exactly the installed packages that install would bring (``-I -S``: no site-packages)."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for name, dist in installed_by("snoo-optim", extras).items():
+        if name == "snoo-optim":
+            continue  # this checkout's src/ stands for it
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")}:
+            if dist.locate_file(top).exists() and not (site / top).exists():
+                (site / top).symlink_to(dist.locate_file(top))
+    paths = f"import sys\nsys.path[:0] = [{str(ROOT / 'src')!r}, {str(site)!r}]\n"
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", paths + code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )

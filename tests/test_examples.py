@@ -52,6 +52,7 @@ def test_plain_loop_trains_evaluates_and_resumes_exactly(tmp_path):
     slow, fast = (float(part.split()[-1]) for part in step50.split(": ")[1].split(", "))
     assert slow != fast
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "ckpt.pt").is_file()
+    assert any(line.startswith(f"saved {tmp_path / 'model.pt'}: the slow weights") for line in lines)  # where it is
 
 
 def test_examples_name_their_missing_extra_in_one_line():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import LAB_TEXT as TEXT
+from snoo import __version__ as snoo_version
 from snoo import spec
 from snoo.lab import checkpoint, config, data, experiments, train
 from snoo.lab.cli import main
@@ -267,6 +268,15 @@ def test_compare_summary_and_report(tmp_path, corpus_file, capsys):
     assert summary["compute_factor"]["adamw"] == 1.0
     factor = summary["compute_factor"]["snoo(k=5)+adamw"]
     assert factor is None or isinstance(factor, (float, str))
+    # one number: the factor is the centre of its interval, and the table and the sentence print that number
+    interval = summary["compute_factor_interval"]["snoo(k=5)+adamw"]
+    if interval["mean"] is not None:
+        assert factor == interval["mean"]
+        assert f"| {factor:.2f}x [" in printed
+        assert f"compute factor is {factor:.2f}x" in printed or f"for {factor:.2f}x less compute" in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out / 'summary.json'}") and f"{out / 'ladder.png'}" in last
+    assert printed.strip().splitlines()[-3].startswith("snoo(k=5)+adamw")  # the closing sentence, in plain words
     assert summary["corpus"]["python"] == sys.version.split()[0]
     # fairness: same seed -> same init, and one eval set -> the same loss at step 0 for every optimizer of a seed
     first = {}
@@ -369,6 +379,8 @@ def test_tune_baseline_uses_best_lr_for_everyone(tmp_path, corpus_file):
         (["train", "--optimizer", "adamx"], "unknown optimizer 'adamx'"),
         (["train", "--optimizer", "snoo(k=0)+adamw"], "k=0 is out of range"),
         (["train", "--data", "/no/such/file.txt"], "no such file"),
+        (["train", "--data", "python-doc"], "nor a built-in corpus (python-stdlib, python-docs, python-headers)"),
+        (["compare", "--schedule", "cosine"], "wsd ladder trains every run on the wsd schedule"),
         (["train", "--data", "EMPTY"], "fewer than one block"),
         (["train", "--preset", "huge"], "unknown preset 'huge'"),
         (["train", "--set", "n_layers=3"], "unknown config key 'n_layers'"),
@@ -391,6 +403,59 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("snoo: error: ") and words in err and err.count("\n") == 1
+
+
+def test_plain_words_follow_the_verdict_and_print_the_one_factor():
+    def summary(mean, low, high, verdict):
+        iv = {"mean": mean, "low": low, "high": high, "n": 3, "verdict": verdict}
+        return {
+            "baseline": "adamw",
+            "seeds": [0, 1, 2],
+            "regime": {"params": 123_456, "tokens_per_param": 16.6},
+            "table": [{"optimizer": "adamw", "final_val_loss": 1.4}, {"optimizer": "snoo", "final_val_loss": 1.3}],
+            "compute_factor": {"adamw": 1.0, "snoo": mean},
+            "compute_factor_interval": {"snoo": iv},
+        }
+
+    (faster,) = experiments.plain_words(summary(1.5, 1.2, 1.9, "faster"))
+    assert faster.startswith("snoo is faster than adamw at this size (123,456 parameters, 16.6 tokens per parameter)")
+    assert "1.50x less compute (95% interval over 3 seeds: 1.20x to 1.90x)" in faster
+    (same,) = experiments.plain_words(summary(1.04, 0.9, 1.2, "no measurable difference"))
+    assert (
+        same.startswith("snoo is not measurably faster than adamw")
+        and "1.04x" in same
+        and "0.90x to 1.20x, includes 1x" in same
+    )
+    (slower,) = experiments.plain_words(summary(0.88, 0.86, 0.9, "slower"))
+    assert slower.startswith("snoo is slower than adamw") and "0.88x" in slower
+
+
+def test_the_time_estimate_follows_the_order_the_runs_start_in():
+    """Two processes; the trunk (10 s) with two branches (2 s each, after it), and a contender (3 s)."""
+    jobs = [{"dir": "trunk"}, {"dir": "b1", "branch_of": "trunk"}, {"dir": "b2", "branch_of": "trunk"}, {"dir": "c"}]
+    seconds = {0: 10.0, 1: 2.0, 2: 2.0, 3: 3.0}
+    assert experiments._makespan(jobs, seconds, 2) == 12.0  # c runs beside the trunk; the branches at 10 s, at once
+    assert experiments._makespan(jobs, seconds, 1) == 17.0
+    assert experiments._makespan(jobs, {1: 2.0, 2: 2.0, 3: 3.0}, 2) == 5.0  # trunk done before: b1, b2, then c
+
+
+def test_version_and_help_name_the_corpora_and_the_schedule_that_runs(capsys):
+    import platform
+    import re
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    expected = f"snoo {snoo_version} (torch {torch.__version__}, Python {platform.python_version()})"
+    assert capsys.readouterr().out.strip() == expected
+    helps = {}
+    for command in ("train", "compare", "reproduce"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(re.sub(r"-\n\s+", "-", capsys.readouterr().out).split())  # as argparse wraps
+        assert f"a built-in corpus ({', '.join(data.BUILTIN_CORPORA)}; default python-stdlib" in helps[command], command
+    assert "inner lr schedule (default cosine)" in helps["train"]
+    assert "inner lr schedule (default wsd, as the default --ladder wsd needs" in helps["compare"]
 
 
 @pytest.mark.parametrize(

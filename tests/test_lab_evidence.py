@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -289,7 +290,7 @@ def test_scaling_runs_one_compare_per_point_and_fits_a_trend(tmp_path, corpus_fi
 def test_jobs_in_parallel_processes_give_the_same_results(tmp_path, corpus_file):
     """--jobs 2: two runs at once in processes of their own, the WSD branches after their trunk; every run ends
     where it ends in one process, bit for bit."""
-    results = {}
+    results, said = {}, []
     for processes in (1, 2):
         cfg = tiny(tmp_path / f"p{processes}", corpus_file, steps=8, eval_every=4)
         summary = experiments.run_experiment(
@@ -299,10 +300,19 @@ def test_jobs_in_parallel_processes_give_the_same_results(tmp_path, corpus_file)
             budgets=(1.0, 2.0),
             ladder="wsd",
             processes=processes,
-            say=lambda s: None,
+            say=said.append if processes == 2 else lambda s: None,
         )
         results[processes] = {r["dir"]: r["final_val_loss"] for r in summary["runs"]}
     assert results[1] == results[2] and len(results[1]) == 3
+    # what a newcomer reads: the time it will take first, then each result counted in order, named by its run
+    assert re.fullmatch(r"3 runs to train, \d+ steps in all, 2 at a time: about \d+ s on this machine.*", said[0])
+    done = [line for line in said if "done]" in line]
+    assert [line.split()[0] for line in done] == ["[1/3", "[2/3", "[3/3"]
+    for line in done:
+        name = line.split("] ", 1)[1].split(":")[0]  # e.g. "adamw x2 seed 0"
+        started = next(i for i, s in enumerate(said) if s.startswith(f"    started {name}:"))
+        assert started < said.index(line)
+    assert "left" in done[0] and "left" not in done[-1]
 
 
 def test_builtin_corpora_of_three_kinds_ship_with_python():

@@ -208,7 +208,7 @@ def test_compare_resume_with_a_contender_added_keeps_every_finished_run(tmp_path
     capsys.readouterr()
     assert main([*args, "--optimizers", "adamw,sgd(lr=0.1),snoo(k=2)+adamw", "--resume"]) == 0
     said = capsys.readouterr().out
-    trained = re.findall(r"^ +val loss", said, re.M)
+    trained = re.findall(r"^\[\d+/\d+ done\] .*: val loss", said, re.M)
     assert said.count("done before, kept") == len(before) and len(trained) == 2  # sgd, 2 seeds
     assert said.count("moved there, kept") == 4  # seed 1's three runs, and seed 0's SNOO run
     after = {

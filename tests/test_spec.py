@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import snoo
+from helpers import python_with_only
 from snoo import spec
 
 
@@ -148,6 +149,21 @@ def test_out_of_range_says_the_range_the_constructor_checks():
     spec.parse("scale(lr=0)")
     with pytest.raises(ValueError, match="tau must be > 0"):
         spec.parse("sgdll(tau=0)")
+
+
+def test_the_library_alone_imports_with_no_warning_of_its_own(tmp_path):
+    """``pip install -e .`` (torch only, no numpy): torch's own import warns that it cannot initialize NumPy; snoo's
+    import adds nothing to that (docs/faq.md)."""
+    code = (
+        "import warnings\nfrom importlib.util import find_spec\nassert find_spec('numpy') is None\n"
+        "with warnings.catch_warnings(record=True) as by_torch:\n"
+        "    warnings.simplefilter('always')\n    import torch\n"
+        "warnings.simplefilter('error')\nimport snoo\n"
+        "print('|'.join(str(w.message).split(':')[0] for w in by_torch))\n"
+    )
+    done = python_with_only(tmp_path, set(), code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Failed to initialize NumPy"  # torch's, at `import torch`
 
 
 def test_import_snoo_is_cheap_and_its_submodules_load_on_first_use():

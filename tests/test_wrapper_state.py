@@ -135,6 +135,31 @@ def test_zero_element_parameters_are_left_alone_by_scale_and_sgd_ll():
                 w.fill_(1.0)
 
 
+@pytest.mark.parametrize("name", [*WRAPPERS, "GPA"])
+def test_with_a_scheduler_attached_a_wrapper_pickles_and_copies_into_an_independent_optimizer(name):
+    """torch.save(opt) and deepcopy with an LR scheduler attached (it replaces the instance's ``step``): the copy
+    holds the same state and trains on its own parameters as the original does on its own."""
+    import io
+
+    model = make_model()
+    opt = snoo.GPA(torch.optim.AdamW(model.parameters(), lr=1e-2)) if name == "GPA" else WRAPPERS[name](model)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for t in range(3):
+        train_step(model, opt, t)
+        sched.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model, "opt": opt}, buffer)
+    buffer.seek(0)
+    for copied in (torch.load(buffer, weights_only=False), copy.deepcopy({"model": model, "opt": opt})):
+        twin, twin_opt = copied["model"], copied["opt"]
+        assert type(twin_opt) is type(opt) and same(snapshot(twin, twin_opt), snapshot(model, opt))
+        before = [p.detach().clone() for p in model.parameters()]
+        for t in range(3, 6):
+            train_step(twin, twin_opt, t)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)), "the copy moved the original"
+        assert not all(torch.equal(a, b) for a, b in zip(twin.parameters(), before)), "the copy did not train"
+
+
 # -- load_state_dict ------------------------------------------------------------------------------------------------
 
 

@@ -135,6 +135,7 @@ class EvaluationWeights(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Refuse, with a ``TypeError``, an optimizer without ``train()`` and ``eval()``, before the first step."""
         optimizer = kwargs["optimizer"]
         inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
         if not (callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))):
@@ -144,11 +145,13 @@ class EvaluationWeights(TrainerCallback):
             )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """``optimizer.eval()`` when Trainer is about to save a checkpoint."""
         if control.should_save:
             kwargs["optimizer"].eval()
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """``optimizer.eval()`` when Trainer is about to save a checkpoint or training stops."""
         if control.should_save or control.should_training_stop:
             kwargs["optimizer"].eval()

@@ -74,6 +74,7 @@ class EvaluationWeights(pl.Callback):
     """
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``opt.eval()`` for each optimizer with evaluation weights, when validating within ``fit``."""
         if trainer.state.fn == TrainerFn.FITTING:
             for opt in _with_evaluation_weights(trainer):
                 opt.eval()
@@ -81,10 +82,12 @@ class EvaluationWeights(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        """``opt.train()``: the fast weights back before the batch (after validation or a resume)."""
         for opt in _with_evaluation_weights(trainer):
             opt.train()  # a no-op but for the first batch after validation or after resuming
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``opt.eval()``: the model keeps the evaluation weights after the fit."""
         # here, not in on_fit_end: Lightning's teardown between the two moves model and optimizer state to the CPU
         for opt in _with_evaluation_weights(trainer):
             opt.eval()
@@ -92,6 +95,8 @@ class EvaluationWeights(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        """Write the evaluation weights as the model's ``state_dict`` and each optimizer's state as ``eval()`` leaves
+        it; the optimizers that were training go back to training after."""
         training = [
             (i, opt) for i, opt in enumerate(trainer.optimizers) if _keeps_evaluation_weights(opt) and opt.training
         ]

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 BUDGETS = "0.5,0.75,1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
 LADDERS = ("cosine", "wsd")  # experiments.LADDERS, held equal by the same test
 JOBS = min(2, os.cpu_count() or 1)  # runs at once: one per core, each on one thread
+#: compare's and scaling's schedule: their default ladder (wsd) trains every run on the wsd schedule
+WSD_SCHEDULE = "wsd, as the default --ladder wsd needs; cosine or constant with --ladder cosine"
 
 
 class UsageError(Exception):
@@ -42,9 +44,18 @@ class _Parser(argparse.ArgumentParser):
 
             names = ", ".join(f"{n} ({e.kind})" for n, e in spec.NAMES.items())
             self.epilog = f"{SPEC_HELP} Names: {names}. See docs/lab.md."
+        for action in self._actions:
+            if action.dest == "data":  # the built-in corpora, named by the module that has them
+                from snoo.lab.data import BUILTIN_CORPORA
+
+                action.help = DATA_HELP.format(", ".join(BUILTIN_CORPORA))
         return super().format_help()
 
 
+DATA_HELP = (
+    "a built-in corpus ({}; default python-stdlib, the standard library's source), a text file, a directory or "
+    "glob of text files, or .bin files"
+)
 SPEC_HELP = (
     "SPEC: name[(key=value,...)][+name...], outermost first, e.g. adamw, snoo-adamw, "
     "'snoo(k=20,lr=0.7,momentum=0.5)+adamw(lr=2e-3)'; an optimizer's settings (lr, ...) go in its SPEC."
@@ -114,21 +125,21 @@ def _config(args: argparse.Namespace, out_default: str) -> tuple[TrainConfig, di
     return make_config(preset, **{**file, **flags}), extra
 
 
-def _common(p: argparse.ArgumentParser, out: str, workers: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, out: str, workers: bool = True, schedule: str = "cosine") -> None:
     if workers:
         p.add_argument(
             "--workers",
             type=int,
             help="worker processes on this machine, under torchrun (default 1; docs/distributed.md)",
         )
-    p.add_argument("--data", help="text file, directory or glob of text files, or .bin files (default: the stdlib)")
+    p.add_argument("--data", help=DATA_HELP.format("see --help"))
     p.add_argument("--preset", help="tiny, compare (compare's default), small (the others' default) or base")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the batch order (default 0)")
     p.add_argument("--out", help=f"output directory (default {out}); a new run refuses one that holds a run")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), help="byte (default) or bpe (needs `tokenizers`)")
     p.add_argument("--unique-tokens", type=int, help="train on only the first N tokens, for several epochs")
-    p.add_argument("--schedule", choices=("cosine", "wsd", "constant"), help="inner lr schedule (default cosine)")
+    p.add_argument("--schedule", choices=("cosine", "wsd", "constant"), help=f"inner lr schedule (default {schedule})")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
     p.add_argument("--config", help="TOML file with any of these settings (flags win)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. n_layer=6")
@@ -181,12 +192,24 @@ def _experiment_flags(
     )
 
 
+def _version() -> str:
+    """snoo's version, with the torch and Python it runs on (what a result depends on)."""
+    import platform
+
+    import torch
+
+    from snoo import __version__
+
+    return f"snoo {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="snoo",
         description="Train small language models and measure what SNOO saves.",
         epilog=f"{SPEC_HELP} `snoo train --help` lists the names. See docs/lab.md.",
     )
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train one model with one optimizer")
     t.add_argument("--optimizer", help="a SPEC, e.g. adamw or 'snoo(k=20)+adamw' (default adamw)")
@@ -199,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
         help="SPEC,SPEC,... the first is the baseline (default: the preset's optimizer and SNOO around it; for the "
         "compare preset adamw(lr=0.004),snoo+adamw(lr=0.004))",
     )
-    _common(c, "runs/compare")
+    _common(c, "runs/compare", schedule=WSD_SCHEDULE)
     c.takes_specs = True
     _experiment_flags(c, BUDGETS, seeds=3, ladder="wsd")
     s = sub.add_parser("sweep", help="one SPEC over a grid of its keys, against its base optimizer")
@@ -223,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizers", help="SPEC,SPEC,... the first is the baseline (default adamw,snoo-adamw)")
     g.add_argument("--sizes", default="2x64,4x64,4x128", help="LAYERSxWIDTH,... (default 2x64,4x64,4x128)")
     g.add_argument("--tokens-per-param", default="10", help="training tokens per parameter, one or more (default 10)")
-    _common(g, "runs/scaling", workers=False)
+    _common(g, "runs/scaling", workers=False, schedule=WSD_SCHEDULE)
     _experiment_flags(g, BUDGETS, seeds=3, ladder="wsd", tune_seeds=2)
     g.takes_specs = True
     rp = sub.add_parser("reproduce", help="test the papers' claims one by one, each with a verdict (docs/reproduce.md)")
@@ -239,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", type=int, help="seeds per measurement (default: 1 at quick, 3 at cpu and gpu)")
     rp.add_argument("--out", help="output directory (default runs/reproduce)")
     rp.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
-    rp.add_argument("--data", help="text file, directory or glob of text files, or a built-in corpus")
+    rp.add_argument("--data", help=DATA_HELP.format("see --help"))
     rp.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. threads=1")
     r = sub.add_parser("report", help="redraw the tables and plots of a finished compare, sweep, scaling or scale-out")
     r.add_argument("dir")
@@ -268,8 +291,8 @@ def _counts(text: str) -> list[int]:
 
 def _finish(summary: dict, out: Path) -> None:
     print((out / "summary.md").read_text(), end="")
-    plots = sorted(p.name for p in out.glob("*.png"))
-    print(f"\nwrote {out / 'summary.json'}, {out / 'summary.md'}, {', '.join(plots)}")
+    plots = [str(p) for p in sorted(out.glob("*.png"))]
+    print(f"\nwrote {', '.join([str(out / 'summary.json'), str(out / 'summary.md'), *plots])}")
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -339,6 +362,11 @@ def run(argv: list[str] | None = None) -> int:
         )
         _finish(summary, Path(cfg.out))
         return 0
+    if args.ladder == "wsd" and args.schedule not in (None, "wsd"):
+        raise UsageError(
+            f"--schedule {args.schedule}: the wsd ladder trains every run on the wsd schedule; for another schedule "
+            "give --ladder cosine too"
+        )
     common = dict(
         seeds=args.seeds,
         budgets=_budgets(args.budgets),

@@ -92,7 +92,10 @@ def _text_files(path: str) -> list[Path]:
     else:
         files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
     if not files:
-        raise FileNotFoundError(f"--data {path!r}: no such file, directory or glob match")
+        raise FileNotFoundError(
+            f"--data {path!r}: no such file, directory or glob match, nor a built-in corpus "
+            f"({', '.join(BUILTIN_CORPORA)})"
+        )
     return files
 
 

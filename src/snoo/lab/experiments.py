@@ -33,7 +33,7 @@ from typing import Any
 from snoo import spec
 from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, read_metrics, snapshot_name, write_json, write_text
-from snoo.lab.config import TrainConfig, differences, identity, validate
+from snoo.lab.config import TrainConfig, differences, identity, model_config, validate
 from snoo.lab.data import fingerprint
 from snoo.lab.launch import LaunchFailed, run
 from snoo.lab.stats import compute_factor, fit_log_steps
@@ -111,17 +111,26 @@ def run_jobs(
     if processes > 1 and cfg.threads == 0:
         cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // processes))
     planned = check_jobs(cfg, jobs, out, resume, adopt=say)
+    todo = [i for i, (job, _, kept) in enumerate(planned) if not (kept and _finished(out / job["dir"] / "result.json"))]
+    steps = [run_cfg.steps - job.get("from_step", 0) for job, run_cfg, _ in planned]  # what each job trains
+    timing = _timing(cfg) if todo and all(job.get("workers", 1) == 1 for job in jobs) else None
+    predicted = {i: timing[0] + steps[i] * timing[1] for i in todo} if timing else {}
+    total = _makespan(jobs, predicted, processes) if timing else 0.0
+    kept = f" ({len(jobs) - len(todo)} done before)" if len(todo) < len(jobs) else ""
+    at_once = f", {processes} at a time" if processes > 1 else ""
+    when = f": about {_minutes(total)} on this machine, as busy as it is now" if timing else ""
+    say(f"{len(todo)} runs to train{kept}, {sum(steps[i] for i in todo):,} steps in all{at_once}{when}")
+    began = time.monotonic()
 
     def start(i: int) -> tuple[TrainConfig, dict] | None:
         """What job ``i`` trains, and how (``run``'s keywords); None: it is done already."""
         job, run_cfg, earlier = planned[i]
+        if i not in todo:
+            say(f"    {job['dir']}: done before, kept")
+            return None
         result = out / job["dir"] / "result.json"
-        if earlier and result.exists():
-            problem = _result_problem(result)
-            if problem is None:
-                say(f"[{i + 1}/{len(jobs)}] {job['dir']}: done before, kept")
-                return None
-            say(f"[{i + 1}/{len(jobs)}] {job['dir']}: {problem}: the run is finished again from its checkpoint")
+        if earlier and result.exists():  # to do although finished: its result is damaged
+            say(f"    {job['dir']}: {_result_problem(result)}: the run is finished again from its checkpoint")
         how: dict[str, Any] = {"resume": earlier}
         if job.get("snapshots"):
             how["snapshots"] = tuple(job["snapshots"])
@@ -137,10 +146,8 @@ def run_jobs(
             elif snapshot.exists():
                 branch = f", from scratch ({problem})"
         on = f" on {run_cfg.workers} workers ({run_cfg.parallel})" if run_cfg.workers > 1 else ""
-        say(
-            f"[{i + 1}/{len(jobs)}] {spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}{on}: "
-            f"{run_cfg.steps} steps{branch}"
-        )
+        say(f"    started {_job_name(job)}{on}: {run_cfg.steps} steps{branch}")
+        started_at[i] = time.monotonic()
         return run_cfg, how
 
     seen: dict[str, str] = {}  # the data's sha256 -> the first run that saw it
@@ -149,9 +156,17 @@ def run_jobs(
         seen.setdefault(r["corpus_sha256"], jobs[i]["dir"])
         if len(seen) > 1:  # the data changed during the experiment: stop before more runs train on either
             same_corpus(out, seen)
-        loss = f"{r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
-        tag = f"[{i + 1}/{len(jobs)}] " if processes > 1 else ""
-        say(f"    {tag}val loss {loss}, {r['wall_time']:.1f}s")
+        took[i] = time.monotonic() - started_at[i]  # from its start to its result, the process's start-up included
+        loss = f"val loss {r['final_val_loss']:.4f}" if r["status"] == "ok" else r["status"]
+        left = ""
+        if timing and len(took) < len(todo):
+            # the first estimate, scaled by how long the runs so far took against what it predicted for them
+            pace = sum(took.values()) / sum(predicted[j] for j in took)
+            left = f"; about {_minutes(max(0.0, pace * total - (time.monotonic() - began)))} left"
+        say(f"[{len(took)}/{len(todo)} done] {_job_name(jobs[i])}: {loss}, {r['wall_time']:.0f} s{left}")
+
+    started_at: dict[int, float] = {}
+    took: dict[int, float] = {}
 
     if processes == 1:
         for i in range(len(jobs)):
@@ -170,6 +185,66 @@ def same_corpus(out: Path, runs: dict[str, str]) -> None:
             f"the runs in {out} did not all see the same data ({seen}): the data changed during the experiment; "
             f"start afresh with a new --out on data that does not change"
         )
+
+
+def _job_name(job: dict) -> str:
+    return f"{spec.canonical(job['optimizer'])} x{job['budget']:g} seed {job['seed']}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _timing(cfg: TrainConfig) -> tuple[float, float] | None:
+    """About how long a run of ``cfg`` takes here, as (seconds per run, seconds per step): loading its corpus, and
+    a few steps of its model and optimizer on random tokens, on the run's threads, evaluations included. None on
+    an accelerator, where compilation makes the first steps no guide."""
+    import torch
+
+    from snoo.lab.data import load_corpus
+    from snoo.lab.model import GPT
+
+    if cfg.device not in ("cpu", "auto") or (cfg.device == "auto" and torch.cuda.is_available()):
+        return None
+    began = time.perf_counter()
+    vocab = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab).vocab_size
+    per_run = time.perf_counter() - began
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)
+    try:
+        model = GPT(model_config(cfg, vocab))
+        opt = spec.build(cfg.optimizer, model)
+        x = torch.randint(vocab, (cfg.batch_size, cfg.block_size))
+        timed = []
+        for _ in range(8):  # the first steps warm up the allocator and the optimizer's state
+            began = time.perf_counter()
+            for _ in range(cfg.grad_accum):
+                model(x, x).backward()
+            opt.step()
+            opt.zero_grad()
+            timed.append(time.perf_counter() - began)
+        step = statistics.median(timed[3:])
+        with torch.no_grad():
+            began = time.perf_counter()
+            model(x, x)
+            forward = time.perf_counter() - began
+    finally:
+        torch.set_num_threads(threads)
+    return per_run, step + forward * cfg.eval_batches / cfg.eval_every
+
+
+def _makespan(jobs: list[dict], seconds: dict[int, float], processes: int) -> float:
+    """How long training the jobs of ``seconds`` (index: duration) takes on ``processes`` processes, started in
+    the order of the list, each branch once its trunk is done, as :func:`_run_parallel` starts them."""
+    waiting, free, done_at = sorted(seconds), [0.0] * processes, {}
+    while waiting:
+        free.sort()
+        ready = [i for i in waiting if done_at.get(jobs[i].get("branch_of"), 0.0) <= free[0]]
+        i = ready[0] if ready else min(waiting, key=lambda j: done_at.get(jobs[j]["branch_of"], 0.0))
+        begin = max(free[0], done_at.get(jobs[i].get("branch_of"), 0.0))
+        waiting.remove(i)
+        done_at[jobs[i]["dir"]] = free[0] = begin + seconds[i]
+    return max(free)
 
 
 def _adopt_finished(
@@ -583,6 +658,11 @@ def _run_experiment(
 # ---------------------------------------------------------------------------------------------- summarizing
 
 
+def _finished(path: Path) -> bool:
+    """Whether ``path`` is the ``result.json`` of a finished run (there, and not damaged)."""
+    return path.exists() and _result_problem(path) is None
+
+
 def _result_problem(path: Path) -> str | None:
     """What is wrong with a run's ``result.json`` (torn, or not what ``train`` writes), or None."""
     try:
@@ -602,6 +682,14 @@ def _result_problem(path: Path) -> str | None:
     ):
         return f"{path} is damaged (not the result of a run)"
     return None
+
+
+def _one_factor(per_seed: list[float | str | None], interval: dict) -> float | str | None:
+    """The compute factor of an optimizer: the geometric mean of its seeds' factors (``interval["mean"]``); where a
+    seed's factor is a bound (beyond the ladder), the bound that every seed shares, else None."""
+    if interval["mean"] is not None:
+        return interval["mean"]
+    return per_seed[0] if isinstance(per_seed[0], str) and len(set(per_seed)) == 1 else None
 
 
 def _load_result(run: Path) -> dict:
@@ -674,11 +762,11 @@ def summarize(out: Path | str) -> dict:
         if o == baseline:
             compute[o] = 1.0  # by definition; the ladder is only the ruler for the others
         else:
-            # the mean over seeds against the mean ladder (summary.json's historical figure), and each seed against
-            # its own ladder (paired), for the interval
-            compute[o] = compute_factor(base_steps, budget_losses, steps, mean) if fit_ok and finite else None
+            # each seed against its own seed's ladder (paired); the factor is their geometric mean, the centre of the
+            # interval: one number in the table, the plots and here
             per_seed = [compute_factor(base_steps, ladder[s], steps, final(o, s)) for s in seeds]
             intervals[o] = {"per_seed": per_seed, **stats.factor_interval(per_seed)}
+            compute[o] = _one_factor(per_seed, intervals[o])
             if finite and all(math.isfinite(ladder[s][budgets.index(1.0)]) for s in seeds):
                 differences[o] = stats.difference_interval(losses, [ladder[s][budgets.index(1.0)] for s in seeds])
         table.append(
@@ -829,28 +917,53 @@ def markdown(summary: dict, experiment: dict) -> str:
     if not ladder:
         lines += ["", "one baseline budget: no compute factor (give --budgets 1,1.25,1.5,2 for one)"]
         return "\n".join(lines + _tuning_lines(summary, experiment))
+    base = summary["baseline"]
+    how = "decay branches of one long run" if summary["ladder"] == "wsd" else "one run each"
     lines += [
         "",
-        f"baseline ladder ({summary['ladder']}): "
+        f"{base} trained longer and shorter too ({how}), final val loss: "
         + ", ".join(
             f"{b['budget']:g}x ({b['steps']} steps) {b['final_val_loss']:.4f}"
             + (" (over one epoch)" if g.get("epochs") and b["budget"] * g["epochs"] > 1 else "")
             for b in summary["baseline_budgets"]
         ),
+        f"compute factor: the steps {base} needs to reach an optimizer's final loss (read between the lengths above), "
+        f"divided by the steps that optimizer took; 1.25x means the same loss for 1/1.25 of the compute. Each seed is "
+        f"measured against {base} on the same seed; the factor is their geometric mean, with a 95% interval, and "
+        f"'no measurable difference' when the interval contains 1x. '>2.5x' or '<0.5x': beyond the lengths measured.",
     ]
-    if summary["fit"]:
-        residuals = ", ".join(f"{b['log_fit_residual']:+.4f}" for b in summary["baseline_budgets"])
-        lines.append(
-            f"a log-linear fit of the ladder, loss = {summary['fit']['a']:.4f} {summary['fit']['b']:+.4f} * ln(steps), "
-            f"leaves residuals {residuals}: the ruler is the ladder itself (monotone, linear in log-steps between "
-            f"budgets), not this fit"
-        )
-    lines.append(
-        "compute factor: the baseline steps that reach the same final loss on the ladder, divided by the steps taken; "
-        "'>' beyond the largest budget, '<' below the smallest. Per seed against the same seed's ladder; with several "
-        "seeds, the geometric mean and a 95% t-interval, and 'no measurable difference' when it contains 1."
-    )
-    return "\n".join(lines + _tuning_lines(summary, experiment))
+    return "\n".join(lines + _tuning_lines(summary, experiment) + ["", *plain_words(summary)])
+
+
+def plain_words(summary: dict) -> list[str]:
+    """One sentence per optimizer against the baseline: what the compute factor and its interval say."""
+    base, g, n = summary["baseline"], summary["regime"], len(summary["seeds"])
+    size = f"at this size ({g['params']:,} parameters, {g['tokens_per_param']:.3g} tokens per parameter)"
+    said = []
+    for row in summary["table"]:
+        o = row["optimizer"]
+        if o == base:
+            continue
+        iv, factor = summary["compute_factor_interval"].get(o), summary["compute_factor"].get(o)
+        if not math.isfinite(row["final_val_loss"]):
+            said.append(f"{o} diverged: no compute factor.")
+        elif iv is None or iv["mean"] is None:
+            shown = ", ".join(_factor(b) for b in iv.get("bounds", [])) if iv else ""
+            said.append(f"{o}: no single compute factor ({shown or 'n/a'} by seed); give --budgets a wider range.")
+        elif iv["low"] is None:
+            said.append(f"{o}: {factor:.2f}x the compute of {base} on one seed, with no interval (use --seeds 3).")
+        else:
+            ci = f"95% interval over {n} seeds: {iv['low']:.2f}x to {iv['high']:.2f}x"
+            if iv["verdict"] == "faster":
+                said.append(f"{o} is faster than {base} {size}: the same loss for {factor:.2f}x less compute ({ci}).")
+            elif iv["verdict"] == "slower":
+                said.append(f"{o} is slower than {base} {size}: its compute factor is {factor:.2f}x ({ci}).")
+            else:
+                said.append(
+                    f"{o} is not measurably faster than {base} {size}: its compute factor is {factor:.2f}x, but the "
+                    f"95% interval over {n} seeds, {iv['low']:.2f}x to {iv['high']:.2f}x, includes 1x (no saving)."
+                )
+    return said
 
 
 def _seeds_text(seeds: list[int]) -> str:

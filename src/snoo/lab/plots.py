@@ -39,7 +39,9 @@ def _colours(summary: dict) -> dict[str, str]:
     return {o: palette[i % len(palette)] for i, o in enumerate(names)}
 
 
-def _curve_plot(out: Path, summary: dict, curves: dict[str, list[dict]], key: str, ylabel: str, name: str) -> None:
+def _curve_plot(
+    out: Path, summary: dict, curves: dict[str, list[dict]], key: str, ylabel: str, name: str, title: str = ""
+) -> None:
     """``key`` against the step for every optimizer's 1x runs (mean over seeds, band: min-max). The baseline's longer
     budgets are left out: they would stretch the x-axis; the ladder plot shows them."""
     plt = _pyplot()
@@ -67,7 +69,7 @@ def _curve_plot(out: Path, summary: dict, curves: dict[str, list[dict]], key: st
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     n = len(summary["seeds"])
-    ax.set_title(f"{ylabel} ({n} seed{'s' * (n > 1)}{', band: min-max' * (n > 1)})")
+    ax.set_title(f"{title or ylabel} ({n} seed{'s' * (n > 1)}{', band: min-max' * (n > 1)})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -134,38 +136,57 @@ def ladder_plot(out: Path, summary: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = _colours(summary)
     xs = [b["steps"] for b in budgets]
+    base = summary["baseline"]
     ax.plot(
         xs,
         [b["final_val_loss"] for b in budgets],
         "o",
-        color=colours[summary["baseline"]],
-        label=f"{summary['baseline']}: final loss at each budget",
+        color=colours[base],
+        label=f"{base}: final loss after each length",
     )
     if all(b.get("ruler") is not None for b in budgets):
         ax.plot(
             xs,
             [b["ruler"] for b in budgets],
             "-",
-            color=colours[summary["baseline"]],
+            color=colours[base],
             lw=1.2,
-            label="ruler (monotone, linear in log-steps)",
+            label=f"{base}: the steps it needs for each loss",
         )
-    a, b = summary["fit"]["a"], summary["fit"]["b"]
-    ax.plot(xs, [a + b * math.log(x) for x in xs], ":", color="grey", lw=1, label="log-linear fit (diagnostic)")
+    n = len(summary["seeds"])
     for row in summary["table"]:
         o = row["optimizer"]
         factor = summary["compute_factor"].get(o)
-        if o == summary["baseline"] or not math.isfinite(row["final_val_loss"]):
+        if o == base or not math.isfinite(row["final_val_loss"]):
             continue
-        label = f"{o}: {factor:.2f}x" if isinstance(factor, float) else f"{o}: {factor or 'n/a'}"
+        iv = summary["compute_factor_interval"].get(o) or {}
+        if isinstance(factor, float):
+            label = f"{o}, {summary['steps']} steps: compute factor {factor:.2f}x"
+        else:
+            label = f"{o}, {summary['steps']} steps: compute factor {factor or 'n/a'}"
         ax.plot([summary["steps"]], [row["final_val_loss"]], "*", ms=11, color=colours[o], label=label)
         ax.axhline(row["final_val_loss"], color=colours[o], lw=0.8, ls="--")
         if isinstance(factor, float):
             ax.axvline(factor * summary["steps"], color=colours[o], lw=0.8, ls="--")
+        if iv.get("low") is not None:
+            ax.axvspan(
+                iv["low"] * summary["steps"],
+                iv["high"] * summary["steps"],
+                color=colours[o],
+                alpha=0.12,
+                label=f"its 95% interval over {n} seeds: {iv['low']:.2f}x to {iv['high']:.2f}x",
+            )
     ax.set_xscale("log")
-    ax.set_xlabel("baseline steps (log scale)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("compute factor: baseline steps for the same loss / steps taken")
+    steps_label = plt.FuncFormatter(lambda x, _: f"{x:g}")  # 800, not 8 x 10^2
+    ax.xaxis.set_major_formatter(steps_label)
+    ax.xaxis.set_minor_formatter(steps_label)
+    ax.set_xlabel(f"{base}'s training steps (log scale)")
+    ax.set_ylabel("final validation loss (mean over seeds)")
+    ax.set_title(
+        f"compute factor = {base}'s steps to the same loss / the steps taken\n"
+        "(above 1x: the same loss for less compute)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -240,7 +261,16 @@ def draw(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None:
     _curve_plot(out, summary, curves, "val_loss", "validation loss", "val_loss.png")
     difference_plot(out, summary, curves)
     ladder_plot(out, summary)
-    _curve_plot(out, summary, curves, "weight_norm", "weight l2 norm (evaluation weights)", "weight_norm.png")
+    _curve_plot(
+        out,
+        summary,
+        curves,
+        "weight_norm",
+        "weight l2 norm (evaluation weights)",
+        "weight_norm.png",
+        title="size of the weights: the SNOO paper reports it lower than AdamW's throughout training;\n"
+        "this checks that claim",
+    )
     if summary.get("grid"):
         heatmap(out, summary)
 

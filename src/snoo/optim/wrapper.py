@@ -827,8 +827,12 @@ class Wrapper(Optimizer):
         return loaded
 
     def __getstate__(self) -> dict[str, Any]:
-        # torch.optim.Optimizer pickles only defaults, state and param_groups; a wrapper also needs its inner.
-        return dict(self.__dict__)
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; a wrapper also needs its inner. Not an
+        # instance's own `step`: an LR scheduler puts one there that reaches this optimizer through a weak reference,
+        # which pickle cannot name and a copy would share with the original (torch's optimizers drop it too).
+        state = dict(self.__dict__)
+        state.pop("step", None)
+        return state
 
     def __repr__(self) -> str:
         own = ", ".join(f"{k}={v}" for k, v in self._own_defaults.items())
