@@ -445,10 +445,12 @@ def test_the_lab_restarts_a_rank_that_dies_and_it_heals(tmp_path, corpus_file):
     assert [q["inner_step"] for q in quorums] == list(range(k, steps + 1, k))
     assert [q["committed"] for q in quorums].count(False) == 1 and not quorums[2]["committed"]  # steps 13-18
     assert [q["outer_step"] for q in quorums] == list(itertools.accumulate(int(q["committed"]) for q in quorums))
-    assert [q["replicas"] for q in quorums[:4]] == [2, 2, 2, 1]  # the failed window was averaged over 2
+    assert [q["replicas"] for q in quorums[:3]] == [2, 2, 2]  # the failed window was averaged over 2
+    # how many windows rank 0 trains alone depends on how fast rank 1 restarts on this machine (none or a few)
+    assert all(q["replicas"] in (1, 2) for q in quorums[3:])
     assert quorums[-1]["replicas"] == 2  # the restarted rank healed and averages again
     pause = quorums[2]["seconds"]
-    back = next(i for i, q in enumerate(quorums) if i > 3 and q["replicas"] == 2)
+    back = next(i for i, q in enumerate(quorums) if i > 2 and q["replicas"] == 2)
     report("lab", pause_s=round(pause, 2), rank_1_back_after_outer_steps=back - 2, steps_lost=k)
     assert not list(out.glob("ckpt*"))  # no checkpoints: a restarted rank heals from the live one
 
