@@ -75,10 +75,6 @@ def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
         return training_flops_per_token(GPT(model_config(cfg, vocab_size)))
 
 
-def _precision(cfg: TrainConfig) -> str:
-    return "bf16 autocast" if cfg.autocast == "bf16" else "fp32" if cfg.autocast == "off" else "fp32 (CPU; bf16 on GPU)"
-
-
 def run_scaling(
     cfg: TrainConfig,
     optimizers: list[str],
@@ -245,6 +241,7 @@ def _runs(out: Path, point: dict) -> list[dict]:
                 "seed": r["seed"],
                 "budget": r["budget"],
                 "final_val_loss": r["final_val_loss"],
+                "precision": "bf16 autocast" if config.get("bf16") else "fp32",  # as the run recorded it
                 "command": run_command(config),
             }
         )
@@ -343,7 +340,7 @@ def summarize_scaling(out: Path, experiment: dict | None = None) -> dict:
     summary = {
         "kind": "scaling",
         "seeds": experiment["seeds"],
-        "precision": _precision(TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})),
+        "precision": " and ".join(sorted({r["precision"] for r in runs})) or "no run yet",
         "corpus": cfg["data"] or "python-stdlib",
         "tuning": {"trials": experiment["tune_trials"], "seeds": experiment.get("tune_seeds", 1)},
         "rows": rows,
