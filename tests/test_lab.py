@@ -426,6 +426,11 @@ def test_plain_words_follow_the_verdict_and_print_the_one_factor():
         and "1.04x" in same
         and "0.90x to 1.20x, includes 1x" in same
     )
+    assert "4 times in 5" not in same  # no power figure given, none said
+    powered = summary(1.04, 0.9, 1.2, "no measurable difference")
+    powered["compute_factor_interval"]["snoo"].update(detectable=1.31, censored=[">2.5"])
+    (said,) = experiments.plain_words(powered)
+    assert "a true saving of 1.31x or more 4 times in 5" in said and "1 seed beyond the lengths measured" in said
     (slower,) = experiments.plain_words(summary(0.88, 0.86, 0.9, "slower"))
     assert slower.startswith("snoo is slower than adamw") and "0.88x" in slower
 

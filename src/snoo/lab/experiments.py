@@ -954,6 +954,9 @@ def plain_words(summary: dict) -> list[str]:
             said.append(f"{o}: {factor:.2f}x the compute of {base} on one seed, with no interval (use --seeds 3).")
         else:
             ci = f"95% interval over {n} seeds: {iv['low']:.2f}x to {iv['high']:.2f}x"
+            k = len(iv.get("censored", []))
+            beyond = f" ({k} seed{'s' * (k > 1)} beyond the lengths measured, counted at the bound)" if k else ""
+            ci += beyond
             if iv["verdict"] == "faster":
                 said.append(f"{o} is faster than {base} {size}: the same loss for {factor:.2f}x less compute ({ci}).")
             elif iv["verdict"] == "slower":
@@ -961,7 +964,13 @@ def plain_words(summary: dict) -> list[str]:
             else:
                 said.append(
                     f"{o} is not measurably faster than {base} {size}: its compute factor is {factor:.2f}x, but the "
-                    f"95% interval over {n} seeds, {iv['low']:.2f}x to {iv['high']:.2f}x, includes 1x (no saving)."
+                    f"95% interval over {n} seeds, {iv['low']:.2f}x to {iv['high']:.2f}x{beyond}, includes 1x (no saving)."
+                    + (
+                        f" With their spread, these seeds find a true saving of {iv['detectable']:.2f}x or more 4 "
+                        f"times in 5; a smaller one can hide here."
+                        if iv.get("detectable")
+                        else ""
+                    )
                 )
     return said
 
