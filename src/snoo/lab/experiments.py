@@ -964,7 +964,8 @@ def plain_words(summary: dict) -> list[str]:
             else:
                 said.append(
                     f"{o} is not measurably faster than {base} {size}: its compute factor is {factor:.2f}x, but the "
-                    f"95% interval over {n} seeds, {iv['low']:.2f}x to {iv['high']:.2f}x{beyond}, includes 1x (no saving)."
+                    f"95% interval over {n} seeds, {iv['low']:.2f}x to {iv['high']:.2f}x{beyond}, includes 1x "
+                    f"(no saving)."
                     + (
                         f" With their spread, these seeds find a true saving of {iv['detectable']:.2f}x or more 4 "
                         f"times in 5; a smaller one can hide here."
