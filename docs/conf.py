@@ -38,7 +38,7 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "results"]  # results/: data of long studies, not pages
 
 # MyST: $...$ and $$...$$ math, and anchors for headings so that links like snoo.md#cost work as on GitHub.
 myst_enable_extensions = ["dollarmath"]
