@@ -379,7 +379,10 @@ def test_tune_baseline_uses_best_lr_for_everyone(tmp_path, corpus_file):
         (["train", "--optimizer", "adamx"], "unknown optimizer 'adamx'"),
         (["train", "--optimizer", "snoo(k=0)+adamw"], "k=0 is out of range"),
         (["train", "--data", "/no/such/file.txt"], "no such file"),
-        (["train", "--data", "python-doc"], "nor a built-in corpus (python-stdlib, python-docs, python-headers, torch-source)"),
+        (
+            ["train", "--data", "python-doc"],
+            "nor a built-in corpus (python-stdlib, python-docs, python-headers, torch-source)",
+        ),
         (["compare", "--schedule", "cosine"], "wsd ladder trains every run on the wsd schedule"),
         (["train", "--data", "EMPTY"], "fewer than one block"),
         (["train", "--preset", "huge"], "unknown preset 'huge'"),

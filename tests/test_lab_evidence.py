@@ -382,3 +382,34 @@ def test_bootstrap_interval_covers_the_mean_of_the_seeds():
     iv = stats.bootstrap_interval(list(range(8)), lambda idx: sum(values[i] for i in idx) / len(idx))
     assert iv["low"] < sum(values) / 8 < iv["high"] and iv["failed"] == 0
     assert iv["high"] - iv["low"] < 0.2
+
+
+def test_the_scaling_frontier_from_rows_with_one_seed_has_no_interval_and_with_several_a_bootstrap():
+    """Four sizes on a power law, the contender at 1.5x less compute: the paper's factor is 1.5; with one seed the
+    interval is said to be missing (a bootstrap of one seed resamples nothing), with three it brackets the factor."""
+
+    def rows(seeds: int) -> list[dict]:
+        out = []
+        for i, params in enumerate((40_000, 80_000, 160_000, 320_000)):
+            flops = 1e12 * 2**i
+            base = 1.2 + 3.0 * (flops / 1e12) ** -0.3
+            cont = 1.2 + 3.0 * (1.5 * flops / 1e12) ** -0.3
+            noise = [0.002 * (s - 1) for s in range(seeds)]  # seeds that disagree a little, alike for both
+            out.append(
+                {
+                    "contender": "snoo",
+                    "ratio": 20,
+                    "params": params,
+                    "flops": flops,
+                    "seeds": list(range(seeds)),
+                    "baseline_val_loss": [base + e for e in noise],
+                    "final_val_loss": [cont + e for e in noise],
+                }
+            )
+        return out
+
+    (one,) = scaling._frontiers(rows(1)).values()
+    assert one["factor"] == pytest.approx(1.5, rel=1e-3) and one["interval"] is None and one["sizes"] == 4
+    (three,) = scaling._frontiers(rows(3)).values()
+    assert three["interval"]["low"] <= three["factor"] <= three["interval"]["high"]
+    assert scaling._frontiers(rows(3)[:3]) == {}  # three sizes: no fit of three parameters

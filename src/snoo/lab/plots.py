@@ -371,8 +371,8 @@ def frontier_plot(out: Path, summary: dict) -> None:
             [],
             [],
             " ",
-            label=f"factor at the largest size: {f['factor']:.2f}x "
-            f"[{f['interval']['low']:.2f}, {f['interval']['high']:.2f}]",
+            label=f"factor at the largest size: {f['factor']:.2f}x"
+            + (f" [{f['interval']['low']:.2f}, {f['interval']['high']:.2f}]" if f["interval"] else " (one seed)"),
         )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log scale)")

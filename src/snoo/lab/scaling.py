@@ -285,7 +285,7 @@ def _frontiers(rows: list[dict]) -> dict[str, Any]:
             "at_loss": loss,
             "at_flops": max(flops),
             "factor": stats.frontier_ratio(b, c, loss),
-            "interval": stats.bootstrap_interval(list(range(n)), factor),
+            "interval": stats.bootstrap_interval(list(range(n)), factor) if n > 1 else None,  # resamples of 1 seed
             "points": [
                 {
                     "params": r["params"],
@@ -404,16 +404,22 @@ def markdown_scaling(summary: dict, experiment: dict) -> str:
     )
     for name, f in summary["frontier"].items():
         iv = f["interval"]
+        if iv is None:
+            spread = " (one seed: no interval)"
+        else:
+            failed = f", {iv['failed']} without a fit" if iv["failed"] else ""
+            spread = (
+                f" [{iv['low']:.2f}, {iv['high']:.2f}] (bootstrap over {f['seeds']} seeds, {iv['resamples']} "
+                f"resamples{failed})"
+            )
         lines.append(
             f"\nthe paper's way, {name}: L(C) = E + A (C/C0)^-alpha fitted per optimizer over {f['sizes']} sizes "
             f"(C0 = {f['baseline_fit']['c0']:.3g} FLOPs); baseline E {f['baseline_fit']['e']:.3f}, alpha "
             f"{f['baseline_fit']['alpha']:.3f}, rms residual {f['baseline_fit']['rms_residual']:.4f}; contender E "
             f"{f['contender_fit']['e']:.3f}, alpha {f['contender_fit']['alpha']:.3f}, rms residual "
             f"{f['contender_fit']['rms_residual']:.4f}. Compute factor at the contender's loss "
-            f"{f['at_loss']:.4f} (the largest measured compute, {f['at_flops']:.3g} FLOPs): **{f['factor']:.2f}x** "
-            f"[{iv['low']:.2f}, {iv['high']:.2f}] (bootstrap over {f['seeds']} seeds, {iv['resamples']} resamples"
-            + (f", {iv['failed']} without a fit" if iv["failed"] else "")
-            + ")"
+            f"{f['at_loss']:.4f} (the largest measured compute, {f['at_flops']:.3g} FLOPs): **{f['factor']:.2f}x**"
+            + spread
         )
     for contender, t in summary["trend"].items():
         lo, hi = t["slope_interval"]
