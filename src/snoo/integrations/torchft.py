@@ -30,8 +30,6 @@ end, where a healing replica takes a peer's fast weights and counts that peer's 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +38,7 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_map_only
 
 from snoo.optim.schedules import Coefficient
-from snoo.optim.snoo import SNOO, OuterPlan, _all_finite, _total_norms, outer_update
+from snoo.optim.snoo import SNOO, _all_finite, _total_norms
 from snoo.optim.tensors import foreach_copy_, local
 from snoo.optim.wrapper import as_state_tensors
 
@@ -220,7 +218,7 @@ class FaultTolerantSNOO(SNOO):
         elif self.skip_nonfinite and not _all_finite(neg_s):
             squares = self._skip_outer_step(plans, "the averaged pseudo-gradient")
         else:
-            squares = self._apply(plans, neg_s, iter((flags > 0).tolist()))
+            squares = self._averaged_update(plans, neg_s, iter((flags > 0).tolist()))
         self._touched.clear()
         if self.track_norms and squares:
             self.outer_norms = _total_norms(squares)
@@ -253,25 +251,3 @@ class FaultTolerantSNOO(SNOO):
             self.manager.allreduce(flat).wait()
             self.communicated_bytes += flat.numel() * flat.element_size()
             foreach_copy_(group, list(_unflatten_dense_tensors(flat, group)))
-
-    def _apply(
-        self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: Iterator[bool]
-    ) -> list[dict[str, torch.Tensor]]:
-        """SNOO's outer step on the averaged pseudo-gradients, for the parameters some replica touched."""
-        squares = []
-        for plan, neg in zip(plans, neg_s):
-            keep = [next(touched) for _ in plan.params]
-            if not any(keep):
-                continue
-            states = list(compress(plan.states, keep))
-            squares.append(
-                outer_update(
-                    list(compress(plan.params, keep)),
-                    list(compress(neg, keep)),
-                    [st["slow"] for st in states],
-                    self._momentum_buffers(states, plan.momentum),
-                    **plan.hyperparameters(),
-                    track_norms=self.track_norms,
-                )
-            )
-        return squares

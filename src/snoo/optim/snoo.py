@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import compress
 from typing import Any, ClassVar, NamedTuple
@@ -329,7 +329,13 @@ class SNOO(Wrapper):
         # every rank holds the same average now, so every rank takes the same decision
         if not _all_finite(neg_s):
             return self._skip_outer_step(plans, "the averaged pseudo-gradient")
-        touched = iter((flags > 0).tolist())
+        return self._averaged_update(plans, neg_s, iter((flags > 0).tolist()))
+
+    def _averaged_update(
+        self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: Iterator[bool]
+    ) -> list[dict]:
+        """The outer step on averaged pseudo-gradients ``neg_s`` (``w - p``, one list per plan), for the parameters
+        ``touched`` says some worker gave a gradient in the cycle (one flag per parameter, in the plans' order)."""
         squares = []
         for plan, neg in zip(plans, neg_s):
             keep = [next(touched) for _ in plan.params]
