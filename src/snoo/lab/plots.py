@@ -332,15 +332,27 @@ def scaling_plot(out: Path, summary: dict) -> None:
         a, b = t["log_factor"]["a"], t["log_factor"]["b"]
         ax.plot(xs, [math.exp(a + b * math.log(x)) for x in xs], ":", color="grey", label=f"fitted trend: {contender}")
     ax.axhline(1.0, color="tab:blue", lw=1.2, label="baseline (1x)")
+    _save_log_x(
+        fig,
+        ax,
+        out / "scaling.png",
+        "parameters (log scale)",
+        "compute factor against the baseline (higher is better)",
+        "does the saving grow with model size?",
+    )
+
+
+def _save_log_x(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label a plot whose x-axis is logarithmic (the studies across sizes), save it and close it."""
     ax.set_xscale("log")
-    ax.set_xlabel("parameters (log scale)")
-    ax.set_ylabel("compute factor against the baseline (higher is better)")
-    ax.set_title("does the saving grow with model size?")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
 
 
 def frontier_plot(out: Path, summary: dict) -> None:
@@ -374,12 +386,11 @@ def frontier_plot(out: Path, summary: dict) -> None:
             label=f"factor at the largest size: {f['factor']:.2f}x"
             + (f" [{f['interval']['low']:.2f}, {f['interval']['high']:.2f}]" if f["interval"] else " (one seed)"),
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (log scale)")
-    ax.set_ylabel("final val loss (lower is better)")
-    ax.set_title("loss against compute, one point per model size (bars: min-max over seeds)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=110)
-    plt.close(fig)
+    _save_log_x(
+        fig,
+        ax,
+        out / "frontier.png",
+        "training FLOPs (log scale)",
+        "final val loss (lower is better)",
+        "loss against compute, one point per model size (bars: min-max over seeds)",
+    )
