@@ -48,10 +48,13 @@ myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-# The integrations' frameworks are not in the [docs] extra: where they are missing, autodoc imports their modules
-# against stand-ins, so that the site builds from `pip install -e ".[docs]"` alone (tests/test_docs.py) and shows the
-# same pages (every member documented in snoo's own docstrings) as where they are installed.
-autodoc_mock_imports = [name for name in ("transformers", "accelerate", "lightning") if find_spec(name) is None]
+# The integrations' frameworks and the lab's statistics (numpy, scipy) are not in the [docs] extra: where they are
+# missing, autodoc imports their modules against stand-ins, so that the site builds from `pip install -e ".[docs]"`
+# alone (tests/test_docs.py) and shows the same pages (every member documented in snoo's own docstrings) as where they
+# are installed.
+autodoc_mock_imports = [
+    name for name in ("transformers", "accelerate", "lightning", "numpy", "scipy") if find_spec(name) is None
+]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
