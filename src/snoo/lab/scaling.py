@@ -50,18 +50,14 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def _meta_model(cfg: TrainConfig, vocab_size: int):
+def model_params(cfg: TrainConfig, vocab_size: int) -> int:
+    """The parameter count of ``cfg``'s model (built on the meta device: no memory, no time)."""
     import torch
 
     from snoo.lab.model import GPT
 
-    with torch.device("meta"):  # no memory, no time
-        return GPT(model_config(cfg, vocab_size))
-
-
-def model_params(cfg: TrainConfig, vocab_size: int) -> int:
-    """The parameter count of ``cfg``'s model."""
-    return _meta_model(cfg, vocab_size).num_params()
+    with torch.device("meta"):
+        return GPT(model_config(cfg, vocab_size)).num_params()
 
 
 def flops_per_token(cfg: TrainConfig, vocab_size: int) -> float:
