@@ -413,3 +413,19 @@ def test_the_scaling_frontier_from_rows_with_one_seed_has_no_interval_and_with_s
     (three,) = scaling._frontiers(rows(3)).values()
     assert three["interval"]["low"] <= three["factor"] <= three["interval"]["high"]
     assert scaling._frontiers(rows(3)[:3]) == {}  # three sizes: no fit of three parameters
+
+
+def test_a_run_recorded_before_an_optimizer_gained_a_keyword_is_still_the_same_run():
+    """SNOO gained ``fused`` and ``skip_nonfinite``: a run whose config.json predates them recorded SNOO without them;
+    --resume must keep it (the new keywords at their defaults), and tell a real change of a setting from that."""
+    cfg = config.make_config("tiny", optimizer="snoo(k=5)+adamw")
+    now = config.identity(cfg, "abc")
+    assert ",fused=False,skip_nonfinite=True" in now["optimizer"]
+    before = {**now, "optimizer": now["optimizer"].replace(",fused=False,skip_nonfinite=True", "")}
+    assert config.differences(before, now) == []
+    fused = config.identity(config.make_config("tiny", optimizer="snoo(k=5,fused=true)+adamw"), "abc")
+    assert config.differences(before, fused) == [f"optimizer {before['optimizer']!r} -> {fused['optimizer']!r}"]
+    other = config.identity(config.make_config("tiny", optimizer="snoo(k=6)+adamw"), "abc")
+    assert len(config.differences(before, other)) == 1
+    lookahead = config.identity(config.make_config("tiny", optimizer="lookahead(k=5)+adamw"), "abc")
+    assert len(config.differences(before, lookahead)) == 1  # another stage is another run, not a default

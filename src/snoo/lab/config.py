@@ -8,6 +8,7 @@ no number.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -337,14 +338,44 @@ def identity(cfg: TrainConfig, corpus_sha256: str) -> dict[str, Any]:
     return {**fields, "optimizer": full, "corpus": corpus_sha256}
 
 
+def _stages(full: str) -> list[tuple[str, dict[str, Any]]]:
+    """``identity``'s optimizer, ``name(k=v,...)+...``, back into (name, settings) per stage."""
+    out = []
+    for stage in full.split("+"):
+        name, _, rest = stage.partition("(")
+        pairs = (item.split("=", 1) for item in rest.rstrip(")").split(",") if item)
+        out.append((name, {k: ast.literal_eval(v) for k, v in pairs}))
+    return out
+
+
+def _same_optimizer(saved: str, wanted: str) -> bool:
+    """Whether two of ``identity``'s optimizers are the same, a setting that ``saved`` predates (a keyword the
+    optimizer gained since, such as SNOO's ``fused``) counting as its default, as a field of the config does."""
+    if saved == wanted:
+        return True
+    try:
+        old, new = _stages(saved), _stages(wanted)
+    except (ValueError, SyntaxError):  # not of identity's making
+        return False
+    if [name for name, _ in old] != [name for name, _ in new] or any(n not in spec.NAMES for n, _ in new):
+        return False
+    return all(
+        {**spec.NAMES[name].defaults, **before} == {**spec.NAMES[name].defaults, **after}
+        for (name, before), (_, after) in zip(old, new)
+    )
+
+
 def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """``key: saved -> wanted`` for each identity field that differs (a field ``saved`` predates: its default)."""
+    """``key: saved -> wanted`` for each identity field that differs (a field ``saved`` predates: its default; so
+    too a setting of the optimizer)."""
     defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in NOT_IDENTITY}
-    return [
-        f"{k} {saved.get(k, defaults.get(k))!r} -> {v!r}"
-        for k, v in wanted.items()
-        if saved.get(k, defaults.get(k)) != v
-    ]
+    changed = []
+    for k, v in wanted.items():
+        before = saved.get(k, defaults.get(k))
+        same = _same_optimizer(before, v) if k == "optimizer" and isinstance(before, str) else before == v
+        if not same:
+            changed.append(f"{k} {before!r} -> {v!r}")
+    return changed
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
