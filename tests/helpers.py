@@ -4,6 +4,8 @@ harness that resumes a run in a fresh process, and a Python that sees only what 
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -182,4 +184,24 @@ def python_with_only(tmp_path: Path, extras: set[str], code: str, *args: str) ->
     paths = f"import sys\nsys.path[:0] = [{str(ROOT / 'src')!r}, {str(site)!r}]\n"
     return subprocess.run(
         [sys.executable, "-I", "-S", "-c", paths + code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def _interruptible() -> None:
+    """In the child before it runs: Ctrl-C at its default, whatever the test runner's (a shell starts a background
+    job with SIGINT ignored, and a child inherits that; Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def snoo_process(args: list[str], **kwargs) -> subprocess.Popen:
+    """`python -m snoo ARGS` in a process of its own, one thread, its output captured, Ctrl-C able to reach it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "snoo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_interruptible,
+        **kwargs,
     )

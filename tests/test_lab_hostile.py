@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import LAB_TEXT
+from helpers import LAB_TEXT, snoo_process
 from snoo.lab import checkpoint, claims, experiments, train
 from snoo.lab.cli import main
 from snoo.lab.config import make_config
@@ -180,18 +180,6 @@ def test_reproduce_says_each_claims_data_and_settings_and_its_regenerate_line_wo
     capsys.readouterr()
     for command in commands:  # each claim again with its own data and settings: kept, not refused
         assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
-
-
-def snoo_process(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "snoo", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **kwargs,
-    )
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 60) -> None:

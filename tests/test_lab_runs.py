@@ -6,7 +6,6 @@ Concurrency and interruption are tested with real processes.
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import LAB_TEXT
+from helpers import LAB_TEXT, snoo_process
 from snoo.lab import checkpoint, cli, config, experiments, train
 from snoo.lab.cli import main
 
@@ -219,13 +218,6 @@ def test_compare_resume_with_a_contender_added_keeps_every_finished_run(tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- processes
-
-
-def snoo_process(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "snoo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
