@@ -181,7 +181,7 @@ def run_command(config: dict) -> str:
     return shlex.join(parts)
 
 
-def _point_rows(out: Path, point: dict, experiment: dict) -> list[dict]:
+def _point_rows(out: Path, point: dict) -> list[dict]:
     """One row per contender at one point: the ladder's factor, the losses per seed, the tuned settings."""
     path = out / point["name"] / "summary.json"
     if not path.exists():
@@ -330,7 +330,7 @@ def summarize_scaling(out: Path, experiment: dict | None = None) -> dict:
             continue
         corpora.setdefault(read_json(out / point["name"] / "summary.json")["corpus"]["sha256"], point["name"])
         same_corpus(out, corpora)
-        rows += _point_rows(out, point, experiment)
+        rows += _point_rows(out, point)
         runs += _runs(out, point)
     cfg = experiment["config"]
     summary = {
