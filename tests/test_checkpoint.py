@@ -71,8 +71,8 @@ def test_a_stack_can_be_read_at_either_level_by_name(tmp_path):
         train_step(model, opt, t)
     dcp_save(model, opt, tmp_path / "ckpt")
     fresh = make_model(seed=1)
-    got = snoo.checkpoint.load_evaluation_weights(tmp_path / "ckpt", fresh, state_key="ema_nesterov.iterate")
-    assert torch.equal(got["0.weight"], opt.state[model[0].weight]["iterate"])
+    got = snoo.checkpoint.load_evaluation_weights(tmp_path / "ckpt", fresh, state_key="ema_nesterov.x")
+    assert torch.equal(got["0.weight"], opt.state[model[0].weight]["x"])
 
 
 class _WritesMarker:

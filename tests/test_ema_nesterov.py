@@ -72,7 +72,7 @@ def test_equals_reference_from_the_equations(beta, gamma, steps, warmup, rest):
     want_y, want_x = reference(steps, beta, gamma, warmup, rest, total)
     for p, y, x in zip(model.parameters(), want_y, want_x):
         torch.testing.assert_close(p.detach(), y, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(opt.state[p]["iterate"], x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["x"], x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mu", [0.5, 0.9])
@@ -90,7 +90,7 @@ def test_gamma_zero_around_sgd_is_torch_nesterov_sgd(mu):
         for pa, pb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)  # both hold y_{t+1}
             x = pb.detach() + lr * mu * ref.state[pb]["momentum_buffer"]
-            torch.testing.assert_close(opt.state[pa]["iterate"], x, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(opt.state[pa]["x"], x, rtol=1e-10, atol=1e-12)
     opt.eval()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa.detach(), pb.detach() + lr * mu * ref.state[pb]["momentum_buffer"])
@@ -133,12 +133,12 @@ def test_parameters_hold_y_eval_puts_x_train_puts_y_back_exactly_and_step_refuse
     y = params_of(model)
     for p in model.parameters():
         st_ = opt.state[p]
-        torch.testing.assert_close(p.detach(), st_["iterate"] + 0.5 * st_["update_ema"])
-        assert not torch.equal(p, st_["iterate"])
+        torch.testing.assert_close(p.detach(), st_["x"] + 0.5 * st_["m"])
+        assert not torch.equal(p, st_["x"])
     opt.eval()
     opt.eval()
     for p in model.parameters():
-        assert torch.equal(p, opt.state[p]["iterate"])
+        assert torch.equal(p, opt.state[p]["x"])
     with pytest.raises(RuntimeError, match=r"train\(\)"):
         opt.step()
     opt.train()
@@ -157,17 +157,17 @@ def test_warmup_is_the_inner_optimizer_alone_and_rest_ends_on_x_while_m_accumula
         train_step(a, opt, t)
         train_step(b, plain, t)
         assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
-    assert any(s["update_ema"].abs().sum() > 0 for s in opt.state.values()), "m accumulates during the warm-up"
+    assert any(s["m"].abs().sum() > 0 for s in opt.state.values()), "m accumulates during the warm-up"
     train_step(a, opt, 5)  # forms y_6 with beta .8
-    assert all(not torch.equal(p, opt.state[p]["iterate"]) for p in a.parameters())
+    assert all(not torch.equal(p, opt.state[p]["x"]) for p in a.parameters())
     for t in range(6, 9):  # steps 9-12 rest: after step 8 the parameters hold x
         train_step(a, opt, t)
-    assert all(torch.equal(p, opt.state[p]["iterate"]) for p in a.parameters())
-    m_before = [opt.state[p]["update_ema"].clone() for p in a.parameters()]
+    assert all(torch.equal(p, opt.state[p]["x"]) for p in a.parameters())
+    m_before = [opt.state[p]["m"].clone() for p in a.parameters()]
     for t in range(9, 13):
         train_step(a, opt, t)
-        assert all(torch.equal(p, opt.state[p]["iterate"]) for p in a.parameters())
-    assert all(not torch.equal(opt.state[p]["update_ema"], m) for p, m in zip(a.parameters(), m_before))
+        assert all(torch.equal(p, opt.state[p]["x"]) for p in a.parameters())
+    assert all(not torch.equal(opt.state[p]["m"], m) for p, m in zip(a.parameters(), m_before))
 
 
 def test_scale_by_lr_uses_the_group_lr_relative_to_its_peak():
@@ -180,7 +180,7 @@ def test_scale_by_lr_uses_the_group_lr_relative_to_its_peak():
         ratio = opt.param_groups[0]["lr"] / 0.1  # read right after the step, before the scheduler moves it
         for p in model.parameters():
             st_ = opt.state[p]
-            torch.testing.assert_close(p.detach() - st_["iterate"], 0.6 * ratio * st_["update_ema"])
+            torch.testing.assert_close(p.detach() - st_["x"], 0.6 * ratio * st_["m"])
         sched.step()
     assert opt.param_groups[0]["lr"] < 0.1
 
@@ -197,7 +197,7 @@ def test_scale_by_lr_uses_the_group_lr_relative_to_its_peak():
     fixed.step()
     p = next(bare.parameters())
     st_ = fixed.state[p]
-    torch.testing.assert_close(p.detach() - st_["iterate"], 0.5 * 0.5 * st_["update_ema"])
+    torch.testing.assert_close(p.detach() - st_["x"], 0.5 * 0.5 * st_["m"])
 
 
 def test_frozen_and_gradless_parameters_are_left_exactly_as_they_are():
@@ -214,8 +214,8 @@ def test_frozen_and_gradless_parameters_are_left_exactly_as_they_are():
         opt.zero_grad()
     assert torch.equal(frozen.weight, before["frozen"]) and frozen.weight not in opt.state
     assert torch.equal(unused.weight, before["unused"])
-    assert torch.equal(opt.state[unused.weight]["iterate"], before["unused"])
-    assert not opt.state[unused.weight]["update_ema"].any()
+    assert torch.equal(opt.state[unused.weight]["x"], before["unused"])
+    assert not opt.state[unused.weight]["m"].any()
 
 
 def test_a_parameter_skipped_at_a_step_keeps_its_lookahead_and_continues_as_if_that_step_had_not_happened():
@@ -246,10 +246,10 @@ def test_low_precision_parameters_keep_float32_state(dtype):
         train_step(model, opt, t)
     for p in model.parameters():
         st_ = opt.state[p]
-        assert p.dtype == dtype and st_["iterate"].dtype == st_["update_ema"].dtype == torch.float32
-        assert torch.equal(p, (st_["iterate"] + 0.5 * st_["update_ema"]).to(dtype))
+        assert p.dtype == dtype and st_["x"].dtype == st_["m"].dtype == torch.float32
+        assert torch.equal(p, (st_["x"] + 0.5 * st_["m"]).to(dtype))
     opt.eval()
-    assert all(torch.equal(p, opt.state[p]["iterate"].to(dtype)) for p in model.parameters())
+    assert all(torch.equal(p, opt.state[p]["x"].to(dtype)) for p in model.parameters())
 
 
 def test_update_is_a_few_foreach_passes_whatever_the_number_of_tensors():
@@ -308,7 +308,7 @@ def test_lr_scheduler_on_the_wrapper_moves_the_inner_lr_and_state_device_keeps_s
     train_step(model, opt, 1)
     sched.step()
     assert opt.inner.param_groups[0]["lr"] == 5e-3 and opt.param_groups is opt.inner.param_groups
-    assert all(s["iterate"].device.type == "cpu" for s in opt.state.values())
+    assert all(s["x"].device.type == "cpu" for s in opt.state.values())
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def test_resume_in_a_fresh_process_is_bit_exact_with_a_schedule_and_in_eval_mode
     opt = save_checkpoints(tmp_path, build, run, CUTS)
     sd = opt.state_dict()
     assert sd["param_groups"][0]["ema_beta"].startswith("<schedule, not saved> schedules.linear_warmup(")
-    assert set(sd["state"][1]) >= {"ema_nesterov.iterate", "ema_nesterov.update_ema", "ema_nesterov.lookahead_point"}
+    assert set(sd["state"][1]) >= {"ema_nesterov.x", "ema_nesterov.m", "ema_nesterov.y"}
     assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 

@@ -103,7 +103,7 @@ def test_mu_y_zero_takes_gradients_at_z_and_evaluates_an_ema_of_z(inner):
     opt.eval()
     for p, e in zip(a.parameters(), ema):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)  # float32 against float64
-        assert not torch.equal(p, opt.state[p][opt.train_point])
+        assert not torch.equal(p, opt.state[p][opt.state_spec.train_point])
 
 
 @pytest.mark.parametrize("mu", [0.5, 0.9])
@@ -164,7 +164,7 @@ def test_parameters_hold_y_eval_puts_x_train_puts_y_back_exactly_and_step_refuse
     opt.train()
     opt.train()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), y))
-    assert all(opt.train_point not in s for s in opt.state.values())
+    assert all(opt.state_spec.train_point not in s for s in opt.state.values())
     train_step(model, opt, 8)
 
 

@@ -70,7 +70,7 @@ def test_equals_reference_from_the_equations(mu, weight_decay, steps):
     want_phi, want_theta = reference(steps, mu, weight_decay)
     for p, phi, theta in zip(model.parameters(), want_phi, want_theta):
         torch.testing.assert_close(p.detach(), phi, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(opt.state[p]["iterate"], theta, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["theta"], theta, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mu", [0.5, 0.9])
@@ -144,7 +144,7 @@ def test_nesterov_adam_versus_nadam(case, beta2, expected_gap, float64_default):
     nadam, _ = trajectory(lambda ps: torch.optim.NAdam(ps, lr=lr, betas=(beta1, beta2), momentum_decay=1e9), grads)
 
     (p,) = opt.state
-    torch.testing.assert_close(opt.state[p]["iterate"], adam[-1], rtol=1e-12, atol=1e-15)  # theta is Adam's
+    torch.testing.assert_close(opt.state[p]["theta"], adam[-1], rtol=1e-12, atol=1e-15)  # theta is Adam's
     torch.testing.assert_close(ours[-1], adam[-1] + beta1 * (adam[-1] - adam[-2]), rtol=1e-12, atol=1e-15)
     gap = ((nadam[-1] - ours[-1]).norm() / adam[-1].norm()).item()
     if expected_gap is None:
@@ -169,8 +169,8 @@ def test_the_real_iterate_follows_the_inner_optimizer_exactly_whatever_the_momen
             opt.param_groups[0]["nesterov_momentum"] = 0.0
         p.grad = g.clone()
         opt.step()
-        torch.testing.assert_close(opt.state[p]["iterate"], adam[t - 1], rtol=1e-12, atol=1e-15)
-    assert torch.equal(p.detach(), opt.state[p]["iterate"]), "momentum 0: phi = theta"
+        torch.testing.assert_close(opt.state[p]["theta"], adam[t - 1], rtol=1e-12, atol=1e-15)
+    assert torch.equal(p.detach(), opt.state[p]["theta"]), "momentum 0: phi = theta"
 
 
 def test_weight_decay_acts_on_the_real_iterate_and_not_twice():
@@ -180,8 +180,8 @@ def test_weight_decay_acts_on_the_real_iterate_and_not_twice():
     for _ in range(3):
         p.grad = torch.zeros(4, dtype=torch.float64)
         opt.step()
-    torch.testing.assert_close(opt.state[p]["iterate"], torch.full((4,), 0.95**3, dtype=torch.float64))
-    torch.testing.assert_close(p.detach(), opt.state[p]["iterate"])
+    torch.testing.assert_close(opt.state[p]["theta"], torch.full((4,), 0.95**3, dtype=torch.float64))
+    torch.testing.assert_close(p.detach(), opt.state[p]["theta"])
     with pytest.raises(ValueError, match="act twice"):
         snoo.Nesterov(torch.optim.AdamW([p], lr=0.1), weight_decay=0.1)  # AdamW's default weight_decay is 0.01
 
@@ -193,9 +193,7 @@ def test_parameters_hold_phi_eval_puts_theta_train_puts_phi_back_exactly():
         train_step(model, opt, t)
     phi = params_of(model)
     opt.eval()
-    assert all(
-        torch.equal(p, opt.state[p]["iterate"]) and not torch.equal(p, f) for p, f in zip(model.parameters(), phi)
-    )
+    assert all(torch.equal(p, opt.state[p]["theta"]) and not torch.equal(p, f) for p, f in zip(model.parameters(), phi))
     with pytest.raises(RuntimeError, match="eval mode"):
         opt.step()
     opt.train()
@@ -225,8 +223,8 @@ def test_low_precision_parameters_keep_float32_state(dtype):
         train_step(model, opt, t)
     for p in model.parameters():
         st_ = opt.state[p]
-        assert st_["iterate"].dtype == st_["lookahead"].dtype == torch.float32
-        assert torch.equal(p, (st_["iterate"] + st_["lookahead"]).to(dtype))
+        assert st_["theta"].dtype == st_["d"].dtype == torch.float32
+        assert torch.equal(p, (st_["theta"] + st_["d"]).to(dtype))
 
 
 def test_update_is_a_few_foreach_passes_whatever_the_number_of_tensors():
@@ -320,8 +318,8 @@ def test_resume_in_a_fresh_process_is_bit_exact_with_a_schedule_and_in_eval_mode
         "step",
         "exp_avg",
         "exp_avg_sq",
-        "nesterov.iterate",
-        "nesterov.lookahead",
+        "nesterov.theta",
+        "nesterov.d",
     }
     assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 

@@ -82,7 +82,7 @@ def test_ema_nesterov_around_snoo_is_ema_nesterov_with_snoo_as_its_base_optimize
         torch.testing.assert_close(p.detach(), y, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(inner.state[p]["slow"], w, rtol=1e-12, atol=1e-12)
     if steps % k == 0:  # right after an outer step, EMA-Nesterov's real iterate is SNOO's slow weights
-        assert all(torch.equal(opt.state[p]["iterate"], inner.state[p]["slow"]) for p in model.parameters())
+        assert all(torch.equal(opt.state[p]["x"], inner.state[p]["slow"]) for p in model.parameters())
 
 
 def test_eval_of_the_stack_gives_snoo_slow_weights_and_train_restores_the_lookahead_point():
@@ -142,7 +142,7 @@ def test_the_stack_saves_and_resumes_bit_for_bit_in_a_fresh_process(tmp_path):
     expected = params_of(model)
     sd = save_checkpoints(tmp_path, build, run, CUTS).state_dict()
     assert {"snoo", "ema_nesterov"} <= set(sd["param_groups"][0])
-    assert {"snoo.slow", "snoo.momentum", "ema_nesterov.iterate", "ema_nesterov.update_ema"} <= set(sd["state"][0])
+    assert {"snoo.slow", "snoo.momentum", "ema_nesterov.x", "ema_nesterov.m"} <= set(sd["state"][0])
     assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 

@@ -215,13 +215,13 @@ def test_a_state_that_lacks_or_poisons_the_wrappers_tensors_is_refused():
     model, opt = trained("Nesterov")
     good = opt.state_dict()
     lacking = copy.deepcopy(good)
-    del lacking["state"][1]["nesterov.lookahead"]
-    assert_refused_and_unchanged(model, opt, lacking, match="not 'nesterov.lookahead'")
+    del lacking["state"][1]["nesterov.d"]
+    assert_refused_and_unchanged(model, opt, lacking, match="not 'nesterov.d'")
     poisoned = copy.deepcopy(good)
-    poisoned["state"][0]["nesterov.iterate"][0, 0] = float("inf")
+    poisoned["state"][0]["nesterov.theta"][0, 0] = float("inf")
     assert_refused_and_unchanged(model, opt, poisoned, match="NaN or infinite")
     stale = copy.deepcopy(good)
-    stale["state"][0]["nesterov.lookahead_point"] = torch.zeros_like(model[0].weight)
+    stale["state"][0]["nesterov.phi"] = torch.zeros_like(model[0].weight)
     assert_refused_and_unchanged(model, opt, stale, match="saved in train mode but holds a training point")
 
 

@@ -151,17 +151,19 @@ def _unwrapped(load: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def evaluation_keys() -> dict[str, type[Wrapper]]:
-    """``"<state_prefix>.<evaluation_key>"`` of every wrapper class defined (this package's and any subclass a user
-    made), e.g. ``"snoo.slow"``: the state entry of a parameter that holds its evaluation weights."""
+    """``"<prefix>.<evaluation>"`` of the ``state_spec`` of every wrapper class defined (this package's and any
+    subclass a user made), e.g. ``"snoo.slow"``: the state entry of a parameter that holds its evaluation weights;
+    also under the name it had before a rename (``"ema_nesterov.iterate"``), as checkpoints saved then hold it."""
     keys: dict[str, type[Wrapper]] = {}
     pending = list(Wrapper.__subclasses__())
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if isinstance(getattr(cls, "state_prefix", None), str) and isinstance(
-            getattr(cls, "evaluation_key", None), str
-        ):
-            keys.setdefault(f"{cls.state_prefix}.{cls.evaluation_key}", cls)
+        spec = getattr(cls, "state_spec", None)
+        if spec is not None:
+            old = [name for name, new in spec.renamed.items() if new == spec.evaluation]
+            for name in (spec.evaluation, *old):
+                keys.setdefault(f"{spec.prefix}.{name}", cls)
     return keys
 
 
@@ -182,8 +184,8 @@ def load_evaluation_weights(
 
     where the model's parameters hold the training point (SNOO's fast weights, EMA-Nesterov's lookahead point).
     This reads, in one process or on any number of ranks, each parameter's evaluation weights from the optimizer's
-    state (``"snoo.slow"`` for :class:`snoo.SNOO` and :class:`snoo.Lookahead`, ``"ema_nesterov.iterate"``,
-    ``"nesterov.iterate"``: each wrapper declares its own, see :func:`evaluation_keys`) in place of the parameter,
+    state (``"snoo.slow"`` for :class:`snoo.SNOO` and :class:`snoo.Lookahead`, ``"ema_nesterov.x"``,
+    ``"nesterov.theta"``: each wrapper declares its own, see :func:`evaluation_keys`) in place of the parameter,
     and the model's own entry for everything else (buffers, and parameters that have no such state yet), cast to
     the model's dtypes; the names of a tied weight share one tensor. ``model_key`` and ``optimizer_key`` name the
     two parts of the checkpoint.

@@ -25,11 +25,13 @@ This module imports only torch and snoo, so config-driven trainers can use it wi
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import itertools
+import pkgutil
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,9 @@ from torch import nn
 import snoo
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
-from snoo.optim.wrapper import LR_TRIALS, Trial
+from snoo.optim import declaration
+from snoo.optim.declaration import LR_TRIALS, Declared, Trial
+from snoo.optim.wrapper import Wrapper
 
 Params = nn.Module | Iterable[torch.Tensor]
 
@@ -62,9 +66,11 @@ class Entry:
     #: the optimizer keeps its own averaged iterate and wants no decaying lr schedule (schedule-free AdamW): it
     #: stands alone in a SPEC, and a trainer holds its lr constant after the warm-up (:func:`is_schedule_free`)
     schedule_free: bool = False
-    #: what ``--tune N`` tries (the first N): (multiple of the base optimizer's lr, this entry's own knobs); a wrapper's
-    #: are its class's ``tuning_trials``, a base optimizer's its lr alone
+    #: what ``--tune N`` tries (the first N): (multiple of the base optimizer's lr, this entry's own knobs); a declared
+    #: class's ``tuning_trials``, else the lr alone
     trials: tuple[Trial, ...] = LR_TRIALS
+    #: how a plot names a key of this entry, where the key alone would mislead (a declared class's ``knob_labels``)
+    knob_labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,74 +166,96 @@ def _signature_defaults(cls: type, skip: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _registry() -> dict[str, Entry]:
-    entries = [
-        # nanoGPT's AdamW; lr measured by the lab's lr sweep on the `small` preset (docs/lab.md)
-        Entry(
-            "adamw",
-            "base",
-            dict(lr=2e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
-            _adamw,
-            "torch.optim.AdamW; weight decay on matrices only",
-            dict(lr=POSITIVE, beta1=UNIT, beta2=UNIT, eps=POSITIVE, weight_decay=NON_NEGATIVE),
-        ),
-        Entry(
-            "sgd",
-            "base",
-            dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0),
-            _sgd,
-            "torch.optim.SGD",
-            dict(lr=POSITIVE, momentum=UNIT, weight_decay=NON_NEGATIVE),
-        ),
-        # the `schedulefree` package's AdamW (optional extra); the lab gives it its warm-up and then a constant lr
-        Entry(
-            "schedulefree_adamw",
-            "base",
-            dict(lr=2.5e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, warmup_steps=0),
-            _schedulefree_adamw,
-            "schedulefree.AdamWScheduleFree; weight decay on matrices only; no lr schedule",
-            dict(
-                lr=POSITIVE, beta1=UNIT, beta2=UNIT, eps=POSITIVE, weight_decay=NON_NEGATIVE, warmup_steps=NON_NEGATIVE
-            ),
-            requires="schedulefree",
-            schedule_free=True,
-        ),
-    ]
-    # the library's own inner optimizers, over the parameter roles of snoo.param_groups
-    for name, cls in (("scale", snoo.SCALE), ("sgdll", snoo.SGDLL), ("muon", snoo.MuonAdamW)):
-        entries.append(
-            Entry(
-                name,
-                "base",
-                _signature_defaults(cls, ("params",)),
-                _grouped(cls),
-                f"snoo.{cls.__name__} over snoo.param_groups(model)",
-                getattr(cls, "hyperparameter_ranges", {}),
-            )
-        )
-    # wrappers: everything after `inner` in the constructor; telemetry is the trainer's choice, not the SPEC's
-    for name, cls in (
-        ("snoo", snoo.SNOO),
-        ("lookahead", snoo.Lookahead),
-        ("ema_nesterov", snoo.EMANesterov),
-        ("nesterov", snoo.Nesterov),
-        ("gpa", snoo.GPA),
-    ):
-        entries.append(
-            Entry(
-                name,
-                "wrapper",
-                _signature_defaults(cls, ("inner", "track_norms")),
-                cls,
-                f"snoo.{cls.__name__}",
-                getattr(cls, "hyperparameter_ranges", {}),
-                trials=cls.tuning_trials,
-            )
-        )
-    return {e.name: e for e in entries}
+#: torch's optimizers and the `schedulefree` package's; the package's own declare themselves (:func:`_declared`)
+_TORCH_ENTRIES = (
+    # nanoGPT's AdamW; lr measured by the lab's lr sweep on the `small` preset (docs/lab.md)
+    Entry(
+        "adamw",
+        "base",
+        dict(lr=2e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
+        _adamw,
+        "torch.optim.AdamW; weight decay on matrices only",
+        dict(lr=POSITIVE, beta1=UNIT, beta2=UNIT, eps=POSITIVE, weight_decay=NON_NEGATIVE),
+    ),
+    Entry(
+        "sgd",
+        "base",
+        dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0),
+        _sgd,
+        "torch.optim.SGD",
+        dict(lr=POSITIVE, momentum=UNIT, weight_decay=NON_NEGATIVE),
+    ),
+    # the `schedulefree` package's AdamW (optional extra); the lab gives it its warm-up and then a constant lr
+    Entry(
+        "schedulefree_adamw",
+        "base",
+        dict(lr=2.5e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, warmup_steps=0),
+        _schedulefree_adamw,
+        "schedulefree.AdamWScheduleFree; weight decay on matrices only; no lr schedule",
+        dict(lr=POSITIVE, beta1=UNIT, beta2=UNIT, eps=POSITIVE, weight_decay=NON_NEGATIVE, warmup_steps=NON_NEGATIVE),
+        requires="schedulefree",
+        schedule_free=True,
+    ),
+)
 
 
-NAMES: dict[str, Entry] = _registry()
+def _declared(cls: type[Declared]) -> Entry:
+    """The entry of a class that declares a ``spec_name`` (:mod:`snoo.optim.declaration`): a wrapper takes every
+    argument after ``inner`` (telemetry is the trainer's choice, not the SPEC's); any other class is a base optimizer
+    over the parameter roles of ``snoo.param_groups``."""
+    assert cls.spec_name is not None
+    where = f"snoo.{cls.__name__}" if cls.__module__.startswith("snoo.") else f"{cls.__module__}.{cls.__qualname__}"
+    wrapper = issubclass(cls, Wrapper)
+    return Entry(
+        cls.spec_name,
+        "wrapper" if wrapper else "base",
+        _signature_defaults(cls, ("inner", "track_norms") if wrapper else ("params",)),
+        cls if wrapper else _grouped(cls),
+        where if wrapper else f"{where} over snoo.param_groups(model)",
+        cls.hyperparameter_ranges,
+        trials=cls.tuning_trials,
+        knob_labels=cls.knob_labels,
+    )
+
+
+class _Names(Mapping[str, Entry]):
+    """The names of the grammar: torch's optimizers, then every class declared with a ``spec_name`` (the package's
+    base optimizers, then its wrappers, then any a user defines, e.g. in a test), read as they are now: a class
+    defined after this module was imported is a name from then on."""
+
+    def __init__(self) -> None:
+        self._classes: tuple = ()
+        self._entries: dict[str, Entry] = {}
+
+    def _current(self) -> dict[str, Entry]:
+        classes = tuple(declaration.DECLARED.values())
+        if classes != self._classes:
+            declared = [_declared(cls) for cls in classes]
+            entries = [*_TORCH_ENTRIES, *(e for e in declared if e.kind == "base")]
+            entries += [e for e in declared if e.kind == "wrapper"]
+            self._classes, self._entries = classes, {e.name: e for e in entries}
+        return self._entries
+
+    def __getitem__(self, name: str) -> Entry:
+        return self._current()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+def _import_own_optimizers() -> None:
+    """The package's own optimizers declare themselves when their module is imported: import every module of
+    :mod:`snoo.optim`, so that adding an optimizer there is adding its file."""
+    for module in pkgutil.iter_modules(snoo.optim.__path__):
+        importlib.import_module(f"snoo.optim.{module.name}")
+
+
+_import_own_optimizers()
+
+NAMES: Mapping[str, Entry] = _Names()
 
 # ---------------------------------------------------------------------------------------------- parsing
 

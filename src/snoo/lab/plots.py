@@ -194,22 +194,16 @@ def ladder_plot(out: Path, summary: dict) -> None:
     plt.close(fig)
 
 
-#: how the heatmap names a swept key of a stage: the grammar's short names are ambiguous (SNOO's lr is its outer lr)
-KNOB_NAMES = {
-    ("snoo", "lr"): "SNOO outer lr",
-    ("snoo", "momentum"): "SNOO outer momentum",
-    ("snoo", "k"): "K (inner steps per outer step)",
-    ("lookahead", "alpha"): "Lookahead alpha",
-}
-
-
 def _knob_label(optimizer: str, key: str) -> str:
+    """How the heatmap names a swept key of a stage: as the stage's optimizer declares (``knob_labels``: the grammar's
+    short names are ambiguous, SNOO's lr is its outer lr), else "<stage> <key>"."""
     from snoo import spec
 
     stages = spec.parse(optimizer)
     name, _, bare = key.rpartition(".")
     stage = next((st.name for st in stages if (st.name == name if name else bare in st.params)), "")
-    return KNOB_NAMES.get((stage, bare), f"{stage} {bare}".strip())
+    labels = spec.NAMES[stage].knob_labels if stage else {}
+    return labels.get(bare, f"{stage} {bare}".strip())
 
 
 def heatmap(out: Path, summary: dict) -> None:

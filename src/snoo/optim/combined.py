@@ -10,6 +10,7 @@ from torch.optim import AdamW, Muon, Optimizer
 
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, UNIT, Range
+from snoo.optim.declaration import Declared
 from snoo.optim.groups import evaluate_closure, role_group
 
 __all__ = ["MuonAdamW"]
@@ -17,7 +18,7 @@ __all__ = ["MuonAdamW"]
 _MUON_ROLES = ("matrix",)
 
 
-class MuonAdamW(Optimizer):
+class MuonAdamW(Optimizer, Declared):
     r"""``torch.optim.Muon`` on the ``"matrix"`` groups and ``torch.optim.AdamW`` on all other roles, as one optimizer.
 
     Needs role-tagged parameter groups (:func:`snoo.param_groups`). Hidden 2-D weights take Muon's step and the
@@ -54,7 +55,7 @@ class MuonAdamW(Optimizer):
 
     #: Per-parameter state is the parameter's shape or one number (what ``Wrapper.load_state_dict`` checks).
     elementwise_state: ClassVar[bool] = True
-    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    spec_name = "muon"
     hyperparameter_ranges: ClassVar[dict[str, Range]] = {
         "lr": NON_NEGATIVE,
         "momentum": UNIT,

@@ -12,24 +12,35 @@ from torch.optim import Optimizer
 
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, POSITIVE, UNIT
+from snoo.optim.declaration import Trial
 from snoo.optim.schedules import Coefficient, lr_ratio, value_at
-from snoo.optim.tensors import foreach_copy_
-from snoo.optim.wrapper import LookaheadPointWrapper, Trial, as_state_tensors
+from snoo.optim.tensors import as_state_tensors, foreach_copy_, state_dtype
+from snoo.optim.wrapper import LookaheadPointWrapper, StateSpec
 
 
 class EMANesterov(LookaheadPointWrapper):
     r"""EMA-Nesterov around any optimizer :math:`A`: gradients are taken at a lookahead point along an EMA of the
     updates of the real iterate.
 
-    The wrapper keeps the real iterate :math:`x` and :math:`m`, an EMA of its updates; the parameters hold the
-    lookahead point :math:`y` where the next gradient is taken. With steps counted from 1:
+    The wrapper keeps the real iterate :math:`x` and :math:`m`, an EMA of its updates (the state keys ``"x"`` and
+    ``"m"``, ``"ema_nesterov.x"`` and ``"ema_nesterov.m"`` in ``state_dict()``); the parameters hold the lookahead
+    point :math:`y` where the next gradient is taken (kept as ``"y"`` while ``eval()`` puts :math:`x` in):
 
     .. math::
-
-        &\text{at the first step:}\quad x_1 = p,\quad m_1 = 0 \qquad (\text{so } y_1 = x_1) \\
-        &y_t = x_t + \beta_t m_t \\
-        &x_{t+1} = A_t(y_t) \qquad\text{(the inner optimizer's step, taken from } y_t) \\
-        &m_{t+1} = \gamma m_t + (1 - \gamma)(x_{t+1} - x_t)
+       \begin{aligned}
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{input}: A \text{ (inner optimizer)}, \beta_t \text{ (lookahead, a schedule)},
+                \gamma \text{ (EMA)}, p \text{ (params)} \\
+            &\textbf{initialize}: x_1 \leftarrow p,\; m_1 \leftarrow 0,\; y_1 \leftarrow x_1 + \beta_1 m_1 = p \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} x_{t+1} \leftarrow A_t(y_t) \qquad\text{(the inner optimizer's step, taken from } y_t) \\
+            &\hspace{5mm} m_{t+1} \leftarrow \gamma m_t + (1 - \gamma)(x_{t+1} - x_t) \\
+            &\hspace{5mm} y_{t+1} \leftarrow x_{t+1} + \beta_{t+1} m_{t+1} \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{return}: x \text{ (by } \texttt{eval()}) \\
+            &\rule{110mm}{0.4pt}
+       \end{aligned}
 
     After ``step()`` number :math:`t` the parameters hold :math:`y_{t+1}`, formed with :math:`\beta_{t+1}`: the
     coefficient of a step is the one of the lookahead point at which that step's gradient is taken, so a schedule
@@ -77,9 +88,16 @@ class EMANesterov(LookaheadPointWrapper):
     gives SNOO's slow weights; ``SNOO(EMANesterov(...))`` raises ``TypeError``.
     """
 
-    state_prefix = "ema_nesterov"
-    state_names = ("iterate", "update_ema")  # x, m
-    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    spec_name = "ema_nesterov"
+    #: x and m; y while eval() puts x in. Saved as "iterate", "update_ema", "lookahead_point" before: those load too.
+    state_spec = StateSpec(
+        prefix="ema_nesterov",
+        names=("x", "m"),
+        evaluation="x",
+        required=("x", "m"),
+        train_point="y",
+        renamed={"iterate": "x", "update_ema": "m", "lookahead_point": "y"},
+    )
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "beta": NON_NEGATIVE,
         "gamma": UNIT,
@@ -159,13 +177,16 @@ class EMANesterov(LookaheadPointWrapper):
             for group in self.param_groups:
                 lr_ratio(group, group["ema_lr_peak"])
 
-    def _coefficients(self, group: dict[str, Any], n: int) -> dict[str, float]:
-        return {"beta": self.lookahead_coefficient(group, n), "gamma": group["ema_gamma"]}
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x = self._new_state(param, param, state_dtype(param))  # x_1 = p
+        return {"x": x, "m": torch.zeros_like(x)}  # m_1 = 0, so y_1 = x_1: the parameters as they are
 
-    def _update(
-        self, params: list[torch.Tensor], iterates: list[torch.Tensor], directions: list[torch.Tensor], **kwargs: float
-    ) -> None:
-        ema_nesterov_update(params, iterates, directions, **kwargs)
+    def _coefficients(self, group: dict[str, Any], t: int) -> dict[str, float]:
+        # after step t the parameters get y_{t+1}, formed with beta_{t+1}
+        return {"beta": self.lookahead_coefficient(group, t + 1), "gamma": group["ema_gamma"]}
+
+    def _update(self, params: list[torch.Tensor], x: list[torch.Tensor], m: list[torch.Tensor], **kw: float) -> None:
+        ema_nesterov_update(params, x, m, **kw)
 
 
 def _check_beta(beta: Any, where: str = "") -> float:
@@ -175,29 +196,28 @@ def _check_beta(beta: Any, where: str = "") -> float:
 @torch.no_grad()
 def ema_nesterov_update(
     params: list[torch.Tensor],
-    iterates: list[torch.Tensor],
-    update_emas: list[torch.Tensor],
+    x: list[torch.Tensor],
+    m: list[torch.Tensor],
     *,
     beta: float,
     gamma: float,
 ) -> None:
     r"""EMA-Nesterov's update after an inner step, over tensors that share device and dtype, in foreach passes.
 
-    On entry ``params`` hold :math:`x_{t+1} = A_t(y_t)`, ``iterates`` :math:`x_t`, ``update_emas`` :math:`m_t`; on
-    exit ``iterates`` hold :math:`x_{t+1}`, ``update_emas`` :math:`m_{t+1}` and ``params`` :math:`y_{t+1} = x_{t+1} +
-    \beta m_{t+1}` (``beta`` is :math:`\beta_{t+1}`). The state may be float32 for low-precision parameters and may
-    live on another device.
+    On entry ``params`` hold :math:`x_{t+1} = A_t(y_t)`, ``x`` :math:`x_t`, ``m`` :math:`m_t`; on exit ``x`` holds
+    :math:`x_{t+1}`, ``m`` :math:`m_{t+1}` and ``params`` :math:`y_{t+1} = x_{t+1} + \beta m_{t+1}` (``beta`` is
+    :math:`\beta_{t+1}`). The state may be float32 for low-precision parameters and may live on another device.
     """
-    new_iterates = as_state_tensors(params, iterates[0])
-    # m_{t+1} = gamma m_t + (1 - gamma)(x_{t+1} - x_t), the old iterate serving as scratch for x_t - x_{t+1}
-    torch._foreach_sub_(iterates, new_iterates)
-    torch._foreach_mul_(update_emas, gamma)
-    torch._foreach_add_(update_emas, iterates, alpha=-(1 - gamma))
-    foreach_copy_(iterates, new_iterates)
+    x_next = as_state_tensors(params, x[0])
+    # m_{t+1} = gamma m_t + (1 - gamma)(x_{t+1} - x_t), x serving as scratch for x_t - x_{t+1} before it gets x_{t+1}
+    torch._foreach_sub_(x, x_next)
+    torch._foreach_mul_(m, gamma)
+    torch._foreach_add_(m, x, alpha=-(1 - gamma))
+    foreach_copy_(x, x_next)
     # y_{t+1} = x_{t+1} + beta_{t+1} m_{t+1}
-    if new_iterates is params:  # the parameters hold x_{t+1} already
+    if x_next is params:  # the parameters hold x_{t+1} already
         if beta:
-            torch._foreach_add_(params, update_emas, alpha=beta)
+            torch._foreach_add_(params, m, alpha=beta)
     else:
-        lookahead = torch._foreach_add(iterates, update_emas, alpha=beta) if beta else iterates
-        foreach_copy_(params, lookahead, non_blocking=True)
+        y = torch._foreach_add(x, m, alpha=beta) if beta else x
+        foreach_copy_(params, y, non_blocking=True)

@@ -12,8 +12,9 @@ import torch
 from torch.optim import Optimizer
 
 from snoo import checks
-from snoo.optim.tensors import foreach_copy_
-from snoo.optim.wrapper import Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.declaration import Trial
+from snoo.optim.tensors import as_state_tensors, foreach_copy_, state_dtype
+from snoo.optim.wrapper import LookaheadPointWrapper, StateSpec
 
 #: :math:`\mu_y \in [0, 1]`: 1 takes the gradients at the average (primal averaging).
 MU_Y_RANGE = checks.Range(0, 1)
@@ -21,21 +22,29 @@ MU_Y_RANGE = checks.Range(0, 1)
 MU_X_RANGE = checks.UNIT
 
 
-class GPA(Wrapper):
+class GPA(LookaheadPointWrapper):
     r"""Generalised primal averaging around any optimizer :math:`A`: gradients are taken at an interpolation
     :math:`y` between the base iterate :math:`z` and its running average :math:`x`, and :math:`x` is evaluated.
 
     The wrapper keeps :math:`z` (the sequence the inner optimizer's updates :math:`u` accumulate into) and :math:`x`
-    (an exponential moving average of :math:`z`); the parameters hold :math:`y`, where the next gradient is taken.
-    With steps counted from 1:
+    (an exponential moving average of :math:`z`); the parameters hold :math:`y`, where the next gradient is taken:
 
     .. math::
-
-        &\text{at the first step:}\quad x_1 = z_1 = y_1 = p \\
-        &u_t = A_t(y_t) - y_t \qquad\text{(the inner optimizer's step, taken from } y_t) \\
-        &z_{t+1} = z_t + u_t \\
-        &x_{t+1} = \mu_x x_t + (1 - \mu_x) z_{t+1} \\
-        &y_{t+1} = \mu_y x_{t+1} + (1 - \mu_y) z_{t+1}
+       \begin{aligned}
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{input}: A \text{ (inner optimizer)}, \mu_y \text{ (gradient point)}, \mu_x \text{ (averaging)},
+                p \text{ (params)} \\
+            &\textbf{initialize}: x_1 \leftarrow p,\; z_1 \leftarrow p,\; y_1 \leftarrow p \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} u_t \leftarrow A_t(y_t) - y_t \qquad\text{(the inner optimizer's step, taken from } y_t) \\
+            &\hspace{5mm} z_{t+1} \leftarrow z_t + u_t \\
+            &\hspace{5mm} x_{t+1} \leftarrow \mu_x x_t + (1 - \mu_x) z_{t+1} \\
+            &\hspace{5mm} y_{t+1} \leftarrow \mu_y x_{t+1} + (1 - \mu_y) z_{t+1} \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{return}: x \text{ (by } \texttt{eval()}) \\
+            &\rule{110mm}{0.4pt}
+       \end{aligned}
 
     Special cases: :math:`\mu_x = 0` keeps :math:`x = z = y`, the inner optimizer alone (bit for bit: the update
     is written so that its terms cancel exactly, see :func:`gpa_update`). :math:`\mu_y = 0` takes every gradient at
@@ -62,7 +71,8 @@ class GPA(Wrapper):
     DiLoCo with 32 local steps).
 
     Per-parameter details: memory is two parameter-sized tensors (:math:`x, z`), float32 for bf16/fp16 parameters,
-    under the state keys ``"x"`` (the evaluation weights, ``"gpa.x"`` in ``state_dict()``) and ``"z"``. A parameter
+    under the state keys ``"x"`` (the evaluation weights, ``"gpa.x"`` in ``state_dict()``) and ``"z"`` (and
+    :math:`y` as ``"y"`` while ``eval()`` puts :math:`x` in). A parameter
     with no gradient at a step (``p.grad is None`` after it) is left as it is: the inner optimizers of torch do not
     move it, and neither :math:`x`, :math:`z` nor :math:`y` change, as if the step had not happened for it. The state
     of a parameter starts at the first ``step()`` that sees it, from the value it has then.
@@ -73,11 +83,16 @@ class GPA(Wrapper):
     weights); ``SNOO(GPA(...))`` raises ``TypeError``.
     """
 
-    state_prefix = "gpa"
-    state_names = ("x", "z")
-    evaluation_key = "x"
-    required_state = ("x", "z")
-    holds_lookahead = True
+    spec_name = "gpa"
+    #: x and z; y while eval() puts x in. Saved as "train_point" before: that loads too.
+    state_spec = StateSpec(
+        prefix="gpa",
+        names=("x", "z"),
+        evaluation="x",
+        required=("x", "z"),
+        train_point="y",
+        renamed={"train_point": "y"},
+    )
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "mu_y": MU_Y_RANGE,
         "mu_x": MU_X_RANGE,
@@ -111,26 +126,18 @@ class GPA(Wrapper):
         dtype = state_dtype(param)
         return {"x": self._new_state(param, param, dtype), "z": self._new_state(param, param, dtype)}  # x_1 = z_1 = p
 
-    def _after_inner_step(self) -> None:
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and p in self.state]
-            if not params:
-                continue
-            for bucket, bucket_states in bucket_by_device_and_dtype(params, self.state, "x"):
-                gpa_update(
-                    bucket,
-                    [st["x"] for st in bucket_states],
-                    [st["z"] for st in bucket_states],
-                    mu_y=float(group["gpa_mu_y"]),
-                    mu_x=float(group["gpa_mu_x"]),
-                )
+    def _coefficients(self, group: dict[str, Any], t: int) -> dict[str, float]:
+        return {"mu_y": float(group["gpa_mu_y"]), "mu_x": float(group["gpa_mu_x"])}  # the same at every step t
+
+    def _update(self, params: list[torch.Tensor], x: list[torch.Tensor], z: list[torch.Tensor], **kw: float) -> None:
+        gpa_update(params, x, z, **kw)
 
 
 @torch.no_grad()
 def gpa_update(
     params: list[torch.Tensor],
-    averages: list[torch.Tensor],
-    iterates: list[torch.Tensor],
+    x: list[torch.Tensor],
+    z: list[torch.Tensor],
     *,
     mu_y: float,
     mu_x: float,
@@ -138,8 +145,8 @@ def gpa_update(
     r"""GPA's update after an inner step, over tensors that share device and dtype, in six foreach passes.
 
     On entry ``params`` hold :math:`y_t + u_t` (the inner step taken from :math:`y_t = \mu_y x_t + (1 - \mu_y)
-    z_t`), ``averages`` :math:`x_t` and ``iterates`` :math:`z_t`; on exit ``iterates`` hold :math:`z_{t+1}`,
-    ``averages`` :math:`x_{t+1}` and ``params`` :math:`y_{t+1}`. The state may be float32 for low-precision
+    z_t`), ``x`` :math:`x_t` and ``z`` :math:`z_t`; on exit ``z`` holds :math:`z_{t+1}`, ``x`` :math:`x_{t+1}` and
+    ``params`` :math:`y_{t+1}`. The state may be float32 for low-precision
     parameters and may live on another device.
 
     Since :math:`z_t - y_t = \mu_y (z_t - x_t)`, :math:`z_{t+1} = (y_t + u_t) + \mu_y (z_t - x_t)` needs no copy
@@ -148,16 +155,16 @@ def gpa_update(
     with :math:`\mu_y = 0` the correction is 0 and :math:`y = z`; either way the parameters are the inner
     optimizer's bit for bit.
     """
-    stepped = as_state_tensors(params, averages[0])
+    stepped = as_state_tensors(params, x[0])
     # z_{t+1} = (y_t + u_t) + mu_y (z_t - x_t)
-    torch._foreach_sub_(iterates, averages)
-    torch._foreach_mul_(iterates, mu_y)
-    torch._foreach_add_(iterates, stepped)
+    torch._foreach_sub_(z, x)
+    torch._foreach_mul_(z, mu_y)
+    torch._foreach_add_(z, stepped)
     # x_{t+1} = mu_x x_t + (1 - mu_x) z_{t+1}
-    torch._foreach_lerp_(averages, iterates, 1.0 - mu_x)
+    torch._foreach_lerp_(x, z, 1.0 - mu_x)
     # y_{t+1} = mu_y x_{t+1} + (1 - mu_y) z_{t+1}
     if stepped is params:
-        foreach_copy_(params, iterates)
-        torch._foreach_lerp_(params, averages, mu_y)
+        foreach_copy_(params, z)
+        torch._foreach_lerp_(params, x, mu_y)
     else:
-        foreach_copy_(params, torch._foreach_lerp(iterates, averages, mu_y), non_blocking=True)
+        foreach_copy_(params, torch._foreach_lerp(z, x, mu_y), non_blocking=True)

@@ -15,11 +15,14 @@ SCALE and SGD-LL.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from snoo import checks
+from snoo.optim.declaration import Declared
 
 __all__ = ["ROLES", "param_groups"]
 
@@ -178,14 +181,28 @@ def _tensors(params: Any) -> Iterable[Any]:
     return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
-class RoleOptimizer(Optimizer):
+class RoleOptimizer(Optimizer, Declared):
     """Base of the optimizers whose update depends on each group's ``"role"`` (SCALE, SGD-LL): groups are refused
     without a role, each group's options are checked by :meth:`_check_hyperparameters`, and ``step`` walks the groups
     through :meth:`_groups_with_grads`."""
 
+    #: Per-parameter state is the parameter's shape or one number (what ``Wrapper.load_state_dict`` checks).
+    elementwise_state: ClassVar[bool] = True
+
+    def __init__(self, params: Iterable[dict[str, Any]], *, foreach: bool | None, **defaults: Any) -> None:
+        """``defaults``: the subclass's hyperparameters, in the order of its signature, checked here."""
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"{type(self).__name__}: foreach must be True, False or None, got {foreach!r}")
+        defaults["foreach"] = foreach
+        self._check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        """Validate (and normalise) the options of ``group``; raise ValueError/TypeError naming a bad one."""
-        raise NotImplementedError
+        """Validate (and normalise to floats) the options of ``group`` against :attr:`hyperparameter_ranges`; raise
+        ValueError/TypeError naming a bad one. A subclass extends it for options that are not numbers."""
+        owner = type(self).__name__
+        for name, within in self.hyperparameter_ranges.items():
+            group[name] = checks.number(group[name], name, within, owner=owner)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group, _ = role_group(type(self).__name__, param_group)

@@ -12,24 +12,37 @@ from torch.optim import Optimizer
 
 from snoo import checks
 from snoo.checks import NON_NEGATIVE, UNIT, is_number
+from snoo.optim.declaration import Trial
 from snoo.optim.schedules import Coefficient, value_at
-from snoo.optim.tensors import foreach_copy_
-from snoo.optim.wrapper import LookaheadPointWrapper, Trial, as_state_tensors
+from snoo.optim.tensors import as_state_tensors, foreach_copy_, state_dtype
+from snoo.optim.wrapper import LookaheadPointWrapper, StateSpec
 
 
 class Nesterov(LookaheadPointWrapper):
     r"""Nesterov lookahead around any optimizer :math:`A`, used as a black box.
 
     Let :math:`u_t` be the update :math:`A` applies when its gradient is taken at :math:`\phi_t`. The real iterate
-    :math:`\theta` follows :math:`A` and the parameters hold :math:`\phi`, the point where the next gradient is taken
-    (steps counted from 1):
+    :math:`\theta` follows :math:`A` and the parameters hold :math:`\phi`, the point where the next gradient is taken;
+    the wrapper keeps :math:`\theta` and the lookahead :math:`d = \phi - \theta` (the state keys ``"theta"`` and
+    ``"d"``, ``"nesterov.theta"`` and ``"nesterov.d"`` in ``state_dict()``; :math:`\phi` is kept as ``"phi"`` while
+    ``eval()`` puts :math:`\theta` in):
 
     .. math::
-
-        &\theta_1 = \phi_1 = p, \quad u_0 = 0 \\
-        &u_t = A_t(\phi_t) - \phi_t \qquad\text{(the inner optimizer's step from } \phi_t) \\
-        &\theta_{t+1} = (1 - \text{lr}_t\,\lambda)\,\theta_t + u_t \\
-        &\phi_{t+1} = \theta_{t+1} + \mu_{t+1} u_t
+       \begin{aligned}
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{input}: A \text{ (inner optimizer)}, \mu_t \text{ (momentum, a schedule)},
+                \lambda \text{ (weight decay)}, p \text{ (params)} \\
+            &\textbf{initialize}: \theta_1 \leftarrow p,\; d_1 \leftarrow 0,\; \phi_1 \leftarrow \theta_1 + d_1 = p \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} u_t \leftarrow A_t(\phi_t) - \phi_t \qquad\text{(the inner optimizer's step from } \phi_t) \\
+            &\hspace{5mm} \theta_{t+1} \leftarrow (1 - \text{lr}_t\,\lambda)\,\theta_t + u_t \\
+            &\hspace{5mm} d_{t+1} \leftarrow \mu_{t+1} u_t \\
+            &\hspace{5mm} \phi_{t+1} \leftarrow \theta_{t+1} + d_{t+1} \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{return}: \theta \text{ (by } \texttt{eval()}) \\
+            &\rule{110mm}{0.4pt}
+       \end{aligned}
 
     With :math:`\lambda = 0` that is :math:`\phi_{t+1} = \phi_t + (1 + \mu_{t+1}) u_t - \mu_t u_{t-1}` and
     :math:`\theta_t = \phi_t - \mu_t u_{t-1}`. The lookahead after step :math:`t` uses the momentum of step
@@ -61,7 +74,7 @@ class Nesterov(LookaheadPointWrapper):
             parameters to the host and back at every step.
 
     Per-parameter details: memory is two parameter-sized tensors, :math:`\theta` and the lookahead
-    :math:`\phi - \theta = \mu u` actually applied (so the retraction is exact even if ``"nesterov_momentum"`` is
+    :math:`d = \phi - \theta = \mu u` actually applied (so the retraction is exact even if ``"nesterov_momentum"`` is
     changed by hand between steps), float32 for bf16/fp16 parameters. A parameter with no gradient at a step
     (``p.grad is None`` after it) is left as it is: the inner optimizers of torch do not move it, and :math:`\theta`,
     the lookahead and the parameter stay as they are, as if the step had not happened for it.
@@ -71,9 +84,17 @@ class Nesterov(LookaheadPointWrapper):
     ``TypeError``.
     """
 
-    state_prefix = "nesterov"
-    state_names = ("iterate", "lookahead")  # theta, phi - theta
-    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    spec_name = "nesterov"
+    #: theta and d; phi while eval() puts theta in. Saved as "iterate", "lookahead", "lookahead_point" before: those
+    #: load too.
+    state_spec = StateSpec(
+        prefix="nesterov",
+        names=("theta", "d"),
+        evaluation="theta",
+        required=("theta", "d"),
+        train_point="phi",
+        renamed={"iterate": "theta", "lookahead": "d", "lookahead_point": "phi"},
+    )
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {"momentum": UNIT, "weight_decay": NON_NEGATIVE}
     #: the default momentum 0.9 with the inner lr both ways, then less and more momentum
     tuning_trials: ClassVar[tuple[Trial, ...]] = (
@@ -119,14 +140,19 @@ class Nesterov(LookaheadPointWrapper):
             return _check_momentum(value_at(momentum, n), f" (the value of its schedule at step {n})")
         return float(momentum)
 
-    def _coefficients(self, group: dict[str, Any], n: int) -> dict[str, float]:
+    def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        theta = self._new_state(param, param, state_dtype(param))  # theta_1 = p
+        return {"theta": theta, "d": torch.zeros_like(theta)}  # d_1 = 0, so phi_1 = theta_1: the parameters as they are
+
+    def _coefficients(self, group: dict[str, Any], t: int) -> dict[str, float]:
+        # after step t: theta_{t+1} with lr_t's decay, then phi_{t+1} with mu_{t+1}
         decay = float(group["lr"]) * group["nesterov_weight_decay"] if group["nesterov_weight_decay"] else 0.0
-        return {"momentum": self.momentum_at(group, n), "decay": decay}
+        return {"momentum": self.momentum_at(group, t + 1), "decay": decay}
 
     def _update(
-        self, params: list[torch.Tensor], iterates: list[torch.Tensor], directions: list[torch.Tensor], **kwargs: float
+        self, params: list[torch.Tensor], theta: list[torch.Tensor], d: list[torch.Tensor], **kw: float
     ) -> None:
-        nesterov_update(params, iterates, directions, **kwargs)
+        nesterov_update(params, theta, d, **kw)
 
 
 def _check_momentum(momentum: Any, where: str = "") -> float:
@@ -136,8 +162,8 @@ def _check_momentum(momentum: Any, where: str = "") -> float:
 @torch.no_grad()
 def nesterov_update(
     params: list[torch.Tensor],
-    iterates: list[torch.Tensor],
-    lookaheads: list[torch.Tensor],
+    theta: list[torch.Tensor],
+    d: list[torch.Tensor],
     *,
     momentum: float,
     decay: float,
@@ -145,25 +171,25 @@ def nesterov_update(
     r"""The black-box Nesterov update after an inner step, over tensors that share device and dtype, in foreach
     passes.
 
-    On entry ``params`` hold :math:`\phi_t + u_t` (the inner step taken from :math:`\phi_t`), ``iterates``
-    :math:`\theta_t` and ``lookaheads`` :math:`d_t = \phi_t - \theta_t` as applied at the last step. On exit
-    ``iterates`` hold :math:`\theta_{t+1} = (1 - \text{decay})\theta_t + u_t`, ``lookaheads`` :math:`d_{t+1} =
-    \mu_{t+1} u_t` (``momentum`` is :math:`\mu_{t+1}`) and ``params`` :math:`\phi_{t+1} = \theta_{t+1} + d_{t+1}`.
-    The state may be float32 for low-precision parameters and may live on another device.
+    On entry ``params`` hold :math:`\phi_t + u_t` (the inner step taken from :math:`\phi_t`), ``theta``
+    :math:`\theta_t` and ``d`` :math:`d_t = \phi_t - \theta_t` as applied at the last step. On exit ``theta`` holds
+    :math:`\theta_{t+1} = (1 - \text{decay})\theta_t + u_t`, ``d`` :math:`d_{t+1} = \mu_{t+1} u_t` (``momentum`` is
+    :math:`\mu_{t+1}`) and ``params`` :math:`\phi_{t+1} = \theta_{t+1} + d_{t+1}`. The state may be float32 for
+    low-precision parameters and may live on another device.
     """
-    stepped = as_state_tensors(params, iterates[0])
+    stepped = as_state_tensors(params, theta[0])
     # -u_t = phi_t - (phi_t + u_t), with phi_t = theta_t + d_t rounded as it was formed; d serves as scratch
-    torch._foreach_add_(lookaheads, iterates)
-    torch._foreach_sub_(lookaheads, stepped)
+    torch._foreach_add_(d, theta)
+    torch._foreach_sub_(d, stepped)
     # theta_{t+1} = (1 - lr wd) theta_t + u_t
     if decay:
-        torch._foreach_mul_(iterates, 1.0 - decay)
-    torch._foreach_sub_(iterates, lookaheads)
+        torch._foreach_mul_(theta, 1.0 - decay)
+    torch._foreach_sub_(theta, d)
     # d_{t+1} = mu_{t+1} u_t
-    torch._foreach_mul_(lookaheads, -momentum)
+    torch._foreach_mul_(d, -momentum)
     # phi_{t+1} = theta_{t+1} + d_{t+1}
     if stepped is params:
-        foreach_copy_(params, iterates)
-        torch._foreach_add_(params, lookaheads)
+        foreach_copy_(params, theta)
+        torch._foreach_add_(params, d)
     else:
-        foreach_copy_(params, torch._foreach_add(iterates, lookaheads), non_blocking=True)
+        foreach_copy_(params, torch._foreach_add(theta, d), non_blocking=True)

@@ -56,9 +56,7 @@ class SCALE(RoleOptimizer):
             accelerator.
     """
 
-    #: Per-parameter state is the parameter's shape or one number (what ``Wrapper.load_state_dict`` checks).
-    elementwise_state: ClassVar[bool] = True
-    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    spec_name = "scale"
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "lr": NON_NEGATIVE,
         "momentum": UNIT,
@@ -77,21 +75,13 @@ class SCALE(RoleOptimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"SCALE: foreach must be True, False or None, got {foreach!r}")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "foreach": foreach,
-        }
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
+        super().__init__(
+            params, lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach
+        )
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        _check_hyperparameters(group)
+        super()._check_hyperparameters(group)
+        group["betas"] = checks.pair(group["betas"], "betas", UNIT, owner="SCALE")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -140,12 +130,6 @@ class SCALE(RoleOptimizer):
         elif not isinstance(state["step"], Tensor):  # an int, as snoo <= 0.1.0.dev0 saved it
             state["step"] = torch.tensor(float(state["step"]))
         return state
-
-
-def _check_hyperparameters(group: dict[str, Any]) -> None:
-    for name, within in SCALE.hyperparameter_ranges.items():
-        group[name] = checks.number(group[name], name, within, owner="SCALE")
-    group["betas"] = checks.pair(group["betas"], "betas", UNIT, owner="SCALE")
 
 
 def scale_update(

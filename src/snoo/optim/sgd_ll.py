@@ -52,9 +52,7 @@ class SGDLL(RoleOptimizer):
     The paper trains without weight decay, and so does this optimizer (there is no ``weight_decay`` argument).
     """
 
-    #: Per-parameter state is the parameter's shape or one number (what ``Wrapper.load_state_dict`` checks).
-    elementwise_state: ClassVar[bool] = True
-    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    spec_name = "sgdll"
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "lr": NON_NEGATIVE,
         "momentum": UNIT,
@@ -72,14 +70,7 @@ class SGDLL(RoleOptimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"SGDLL: foreach must be True, False or None, got {foreach!r}")
-        defaults = {"lr": lr, "momentum": momentum, "tau": tau, "delta": delta, "foreach": foreach}
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
-
-    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        _check_hyperparameters(group)
+        super().__init__(params, lr=lr, momentum=momentum, tau=tau, delta=delta, foreach=foreach)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -97,11 +88,6 @@ class SGDLL(RoleOptimizer):
                 foreach=pick_foreach(group["foreach"], params),
             )
         return loss
-
-
-def _check_hyperparameters(group: dict[str, Any]) -> None:
-    for name, within in SGDLL.hyperparameter_ranges.items():
-        group[name] = checks.number(group[name], name, within, owner="SGDLL")
 
 
 def sgd_ll_update(

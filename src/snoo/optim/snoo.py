@@ -18,10 +18,18 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
+from snoo.optim.declaration import Trial
 from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
-from snoo.optim.tensors import foreach_copy_, is_dtensor, local
-from snoo.optim.wrapper import Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.tensors import (
+    as_state_tensors,
+    bucket_by_device_and_dtype,
+    foreach_copy_,
+    is_dtensor,
+    local,
+    state_dtype,
+)
+from snoo.optim.wrapper import StateSpec, Wrapper
 
 #: :math:`K \ge 1`.
 K_RANGE = checks.Range(1)
@@ -107,8 +115,9 @@ class SNOO(Wrapper):
     - With a ``process_group``, a parameter takes the outer step when any rank gave it a gradient in the cycle.
     """
 
-    state_prefix = "snoo"
-    #: The range of each numeric argument (what :mod:`snoo.spec` checks a SPEC against).
+    spec_name = "snoo"
+    #: w and b (none while the momentum is 0); p while eval() puts w in
+    state_spec = StateSpec(prefix="snoo", names=("slow", "momentum"), evaluation="slow", train_point="fast")
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "k": K_RANGE,
         "lr": OUTER_LR_RANGE,
@@ -124,9 +133,12 @@ class SNOO(Wrapper):
         (2.0, {"lr": 0.8, "momentum": 0.75}),
         (2.0, {"lr": 0.5, "momentum": 0.9}),
     )
-    state_names = ("slow", "momentum")
-    evaluation_key = "slow"
-    train_point = "fast"
+    #: the grammar's short names are ambiguous in a plot: SNOO's lr is its outer lr
+    knob_labels: ClassVar[dict[str, str]] = {
+        "lr": "SNOO outer lr",
+        "momentum": "SNOO outer momentum",
+        "k": "K (inner steps per outer step)",
+    }
 
     def __init__(
         self,
@@ -380,14 +392,18 @@ class SNOO(Wrapper):
                 f"build it with the same k to continue the run"
             )
         skipped = extras[0].get("skipped_outer_steps", 0)  # absent from state dicts of snoo <= 0.1.0.dev0
-        checks.integer(skipped, f"param_groups[0]['{self.state_prefix}']['skipped_outer_steps']", checks.NON_NEGATIVE)
+        checks.integer(
+            skipped, f"param_groups[0]['{self.state_spec.prefix}']['skipped_outer_steps']", checks.NON_NEGATIVE
+        )
         touched = set()
         for g, (extra, params) in enumerate(zip(extras, groups)):
             positions = extra.get("touched")
             if not isinstance(positions, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in positions
             ):
-                raise ValueError(f"param_groups[{g}]['{self.state_prefix}']['touched'] must be a list of positions")
+                raise ValueError(
+                    f"param_groups[{g}]['{self.state_spec.prefix}']['touched'] must be a list of positions"
+                )
             touched.update(params[i] for i in positions)
         return {**values, "touched": touched, "skipped_outer_steps": skipped}
 
@@ -619,6 +635,7 @@ class Lookahead(SNOO):
     are the paper's.
     """
 
+    spec_name = "lookahead"
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "k": K_RANGE,
         "alpha": checks.Range(0, 1, low_open=True),
@@ -632,6 +649,7 @@ class Lookahead(SNOO):
         (2.0, {"alpha": 0.8}),
         (1.0, {"alpha": 0.3}),
     )
+    knob_labels: ClassVar[dict[str, str]] = {"alpha": "Lookahead alpha"}
 
     def __init__(
         self,
