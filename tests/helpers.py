@@ -110,6 +110,22 @@ Build = Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.l
 Run = Callable[[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int, int], None]
 
 
+def run_without_a_bias_gradient_every(every: int) -> Run:
+    """A ``run`` that trains steps ``start + 1 .. stop`` on :func:`batch` (the scheduler stepped after each step), in
+    which the first layer's bias gets no gradient every ``every``-th step (as a frozen or unused parameter would)."""
+
+    def run(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, start: int, stop: int) -> None:
+        for t in range(start + 1, stop + 1):
+            x, y = batch(t)
+            out = model(x) if t % every else model[2](model[1](x @ model[0].weight.T))
+            (out - y).square().mean().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    return run
+
+
 def save_checkpoints(directory: Path, build: Build, run: Run, cuts: list[tuple[int, bool]]) -> torch.optim.Optimizer:
     """Train from scratch to each cut and save everything there (in eval mode where asked); returns the last
     optimizer, for the caller to look at its state dict."""

@@ -21,6 +21,7 @@ from helpers import (
     make_model,
     params_of,
     resume_and_finish,
+    run_without_a_bias_gradient_every,
     save_checkpoints,
     train_step,
 )
@@ -296,14 +297,7 @@ def build() -> tuple[torch.nn.Module, snoo.Nesterov, torch.optim.lr_scheduler.LR
     return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
 
 
-def run(model, opt, sched, start: int, stop: int) -> None:
-    for t in range(start + 1, stop + 1):
-        x, y = batch(t)
-        out = model(x) if t % 3 else model[2](model[1](x @ model[0].weight.T))  # no bias gradient every 3rd step
-        (out - y).square().mean().backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+run = run_without_a_bias_gradient_every(3)
 
 
 CUTS = [(2, False), (7, True), (12, False)]  # (step, saved in eval mode)
