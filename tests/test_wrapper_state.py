@@ -399,3 +399,53 @@ def test_with_a_process_group_the_averaged_pseudo_gradient_is_checked(tmp_path):
         assert all(torch.equal(opt.state[p]["slow"], w) and torch.equal(p, w) for p, w in zip(model.parameters(), slow))
     finally:
         dist.destroy_process_group()
+
+
+# -- state dicts saved before the state keys were named after the math ------------------------------------------------
+
+#: new key -> the key snoo saved before (up to f6ad21c), per wrapper: such a checkpoint must load and continue the same
+OLD_KEYS = {
+    "EMANesterov": {"x": "iterate", "m": "update_ema", "y": "lookahead_point"},
+    "Nesterov": {"theta": "iterate", "d": "lookahead", "phi": "lookahead_point"},
+    "GPA": {"y": "train_point"},
+}
+OLD_KEY_WRAPPERS = {
+    "EMANesterov": WRAPPERS["EMANesterov"],
+    "Nesterov": WRAPPERS["Nesterov"],
+    "GPA": lambda m: snoo.GPA(torch.optim.AdamW(m.parameters(), lr=1e-2), mu_x=0.8),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "in_eval"),
+    [("EMANesterov", False), ("EMANesterov", True), ("Nesterov", False), ("Nesterov", True), ("GPA", True)],
+)  # GPA renamed its training point only, which a state dict holds in eval mode
+def test_a_state_dict_in_the_old_key_names_loads_and_continues_bit_for_bit(name, in_eval):
+    model = make_model()
+    opt = OLD_KEY_WRAPPERS[name](model)
+    for t in range(3):
+        train_step(model, opt, t)
+    if in_eval:
+        opt.eval()
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    prefix = opt.state_spec.prefix
+    renamed = {f"{prefix}.{new}": f"{prefix}.{old}" for new, old in OLD_KEYS[name].items()}
+    old = {**saved, "state": {i: {renamed.get(k, k): v for k, v in st.items()} for i, st in saved["state"].items()}}
+    assert any(k in renamed.values() for st in old["state"].values() for k in st), "the old names are in use"
+    assert not any(k in renamed for st in old["state"].values() for k in st)
+    fresh_model = make_model(seed=1)
+    fresh_model.load_state_dict(saved_model)
+    fresh = OLD_KEY_WRAPPERS[name](fresh_model)
+    fresh.load_state_dict(old)
+    assert same(fresh.state_dict(), saved), "loaded under the new names, nothing else changed"
+    for o, m in ((opt, model), (fresh, fresh_model)):
+        o.train()
+        for t in range(3, 6):
+            train_step(m, o, t)
+    assert all(map(torch.equal, fresh_model.parameters(), model.parameters()))
+    assert same(fresh.state_dict(), opt.state_dict())
+    both = copy.deepcopy(old)
+    first = next(iter(both["state"].values()))
+    old_key = next(k for k in first if k in renamed.values())
+    first[next(k for k, v in renamed.items() if v == old_key)] = first[old_key].clone()
+    assert_refused_and_unchanged(fresh_model, fresh, both, match="under its old name too")
