@@ -134,3 +134,40 @@ def test_a_crafted_entry_of_the_data_files_is_refused_and_runs_nothing(tmp_path)
         state = {"w": torch.zeros(2), "progress": {"step": None, "name": None}}
         snoo.checkpoint.load_dcp(state, tmp_path / "plain")  # plain values load
     assert state["progress"] == {"step": 7, "name": "run"} and torch.equal(state["w"], torch.ones(2))
+
+
+#: new key -> the key snoo saved before (up to f6ad21c)
+OLD_NAMES = {"ema_nesterov.x": "ema_nesterov.iterate", "ema_nesterov.m": "ema_nesterov.update_ema"}
+
+
+def test_a_checkpoint_in_the_old_key_names_loads_and_continues_bit_for_bit(tmp_path):
+    """DCP loads by name: state saved as "ema_nesterov.iterate" loads into "ema_nesterov.x", and the evaluation
+    weights are found under the old name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = make_model()
+    opt = WRAPPERS["EMANesterov"](model)
+    for t in range(3):
+        train_step(model, opt, t)
+    x = opt.state[model[0].weight]["x"].clone()
+    msd, osd = get_state_dict(model, opt)
+    osd["state"] = {fqn: {OLD_NAMES.get(k, k): v for k, v in st.items()} for fqn, st in osd["state"].items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*in a single process")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "ckpt")
+        fresh_model = make_model(seed=1)
+        fresh = WRAPPERS["EMANesterov"](fresh_model)
+        train_step(fresh_model, fresh, 0)  # the state a template needs
+        msd, osd = get_state_dict(fresh_model, fresh)
+        state = {"model": msd, "optim": osd}
+        snoo.checkpoint.load_dcp(state, tmp_path / "ckpt")
+    assert all(set(OLD_NAMES) <= set(st) for st in state["optim"]["state"].values()), "named back after the load"
+    set_state_dict(fresh_model, fresh, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for t in range(3, 6):
+        train_step(model, opt, t)
+        train_step(fresh_model, fresh, t)
+    assert all(map(torch.equal, fresh_model.parameters(), model.parameters()))
+    got = snoo.checkpoint.load_evaluation_weights(tmp_path / "ckpt", make_model(seed=2))
+    assert set(snoo.checkpoint.evaluation_keys()) >= {"ema_nesterov.x", "ema_nesterov.iterate"}
+    assert torch.equal(got["0.weight"], x)  # x, found under its old name

@@ -133,7 +133,38 @@ def load_dcp(state_dict: dict[str, Any], checkpoint_id: str | os.PathLike, **kwa
 
     check_dcp_metadata(checkpoint_id)
     kwargs.setdefault("planner", safe_load_planner())
-    _unwrapped(dcp.load, state_dict, checkpoint_id=checkpoint_id, **kwargs)
+    renamed = _as_saved_before_a_rename(state_dict, dcp.FileSystemReader(checkpoint_id).read_metadata())
+    try:
+        _unwrapped(dcp.load, state_dict, checkpoint_id=checkpoint_id, **kwargs)
+    finally:
+        for entry, old, new in renamed:
+            entry[new] = entry.pop(old)
+
+
+def _as_saved_before_a_rename(state_dict: dict[str, Any], metadata: Any) -> list[tuple[dict, str, str]]:
+    """Rename, in place, each wrapper state entry of ``state_dict`` that the checkpoint holds only under the name it
+    had before a rename (``StateSpec.renamed``: ``"ema_nesterov.iterate"`` for ``"ema_nesterov.x"``), so that DCP,
+    which loads by name, finds it; return (the dict, old name, new name) of each, for the caller to name back."""
+    saved = metadata.state_dict_metadata
+    old_names: dict[str, list[str]] = {}
+    for cls in _wrapper_classes():
+        spec = cls.state_spec
+        for old, new in spec.renamed.items():
+            old_names.setdefault(f"{spec.prefix}.{new}", []).append(f"{spec.prefix}.{old}")
+    renamed = []
+    pending: list[tuple[str, dict]] = [("", state_dict)]
+    while pending:
+        path, entries = pending.pop()
+        for key in list(entries):
+            where = f"{path}{key}"
+            if isinstance(entries[key], dict):
+                pending.append((where + ".", entries[key]))
+            elif where not in saved:
+                old = next((o for o in old_names.get(str(key), []) if f"{path}{o}" in saved), None)
+                if old is not None:
+                    entries[old] = entries.pop(key)
+                    renamed.append((entries, old, key))
+    return renamed
 
 
 def _unwrapped(load: Any, *args: Any, **kwargs: Any) -> None:
@@ -155,16 +186,23 @@ def evaluation_keys() -> dict[str, type[Wrapper]]:
     subclass a user made), e.g. ``"snoo.slow"``: the state entry of a parameter that holds its evaluation weights;
     also under the name it had before a rename (``"ema_nesterov.iterate"``), as checkpoints saved then hold it."""
     keys: dict[str, type[Wrapper]] = {}
-    pending = list(Wrapper.__subclasses__())
+    for cls in _wrapper_classes():
+        spec = cls.state_spec
+        old = [name for name, new in spec.renamed.items() if new == spec.evaluation]
+        for name in (spec.evaluation, *old):
+            keys.setdefault(f"{spec.prefix}.{name}", cls)
+    return keys
+
+
+def _wrapper_classes() -> list[type[Wrapper]]:
+    """Every wrapper class defined that declares its state (this package's and any subclass a user made)."""
+    found, pending = [], list(Wrapper.__subclasses__())
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        spec = getattr(cls, "state_spec", None)
-        if spec is not None:
-            old = [name for name, new in spec.renamed.items() if new == spec.evaluation]
-            for name in (spec.evaluation, *old):
-                keys.setdefault(f"{spec.prefix}.{name}", cls)
-    return keys
+        if hasattr(cls, "state_spec"):
+            found.append(cls)
+    return found
 
 
 def load_evaluation_weights(
