@@ -43,16 +43,29 @@ class SNOO(Wrapper):
     r"""Step-K Nesterov Outer Optimizer: Nesterov momentum on the pseudo-gradient of K inner steps.
 
     The parameters hold the *fast* weights :math:`p`, which ``inner`` updates at every step. SNOO keeps the *slow*
-    weights :math:`w` (the model that counts) and a momentum buffer :math:`b`:
+    weights :math:`w` (the model that counts) and a momentum buffer :math:`b` (the state keys ``"slow"`` and
+    ``"momentum"``, ``"snoo.slow"`` and ``"snoo.momentum"`` in ``state_dict()``; :math:`p` is kept as ``"fast"`` while
+    ``eval()`` puts :math:`w` in):
 
     .. math::
-
-        &\text{at the first step:}\quad w = p,\quad b = 0 \\
-        &\text{after inner steps } K, 2K, 3K, \dots: \\
-        &\qquad s = w - p \qquad\text{(pseudo-gradient)} \\
-        &\qquad b \leftarrow \mu b + s \\
-        &\qquad w \leftarrow w - \eta\,(s + \mu b) \qquad\text{(without Nesterov: } w \leftarrow w - \eta b) \\
-        &\qquad p \leftarrow w
+       \begin{aligned}
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{input}: A \text{ (inner optimizer)}, K, \eta_t \text{ (outer lr)}, \mu_t \text{ (outer momentum)},
+                p \text{ (params)} \\
+            &\textbf{initialize}: w \leftarrow p,\; b \leftarrow 0 \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} p \leftarrow A_t(p) \qquad\text{(the inner optimizer's step)} \\
+            &\hspace{5mm} \textbf{if} \: t \bmod K = 0: \\
+            &\hspace{10mm} s \leftarrow w - p \qquad\text{(pseudo-gradient)} \\
+            &\hspace{10mm} b \leftarrow \mu_t b + s \\
+            &\hspace{10mm} w \leftarrow w - \eta_t\,(s + \mu_t b) \qquad\text{(without Nesterov: }
+                w \leftarrow w - \eta_t b) \\
+            &\hspace{10mm} p \leftarrow w \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{return}: w \text{ (by } \texttt{eval()}) \\
+            &\rule{110mm}{0.4pt}
+       \end{aligned}
 
     which is ``torch.optim.SGD(lr=eta, momentum=mu, nesterov=True)`` applied to the "gradient" :math:`s`. The inner
     optimizer's own state (Adam moments, Muon momentum) is kept across outer steps. With :math:`\mu = 0` no momentum
@@ -207,7 +220,7 @@ class SNOO(Wrapper):
         checks.flag(group["outer_nesterov"], "nesterov (outer_nesterov)")
 
     def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        state = {"slow": self._new_state(param, param, state_dtype(param))}
+        state = {"slow": self._new_state(param, param, state_dtype(param))}  # w = p
         if group["outer_momentum"] != 0:  # a schedule too: b = 0 at the start; Lookahead keeps none
             state["momentum"] = self._zeros_like_state(state["slow"])
         return state
@@ -628,6 +641,20 @@ def fused_outer_step(
 
 class Lookahead(SNOO):
     r"""Lookahead: every K steps, :math:`w \leftarrow w + \alpha (p - w)` and :math:`p \leftarrow w`.
+
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{input}: A \text{ (inner optimizer)}, K, \alpha, p \text{ (params)} \\
+            &\textbf{initialize}: w \leftarrow p \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} p \leftarrow A_t(p) \\
+            &\hspace{5mm} \textbf{if} \: t \bmod K = 0: \; w \leftarrow w + \alpha (p - w),\; p \leftarrow w \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{return}: w \text{ (by } \texttt{eval()}) \\
+            &\rule{110mm}{0.4pt}
+       \end{aligned}
 
     This is :class:`SNOO` with ``momentum=0`` and ``lr=alpha`` (stored in each group as ``"outer_lr"``): no momentum
     buffer, one lerp and one copy per outer step (one pass with ``fused=True``). ``eval()``/``train()``,

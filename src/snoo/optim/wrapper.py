@@ -294,7 +294,7 @@ class Wrapper(Optimizer, Declared):
     # -- evaluation weights -----------------------------------------------------------------------------------------
 
     def _evaluation_weights(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weights ``eval()`` puts into ``param``: its state :attr:`evaluation_key`."""
+        """The weights ``eval()`` puts into ``param``: its state ``state_spec.evaluation``."""
         return state[self.state_spec.evaluation]
 
     @torch.no_grad()
@@ -330,7 +330,7 @@ class Wrapper(Optimizer, Declared):
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def _extra_state(self) -> dict[str, Any]:
-        """Scalars saved in every group of ``state_dict()["param_groups"]`` under ``state_prefix``; subclasses
+        """Scalars saved in every group of ``state_dict()["param_groups"]`` under ``state_spec.prefix``; subclasses
         extend it (and :meth:`_parse_extra_state`, :meth:`_apply_extra_state` with it)."""
         return {
             "wrapper": type(self).__name__,
