@@ -152,6 +152,20 @@ def resume_and_finish(directory: Path, build: Build, run: Run, steps: int) -> No
         torch.save(params_of(model), checkpoint.with_suffix(".final"))
 
 
+def assert_resumes_bit_for_bit(
+    script: str, directory: Path, build: Build, run: Run, steps: int, cuts: list[tuple[int, bool]]
+) -> torch.optim.Optimizer:
+    """Train ``steps`` in one go; then from scratch to each cut, saved there (:func:`save_checkpoints`), and assert that
+    ``script`` run as a fresh process finishes each to the same weights. Returns the last saved optimizer, for the
+    caller to look at its state dict."""
+    model, opt, sched = build()
+    run(model, opt, sched, 0, steps)
+    expected = params_of(model)
+    opt = save_checkpoints(directory, build, run, cuts)
+    assert_fresh_process_finishes_the_same(script, directory, cuts, expected)
+    return opt
+
+
 def assert_fresh_process_finishes_the_same(script: str, directory: Path, cuts: list[tuple[int, bool]], expected):
     done = subprocess.run([sys.executable, script, str(directory)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

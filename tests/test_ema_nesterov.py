@@ -15,14 +15,13 @@ from hypothesis import strategies as st
 import snoo
 from helpers import (
     CountOps,
-    assert_fresh_process_finishes_the_same,
+    assert_resumes_bit_for_bit,
     batch,
     inner_optimizers,
     make_model,
     params_of,
     resume_and_finish,
     run_without_a_bias_gradient_every,
-    save_checkpoints,
     train_step,
 )
 from snoo import schedules
@@ -331,14 +330,9 @@ CUTS = [(1, False), (6, False), (9, True)]  # (step, saved in eval mode)
 
 
 def test_resume_in_a_fresh_process_is_bit_exact_with_a_schedule_and_in_eval_mode(tmp_path):
-    model, opt, sched = build()
-    run(model, opt, sched, 0, STEPS)
-    expected = params_of(model)
-    opt = save_checkpoints(tmp_path, build, run, CUTS)
-    sd = opt.state_dict()
+    sd = assert_resumes_bit_for_bit(__file__, tmp_path, build, run, STEPS, CUTS).state_dict()
     assert sd["param_groups"][0]["ema_beta"].startswith("<schedule, not saved> schedules.linear_warmup(")
     assert set(sd["state"][1]) >= {"ema_nesterov.x", "ema_nesterov.m", "ema_nesterov.y"}
-    assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 
 def test_a_state_saved_with_a_schedule_needs_the_schedule_to_load():

@@ -16,13 +16,12 @@ from hypothesis import strategies as st
 import snoo
 from helpers import (
     CountOps,
-    assert_fresh_process_finishes_the_same,
+    assert_resumes_bit_for_bit,
     batch,
     make_model,
     params_of,
     resume_and_finish,
     run_without_a_bias_gradient_every,
-    save_checkpoints,
     train_step,
 )
 from snoo import spec
@@ -354,14 +353,9 @@ CUTS = [(1, False), (4, True), (9, False)]  # (step, saved in eval mode)
 
 
 def test_resume_in_a_fresh_process_is_bit_exact_and_in_eval_mode(tmp_path):
-    model, opt, sched = build()
-    run(model, opt, sched, 0, STEPS)
-    expected = params_of(model)
-    opt = save_checkpoints(tmp_path, build, run, CUTS)
-    sd = opt.state_dict()
+    sd = assert_resumes_bit_for_bit(__file__, tmp_path, build, run, STEPS, CUTS).state_dict()
     assert set(sd["state"][1]) >= {"gpa.x", "gpa.z", "exp_avg", "exp_avg_sq"}
     assert sd["param_groups"][0]["gpa"] == {"inner_steps": 9, "training": True, "wrapper": "GPA", "inner": "AdamW"}
-    assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 
 def test_state_dict_round_trip_continues_the_same_in_process():

@@ -15,14 +15,13 @@ from hypothesis import strategies as st
 import snoo
 from helpers import (
     CountOps,
-    assert_fresh_process_finishes_the_same,
+    assert_resumes_bit_for_bit,
     batch,
     inner_optimizers,
     make_model,
     params_of,
     resume_and_finish,
     run_without_a_bias_gradient_every,
-    save_checkpoints,
     train_step,
 )
 from snoo import schedules
@@ -304,10 +303,7 @@ CUTS = [(2, False), (7, True), (12, False)]  # (step, saved in eval mode)
 
 
 def test_resume_in_a_fresh_process_is_bit_exact_with_a_schedule_and_in_eval_mode(tmp_path):
-    model, opt, sched = build()
-    run(model, opt, sched, 0, STEPS)
-    expected = params_of(model)
-    opt = save_checkpoints(tmp_path, build, run, CUTS)
+    opt = assert_resumes_bit_for_bit(__file__, tmp_path, build, run, STEPS, CUTS)
     assert set(opt.state_dict()["state"][0]) == {
         "step",
         "exp_avg",
@@ -315,7 +311,6 @@ def test_resume_in_a_fresh_process_is_bit_exact_with_a_schedule_and_in_eval_mode
         "nesterov.theta",
         "nesterov.d",
     }
-    assert_fresh_process_finishes_the_same(__file__, tmp_path, CUTS, expected)
 
 
 if __name__ == "__main__":
