@@ -100,6 +100,21 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def ops_in_wrapper_step(wrap: Callable[[torch.optim.Optimizer], torch.optim.Optimizer], n_tensors: int) -> int:
+    """How many kernels a wrapper's own work launches in a step over ``n_tensors`` parameters (``wrap`` builds it
+    around SGD; the inner step is made a no-op): the same for 3 tensors as for 50 when its update is foreach."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_tensors)]
+    opt = wrap(torch.optim.SGD(params, lr=0.1))
+    for p in params:
+        p.grad = torch.ones(8)
+    opt.step()
+    counter = CountOps()
+    opt.inner.step = lambda closure=None: None  # count the wrapper's own work only
+    with counter:
+        opt.step()
+    return counter.count
+
+
 # -- resuming in a fresh process ----------------------------------------------------------------------------------
 # A test file that checks resume defines build() -> (model, optimizer, scheduler) and run(model, opt, sched, start,
 # stop), saves checkpoints with `save_checkpoints`, and ends with

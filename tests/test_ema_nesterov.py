@@ -3,6 +3,7 @@ script, this file is the fresh process that resumes a checkpoint."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -14,11 +15,11 @@ from hypothesis import strategies as st
 
 import snoo
 from helpers import (
-    CountOps,
     assert_resumes_bit_for_bit,
     batch,
     inner_optimizers,
     make_model,
+    ops_in_wrapper_step,
     params_of,
     resume_and_finish,
     run_without_a_bias_gradient_every,
@@ -253,19 +254,8 @@ def test_low_precision_parameters_keep_float32_state(dtype):
 
 
 def test_update_is_a_few_foreach_passes_whatever_the_number_of_tensors():
-    def ops_in_update(n_tensors: int) -> int:
-        params = [torch.nn.Parameter(torch.randn(8)) for _ in range(n_tensors)]
-        opt = snoo.EMANesterov(torch.optim.SGD(params, lr=0.1), beta=0.5, gamma=0.9)
-        for p in params:
-            p.grad = torch.ones(8)
-        opt.step()
-        counter = CountOps()
-        opt.inner.step = lambda closure=None: None  # count the wrapper's own work only
-        with counter:
-            opt.step()
-        return counter.count
-
-    assert ops_in_update(3) == ops_in_update(50) <= 8
+    wrap = functools.partial(snoo.EMANesterov, beta=0.5, gamma=0.9)
+    assert ops_in_wrapper_step(wrap, 3) == ops_in_wrapper_step(wrap, 50) <= 8
 
 
 def test_refuses_bad_arguments_naming_them():
