@@ -39,8 +39,7 @@ from torch.utils._pytree import tree_map_only
 
 from snoo.optim.schedules import Coefficient
 from snoo.optim.snoo import SNOO, _all_finite, _total_norms
-from snoo.optim.tensors import foreach_copy_, local
-from snoo.optim.wrapper import as_state_tensors
+from snoo.optim.tensors import as_state_tensors, foreach_copy_, local
 
 if TYPE_CHECKING:
     from torchft import Manager
