@@ -65,7 +65,22 @@ def test_a_declared_wrapper_is_a_name_of_the_grammar_with_its_declarations(toy_a
     opt = spec.build("toy-average(decay=0.5)+adamw", torch.nn.Linear(3, 2))
     assert isinstance(opt, toy_average) and opt.param_groups[0]["toy_decay"] == 0.5
     assert plots._knob_label("toy_average+adamw", "decay") == "toy average decay"
-    assert plots._knob_label("snoo+adamw", "snoo.lr") == "SNOO outer lr"  # the package's own, declared the same way
+
+
+def test_plots_label_the_package_knobs_as_their_classes_declare():
+    """The labels the heatmap had in a table of its own (plots.KNOB_NAMES), now declared by SNOO and Lookahead."""
+    labels = {
+        ("snoo", "lr"): "SNOO outer lr",
+        ("snoo", "momentum"): "SNOO outer momentum",
+        ("snoo", "k"): "K (inner steps per outer step)",
+        ("lookahead", "alpha"): "Lookahead alpha",
+        ("lookahead", "k"): "lookahead k",  # not declared: "<stage> <key>"
+        ("adamw", "lr"): "adamw lr",
+    }
+    for (stage, key), label in labels.items():
+        optimizer = "adamw" if stage == "adamw" else f"{stage}+adamw"
+        assert plots._knob_label(optimizer, f"{stage}.{key}") == label
+    assert plots._knob_label("snoo+adamw", "momentum") == "SNOO outer momentum"  # the outermost stage with the key
 
 
 def test_a_second_class_cannot_take_a_declared_name(toy_average):
