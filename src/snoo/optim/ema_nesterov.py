@@ -28,18 +28,14 @@ class EMANesterov(LookaheadPointWrapper):
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt} \\
             &\textbf{input}: A \text{ (inner optimizer)}, \beta_t \text{ (lookahead, a schedule)},
                 \gamma \text{ (EMA)}, p \text{ (params)} \\
             &\textbf{initialize}: x_1 \leftarrow p,\; m_1 \leftarrow 0,\; y_1 \leftarrow x_1 + \beta_1 m_1 = p \\
-            &\rule{110mm}{0.4pt} \\
             &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
             &\hspace{5mm} x_{t+1} \leftarrow A_t(y_t) \qquad\text{(the inner optimizer's step, taken from } y_t) \\
             &\hspace{5mm} m_{t+1} \leftarrow \gamma m_t + (1 - \gamma)(x_{t+1} - x_t) \\
             &\hspace{5mm} y_{t+1} \leftarrow x_{t+1} + \beta_{t+1} m_{t+1} \\
-            &\rule{110mm}{0.4pt} \\
-            &\textbf{return}: x \text{ (by } \texttt{eval()}) \\
-            &\rule{110mm}{0.4pt}
+            &\textbf{return}: x \text{ (by } \texttt{eval()})
        \end{aligned}
 
     After ``step()`` number :math:`t` the parameters hold :math:`y_{t+1}`, formed with :math:`\beta_{t+1}`: the

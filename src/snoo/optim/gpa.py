@@ -31,19 +31,15 @@ class GPA(LookaheadPointWrapper):
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt} \\
             &\textbf{input}: A \text{ (inner optimizer)}, \mu_y \text{ (gradient point)}, \mu_x \text{ (averaging)},
                 p \text{ (params)} \\
             &\textbf{initialize}: x_1 \leftarrow p,\; z_1 \leftarrow p,\; y_1 \leftarrow p \\
-            &\rule{110mm}{0.4pt} \\
             &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
             &\hspace{5mm} u_t \leftarrow A_t(y_t) - y_t \qquad\text{(the inner optimizer's step, taken from } y_t) \\
             &\hspace{5mm} z_{t+1} \leftarrow z_t + u_t \\
             &\hspace{5mm} x_{t+1} \leftarrow \mu_x x_t + (1 - \mu_x) z_{t+1} \\
             &\hspace{5mm} y_{t+1} \leftarrow \mu_y x_{t+1} + (1 - \mu_y) z_{t+1} \\
-            &\rule{110mm}{0.4pt} \\
-            &\textbf{return}: x \text{ (by } \texttt{eval()}) \\
-            &\rule{110mm}{0.4pt}
+            &\textbf{return}: x \text{ (by } \texttt{eval()})
        \end{aligned}
 
     Special cases: :math:`\mu_x = 0` keeps :math:`x = z = y`, the inner optimizer alone (bit for bit: the update

@@ -29,19 +29,15 @@ class Nesterov(LookaheadPointWrapper):
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt} \\
             &\textbf{input}: A \text{ (inner optimizer)}, \mu_t \text{ (momentum, a schedule)},
                 \lambda \text{ (weight decay)}, p \text{ (params)} \\
             &\textbf{initialize}: \theta_1 \leftarrow p,\; d_1 \leftarrow 0,\; \phi_1 \leftarrow \theta_1 + d_1 = p \\
-            &\rule{110mm}{0.4pt} \\
             &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
             &\hspace{5mm} u_t \leftarrow A_t(\phi_t) - \phi_t \qquad\text{(the inner optimizer's step from } \phi_t) \\
             &\hspace{5mm} \theta_{t+1} \leftarrow (1 - \text{lr}_t\,\lambda)\,\theta_t + u_t \\
             &\hspace{5mm} d_{t+1} \leftarrow \mu_{t+1} u_t \\
             &\hspace{5mm} \phi_{t+1} \leftarrow \theta_{t+1} + d_{t+1} \\
-            &\rule{110mm}{0.4pt} \\
-            &\textbf{return}: \theta \text{ (by } \texttt{eval()}) \\
-            &\rule{110mm}{0.4pt}
+            &\textbf{return}: \theta \text{ (by } \texttt{eval()})
        \end{aligned}
 
     With :math:`\lambda = 0` that is :math:`\phi_{t+1} = \phi_t + (1 + \mu_{t+1}) u_t - \mu_t u_{t-1}` and

@@ -49,11 +49,9 @@ class SNOO(Wrapper):
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt} \\
             &\textbf{input}: A \text{ (inner optimizer)}, K, \eta_t \text{ (outer lr)}, \mu_t \text{ (outer momentum)},
                 p \text{ (params)} \\
             &\textbf{initialize}: w \leftarrow p,\; b \leftarrow 0 \\
-            &\rule{110mm}{0.4pt} \\
             &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
             &\hspace{5mm} p \leftarrow A_t(p) \qquad\text{(the inner optimizer's step)} \\
             &\hspace{5mm} \textbf{if} \: t \bmod K = 0: \\
@@ -62,9 +60,7 @@ class SNOO(Wrapper):
             &\hspace{10mm} w \leftarrow w - \eta_t\,(s + \mu_t b) \qquad\text{(without Nesterov: }
                 w \leftarrow w - \eta_t b) \\
             &\hspace{10mm} p \leftarrow w \\
-            &\rule{110mm}{0.4pt} \\
-            &\textbf{return}: w \text{ (by } \texttt{eval()}) \\
-            &\rule{110mm}{0.4pt}
+            &\textbf{return}: w \text{ (by } \texttt{eval()})
        \end{aligned}
 
     which is ``torch.optim.SGD(lr=eta, momentum=mu, nesterov=True)`` applied to the "gradient" :math:`s`. The inner
@@ -644,16 +640,12 @@ class Lookahead(SNOO):
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt} \\
             &\textbf{input}: A \text{ (inner optimizer)}, K, \alpha, p \text{ (params)} \\
             &\textbf{initialize}: w \leftarrow p \\
-            &\rule{110mm}{0.4pt} \\
             &\textbf{for} \: t = 1 \: \textbf{to} \: \ldots \: \textbf{do} \\
             &\hspace{5mm} p \leftarrow A_t(p) \\
             &\hspace{5mm} \textbf{if} \: t \bmod K = 0: \; w \leftarrow w + \alpha (p - w),\; p \leftarrow w \\
-            &\rule{110mm}{0.4pt} \\
-            &\textbf{return}: w \text{ (by } \texttt{eval()}) \\
-            &\rule{110mm}{0.4pt}
+            &\textbf{return}: w \text{ (by } \texttt{eval()})
        \end{aligned}
 
     This is :class:`SNOO` with ``momentum=0`` and ``lr=alpha`` (stored in each group as ``"outer_lr"``): no momentum
