@@ -13,14 +13,16 @@ algorithm:
   ``state[i]`` under ``"<prefix>.<name>"`` keys (keyed by parameter position, like torch's optimizers) and its
   scalars (step count, mode, ...) under a ``"<prefix>"`` entry of each parameter group. Wrappers stack, each with its
   own prefix. Only ``state`` and ``param_groups`` are used, so ``torch.distributed.checkpoint``'s optimizer state
-  dicts (which rename the ids to parameter names and keep nothing else) carry everything.
+  dicts (which rename the ids to parameter names and keep nothing else) carry everything. What a wrapper keeps is
+  declared once, in its ``state_spec``; a state dict is checked by the pure functions of
+  :mod:`snoo.optim.state_checks` before anything is loaded.
 - A hyperparameter of the wrapper may be a number or a schedule ``n -> value`` (:mod:`snoo.optim.schedules`).
   Schedules are not saved: ``state_dict()`` holds a placeholder that names them, and ``load_state_dict`` keeps the
   schedule the loading optimizer was built with (and refuses a state saved with a schedule by one built without).
 - Wrappers stack, with one rule: a wrapper whose parameters hold a lookahead point between steps
-  (:attr:`Wrapper.holds_lookahead`: EMA-Nesterov, Nesterov) must be the outermost, because it takes every move of the
-  parameters it did not make itself for an update of its inner optimizer. ``eval()`` and ``train()`` go through the
-  whole stack: the parameters get the evaluation weights of the innermost wrapper.
+  (:attr:`Wrapper.holds_lookahead`: EMA-Nesterov, Nesterov, GPA) must be the outermost, because it takes every move
+  of the parameters it did not make itself for an update of its inner optimizer. ``eval()`` and ``train()`` go
+  through the whole stack: the parameters get the evaluation weights of the innermost wrapper.
 - Per-parameter state is created lazily at the first ``step()`` that sees the parameter (so weights loaded into the
   model after the optimizer was built are the ones the algorithm starts from), in float32 for bf16/fp16 parameters,
   optionally on another device (``state_device``, e.g. host memory while the model is on a GPU).
