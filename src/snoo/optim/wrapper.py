@@ -529,16 +529,11 @@ class LookaheadPointWrapper(Wrapper):
     """Base of the wrappers whose parameters hold a lookahead point derived from their state (EMA-Nesterov, Nesterov,
     GPA): after each inner step that moved a parameter, one foreach update (:meth:`_update`) of its state tensors,
     in the order of :attr:`StateSpec.names <snoo.optim.state_checks.StateSpec.names>`, and of the lookahead point,
-    with the coefficients of each group (:meth:`_coefficients`). A subclass declares its state, its start
-    (:meth:`_init_param_state`) and those two methods; every state tensor is required in a state dict."""
+    with the coefficients of each group (:meth:`_coefficients`). A subclass declares its state (each tensor
+    required: ``StateSpec(..., required=names)``, since the update needs them all), its start
+    (:meth:`_init_param_state`) and those two methods."""
 
     holds_lookahead = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        spec = cls.__dict__.get("state_spec")
-        if spec is not None and spec.required != spec.names:
-            raise TypeError(f"{cls.__name__}.state_spec: a lookahead point needs all of its state, required=names")
 
     def _coefficients(self, group: dict[str, Any], t: int) -> dict[str, float]:
         """The keyword arguments of :meth:`_update` for ``group`` right after step ``t`` (the coefficients of the
