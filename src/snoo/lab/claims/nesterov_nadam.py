@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from snoo import spec
+from snoo.lab.checkpoint import read_json, write_json
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -21,9 +22,7 @@ from snoo.lab.claims import (
     lab_batch,
     lab_model,
     line_plot,
-    read_json,
     table,
-    write_json,
 )
 
 MU = 0.9  # the momentum of both
