@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from snoo import spec
 from snoo.lab import checkpoint, config, experiments, scaling, stats, train, tuning
+from snoo.lab.tuning import TUNE_SEED_OFFSET
 
 
 def tiny(out, corpus_file, **kw) -> config.TrainConfig:
@@ -206,7 +207,7 @@ def test_tune_reports_the_best_trial_on_an_unreported_seed(tmp_path, corpus_file
         assert t["steps"] == 12
     assert set(summary["compute_factor"]) == set(tuning)  # the reported runs are the tuned settings
     tune_seeds = {json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "t" / "tune").glob("*/config.json")}
-    assert tune_seeds == {cfg.seed + tuning.TUNE_SEED_OFFSET} and cfg.seed not in tune_seeds
+    assert tune_seeds == {cfg.seed + TUNE_SEED_OFFSET} and cfg.seed not in tune_seeds
     assert "tuned adamw" in (tmp_path / "t" / "summary.md").read_text()
 
 

@@ -178,3 +178,16 @@ def test_import_snoo_is_cheap_and_its_submodules_load_on_first_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_build_gives_run_time_keywords_to_the_outermost_stage_that_takes_them():
+    snoo_stage, lookahead, ema = (spec.parse(f"{name}+adamw")[0] for name in ("snoo", "lookahead", "ema_nesterov"))
+    assert spec.accepts(snoo_stage, "process_group") and spec.accepts(lookahead, "process_group")
+    assert not spec.accepts(ema, "process_group")
+    model = nn.Linear(3, 2)
+    opt = spec.build("ema_nesterov+snoo(k=3)+adamw", model, outer={"state_device": "cpu"})
+    assert opt.state_device == torch.device("cpu") and opt.inner.state_device is None  # the outermost only
+    with pytest.raises(ValueError, match="no wrapper to take process_group"):
+        spec.build("adamw", model, outer={"process_group": None})
+    with pytest.raises(ValueError, match="cannot build"):
+        spec.build("ema_nesterov+adamw", model, outer={"process_group": None})

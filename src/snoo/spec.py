@@ -458,20 +458,37 @@ def from_config(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build(spec: str | list[Stage], params: Params, *, track_norms: bool = False) -> torch.optim.Optimizer:
+def accepts(stage: Stage, keyword: str) -> bool:
+    """Whether the constructor of ``stage``'s optimizer takes ``keyword``, a setting a SPEC cannot give (e.g.
+    ``process_group``: the stage can average over ranks)."""
+    return keyword in inspect.signature(NAMES[stage.name].make).parameters
+
+
+def build(
+    spec: str | list[Stage],
+    params: Params,
+    *,
+    track_norms: bool = False,
+    outer: Mapping[str, Any] | None = None,
+) -> torch.optim.Optimizer:
     """Build the optimizer a SPEC names, over a model (preferred: weight decay and roles need it) or tensors.
 
-    ``track_norms`` asks the outermost wrapper that supports it to record its outer-step telemetry.
+    ``track_norms`` asks the outermost wrapper that supports it to record its outer-step telemetry. ``outer``: more
+    keywords for the outermost wrapper's constructor, what is known only at run time (a process group, ...).
     """
     stages = parse(spec) if isinstance(spec, str) else spec
     *wrappers, base_stage = stages
+    if outer and not wrappers:
+        raise ValueError(f"{canonical(stages)!r} has no wrapper to take {', '.join(outer)}")
     try:
         opt = NAMES[base_stage.name].make(params, **base_stage.params)
         for i, st in enumerate(reversed(wrappers)):
             entry, extra = NAMES[st.name], {}
             outermost = i == len(wrappers) - 1
-            if track_norms and outermost and "track_norms" in inspect.signature(entry.make).parameters:
+            if track_norms and outermost and accepts(st, "track_norms"):
                 extra["track_norms"] = True
+            if outermost:
+                extra.update(outer or {})
             opt = entry.make(opt, **st.params, **extra)
     except (ValueError, TypeError) as e:  # a constructor's own check, e.g. a combination it refuses
         raise ValueError(f"cannot build {canonical(stages)!r}: {str(e).splitlines()[0]}") from e

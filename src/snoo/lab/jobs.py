@@ -214,7 +214,7 @@ def _timing(cfg: TrainConfig) -> tuple[float, float] | None:
     torch.set_num_threads(cfg.threads or threads)
     try:
         model = GPT(model_config(cfg, vocab))
-        opt = spec.build(cfg.optimizer, model)
+        opt = spec.build(cfg.stages, model)
         x = torch.randint(vocab, (cfg.batch_size, cfg.block_size))
         timed = []
         for _ in range(8):  # the first steps warm up the allocator and the optimizer's state
