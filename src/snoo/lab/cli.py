@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from snoo.lab import ladder
+from snoo.lab.ladder import LADDERS
+
 if TYPE_CHECKING:
     from snoo.lab.config import TrainConfig
 
-from snoo.lab.ladder import BUDGETS, LADDERS
-
+BUDGETS = ",".join(f"{b:g}" for b in ladder.BUDGETS)  # the default --budgets of compare and scaling
 JOBS = min(2, os.cpu_count() or 1)  # runs at once: one per core, each on one thread
 #: compare's and scaling's schedule: their default ladder (wsd) trains every run on the wsd schedule
 WSD_SCHEDULE = "wsd, as the default --ladder wsd needs; cosine or constant with --ladder cosine"
@@ -224,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _common(c, "runs/compare", schedule=WSD_SCHEDULE)
     c.takes_specs = True
-    _experiment_flags(c, ",".join(f"{b:g}" for b in BUDGETS), seeds=3, ladder="wsd")
+    _experiment_flags(c, BUDGETS, seeds=3, ladder="wsd")
     s = sub.add_parser("sweep", help="one SPEC over a grid of its keys, against its base optimizer")
     s.add_argument("--optimizer", help="the SPEC to sweep (default snoo-adamw)")
     s.add_argument("--grid", help="e.g. 'k=10,20,50 lr=0.3,0.5,0.7'; name.key picks a stage, e.g. adamw.lr=1e-3")
