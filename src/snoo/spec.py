@@ -149,13 +149,23 @@ def _grouped(cls: type) -> Callable[..., torch.optim.Optimizer]:
     return make
 
 
+def _optional_number(p: inspect.Parameter) -> type | None:
+    """``int`` or ``float`` for a keyword annotated ``int | None`` or ``float | None`` with the default None (a
+    number the grammar can give, e.g. EMA-Nesterov's ``total_steps``), else None."""
+    if p.default is not None:
+        return None
+    named = {t.strip() for t in str(p.annotation).split("|")}
+    return {frozenset({"int", "None"}): int, frozenset({"float", "None"}): float}.get(frozenset(named))
+
+
 def _signature_defaults(cls: type, skip: tuple[str, ...]) -> dict[str, Any]:
-    """Keyword defaults of a constructor, the ones the grammar can set (numbers and booleans)."""
+    """Keyword defaults of a constructor, the ones the grammar can set: numbers and booleans, and None for a number
+    that may be left out (``int | None = None``)."""
     out = {}
     for name, p in inspect.signature(cls).parameters.items():
         if name in skip or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             continue
-        if isinstance(p.default, (bool, int, float)):
+        if isinstance(p.default, (bool, int, float)) or _optional_number(p) is not None:
             out[name] = p.default
     return out
 
@@ -260,9 +270,18 @@ def _check_value(name: str, key: str, value: Any) -> None:
         raise ValueError(f"{name}: {key}={_fmt(value)} is out of range: {key} must be {within}")
 
 
+def _typed_like(name: str, key: str) -> Any:
+    """A value of the key's type: its default, or for a default of None, the number its constructor's annotation
+    names (``int | None``: 0)."""
+    default = NAMES[name].defaults[key]
+    if default is None:
+        return _optional_number(inspect.signature(NAMES[name].make).parameters[key])()  # type: ignore[misc]
+    return default
+
+
 def parse_value(name: str, key: str, text: str) -> Any:
     """A value of the grammar, typed like the key's default (int, float or bool) and range-checked."""
-    default = NAMES[name].defaults[key]
+    default = _typed_like(name, key)
     text = text.strip().lower()
     try:
         if isinstance(default, bool):
