@@ -4,9 +4,11 @@ a fixed compare gives, unchanged by the split."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
-from snoo.lab import config, experiments
+from snoo import spec
+from snoo.lab import config, experiments, launch
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "snoo"
 LAB = SRC / "lab"
@@ -98,3 +100,13 @@ def test_a_fixed_compare_gives_the_numbers_it_gave_before(tmp_path, corpus_file,
         "lookahead(alpha=0.5)+adamw(lr=0.002)": 4.795001268386841,
         "lookahead(alpha=0.5)+adamw(lr=0.004)": 4.258905649185181,
     }
+
+
+def test_a_run_parses_its_spec_once(tmp_path, corpus_file, one_thread, monkeypatch):
+    cfg = config.make_config("tiny", optimizer="snoo(k=2)+adamw", data=corpus_file, out=str(tmp_path), progress=False)
+    cfg = dataclasses.replace(cfg, steps=4)  # a config that has not been parsed yet
+    parsed = []
+    parse = spec.parse
+    monkeypatch.setattr(spec, "parse", lambda text: parsed.append(text) or parse(text))
+    result = launch.run(cfg)
+    assert result["status"] == "ok" and parsed == ["snoo(k=2)+adamw"]  # checks, build, schedule, records: once
