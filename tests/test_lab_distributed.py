@@ -318,3 +318,13 @@ def test_scale_out_runs_the_same_tokens_on_one_worker_and_on_two(tmp_path, corpu
     before = (out / "summary.md").read_text()
     (out / "summary.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "summary.md").read_text() == before
+
+
+def test_fault_tolerant_diloco_takes_an_outer_stage_whose_settings_faulttolerantsnoo_takes(monkeypatch):
+    import snoo.integrations.torchft as ft
+
+    monkeypatch.setattr(ft, "require_torchft", lambda: None)  # the settings are checked before torchft is needed
+    ok = dict(workers=2, parallel="diloco", fault_tolerant="on", device="cpu")
+    config.make_config("tiny", optimizer="snoo(k=6)+adamw", **ok)
+    with pytest.raises(ValueError, match=r"no alpha of lookahead.*snoo\(k=K,lr=A,momentum=0,nesterov=false\)"):
+        config.make_config("tiny", optimizer="lookahead(k=6)+adamw", **ok)

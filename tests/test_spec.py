@@ -202,7 +202,7 @@ def test_a_number_the_constructor_may_leave_unset_is_a_key_too():
     assert spec.parse("ema_nesterov+adamw")[0].params["total_steps"] is None
     opt = spec.build("ema_nesterov(rest_steps=10,total_steps=100)+adamw", nn.Linear(3, 2))
     assert (opt.rest_steps, opt.total_steps) == (10, 100)
-    with pytest.raises(ValueError, match="total_steps='1.5' is not an integer"):
+    with pytest.raises(ValueError, match=r"total_steps='1\.5' is not an integer"):
         spec.parse("ema_nesterov(total_steps=1.5)+adamw")
     with pytest.raises(ValueError, match="rest_steps=5 needs total_steps"):
         spec.build("ema_nesterov(rest_steps=5)+adamw", nn.Linear(3, 2))

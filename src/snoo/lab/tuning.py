@@ -17,8 +17,6 @@ from snoo.lab.jobs import load_result, run_dir_name, run_jobs
 from snoo.lab.train import Diverged
 
 TUNE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # --tune-baseline tries the base lr times these
-
-
 TUNE_SEED_OFFSET = 1000  # tuning runs use seeds no reported run uses
 
 
@@ -38,6 +36,8 @@ def _trial_losses(out: Path, jobs: list[dict], owner: list[str]) -> dict[str, fl
 def tune_lr(
     cfg: TrainConfig, baseline: str, out: Path, resume: bool, say: Callable[[str], None], seeds: int = 1
 ) -> float:
+    """The best lr of the baseline's base optimizer (``--tune-baseline``): its lr times each of ``TUNE_FACTORS``,
+    trained at 1x on ``seeds`` tuning seeds."""
     base = spec.parse(baseline)[-1]
     peak = base.params["lr"]
     lrs = [peak * f for f in TUNE_FACTORS]
