@@ -110,3 +110,15 @@ def test_a_run_parses_its_spec_once(tmp_path, corpus_file, one_thread, monkeypat
     monkeypatch.setattr(spec, "parse", lambda text: parsed.append(text) or parse(text))
     result = launch.run(cfg)
     assert result["status"] == "ok" and parsed == ["snoo(k=2)+adamw"]  # checks, build, schedule, records: once
+
+
+def test_a_run_recorded_before_total_steps_was_a_key_is_the_same_run():
+    # EMA-Nesterov's optimizer in a run's identity as main at f6ad21c recorded it, before lr_peak and total_steps
+    # (None by default) were keys of the SPEC: --resume keeps such a run
+    before = "ema_nesterov(beta=0.6,gamma=0.99,scale_by_lr=False,warmup_steps=0,rest_steps=0)+adamw(lr=0.002,"
+    before += "beta1=0.9,beta2=0.95,eps=1e-08,weight_decay=0.1)"
+    now = config.identity(config.make_config("tiny", optimizer="ema_nesterov(beta=0.6)+adamw"), "abc")
+    assert "total_steps=None" in now["optimizer"]
+    assert config.differences({**now, "optimizer": before}, now) == []
+    longer = config.make_config("tiny", optimizer="ema_nesterov(beta=0.6,rest_steps=2,total_steps=40)+adamw")
+    assert len(config.differences({**now, "optimizer": before}, config.identity(longer, "abc"))) == 1
