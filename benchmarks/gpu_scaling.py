@@ -29,7 +29,7 @@ from pathlib import Path
 
 from snoo.lab import config
 from snoo.lab.data import load_corpus
-from snoo.lab.experiments import budget_steps
+from snoo.lab.ladder import budget_steps
 from snoo.lab.scaling import flops_per_token, model_params, summarize_scaling
 
 #: candidate sizes (layers x width; one head per 32 of width), about 2M to 20M parameters with bytes

@@ -25,8 +25,9 @@ import statistics
 from pathlib import Path
 
 from snoo import spec
-from snoo.lab import experiments, stats
+from snoo.lab import stats
 from snoo.lab.config import make_config
+from snoo.lab.jobs import run_jobs
 
 PRECISIONS = ("off", "bf16")  # the values of TrainConfig.autocast compared; fp32 is "off"
 TOLERANCE = 0.005  # nats: the largest difference bf16 may make (issue 26)
@@ -54,7 +55,7 @@ def main() -> None:
                 dict(optimizer=o, budget=1.0, seed=seed, dir=f"{precision}-{i}-s{seed}")
                 for i, o in enumerate(optimizers)
             ]
-            experiments.run_jobs(cfg, jobs, out, resume=True, say=print, processes=args.jobs)
+            run_jobs(cfg, jobs, out, resume=True, say=print, processes=args.jobs)
     runs = [f"{p}-{i}-s{{}}" for p in PRECISIONS for i in range(len(optimizers))]
     seeds = [s for s in range(args.seeds) if all((out / run.format(s) / "result.json").exists() for run in runs)]
     if not seeds:

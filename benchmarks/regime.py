@@ -19,13 +19,14 @@ from collections.abc import Callable
 import torch
 
 from snoo import spec
-from snoo.lab import experiments, scaling
+from snoo.lab import scaling
 from snoo.lab.data import get_batch, load_corpus
+from snoo.lab.ladder import BUDGETS
 from snoo.lab.model import GPT, ModelConfig
 from step_overhead import Contender, time_round_robin
 
 #: a default compare in runs of its 1x length: per seed the WSD ladder (2.5 + 0.2 * (1 + 1.25 + 1.5 + 2)) and SNOO
-RUNS_PER_SEED = max(experiments.BUDGETS) + 0.2 * sum(b for b in experiments.BUDGETS if b != max(experiments.BUDGETS))
+RUNS_PER_SEED = max(BUDGETS) + 0.2 * sum(b for b in BUDGETS if b != max(BUDGETS))
 RUNS_PER_SEED += 1
 
 

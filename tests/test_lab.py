@@ -15,9 +15,11 @@ import torch
 from helpers import LAB_TEXT as TEXT
 from snoo import __version__ as snoo_version
 from snoo import spec
-from snoo.lab import checkpoint, config, data, experiments, train
+from snoo.lab import checkpoint, config, data, experiments, stats, train, tuning
 from snoo.lab.cli import main
+from snoo.lab.jobs import _makespan
 from snoo.lab.model import GPT, ModelConfig
+from snoo.lab.summary import plain_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,16 +225,16 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, corpus_file, 
 def test_compute_factor_math():
     steps = [100, 125, 150, 200, 250]
     losses = [3.0 - 0.5 * math.log(s) for s in steps]
-    a, b = experiments.fit_log_steps(steps, losses)
+    a, b = stats.fit_log_steps(steps, losses)
     assert a == pytest.approx(3.0) and b == pytest.approx(-0.5)
     # an optimizer reaching in 100 steps what the baseline reaches in 180 saves 1.8x
-    assert experiments.compute_factor(steps, losses, 100, 3.0 - 0.5 * math.log(180)) == pytest.approx(1.8)
-    assert experiments.compute_factor(steps, losses, 100, losses[0]) == pytest.approx(1.0)
-    assert experiments.compute_factor(steps, losses, 100, 3.0 - 0.5 * math.log(400)) == ">2.5"
-    assert experiments.compute_factor(steps, losses, 100, losses[0] + 0.1) == "<1"
-    assert experiments.compute_factor(steps, [2.0] * 5, 100, 1.9) is None  # baseline does not improve
-    assert experiments.compute_factor([100], [2.0], 100, 1.9) is None
-    assert not hasattr(experiments, "steps_to_target")  # a step read mid-schedule is no measure of a saving
+    assert stats.compute_factor(steps, losses, 100, 3.0 - 0.5 * math.log(180)) == pytest.approx(1.8)
+    assert stats.compute_factor(steps, losses, 100, losses[0]) == pytest.approx(1.0)
+    assert stats.compute_factor(steps, losses, 100, 3.0 - 0.5 * math.log(400)) == ">2.5"
+    assert stats.compute_factor(steps, losses, 100, losses[0] + 0.1) == "<1"
+    assert stats.compute_factor(steps, [2.0] * 5, 100, 1.9) is None  # baseline does not improve
+    assert stats.compute_factor([100], [2.0], 100, 1.9) is None
+    assert not hasattr(stats, "steps_to_target")  # a step read mid-schedule is no measure of a saving
 
 
 def test_compare_summary_and_report(tmp_path, corpus_file, capsys):
@@ -366,7 +368,7 @@ def test_tune_baseline_uses_best_lr_for_everyone(tmp_path, corpus_file):
         "compare", cfg, ["adamw", "snoo(k=5)+adamw"], budgets=(1.0,), tune_baseline=True, say=lambda s: None
     )
     lr = summary["tuned_lr"]
-    assert lr in [spec.NAMES["adamw"].defaults["lr"] * f for f in experiments.TUNE_FACTORS]
+    assert lr in [spec.NAMES["adamw"].defaults["lr"] * f for f in tuning.TUNE_FACTORS]
     assert all(f"adamw(lr={lr:g})" in r["optimizer"] for r in summary["runs"])
 
 
@@ -420,10 +422,10 @@ def test_plain_words_follow_the_verdict_and_print_the_one_factor():
             "compute_factor_interval": {"snoo": iv},
         }
 
-    (faster,) = experiments.plain_words(summary(1.5, 1.2, 1.9, "faster"))
+    (faster,) = plain_words(summary(1.5, 1.2, 1.9, "faster"))
     assert faster.startswith("snoo is faster than adamw at this size (123,456 parameters, 16.6 tokens per parameter)")
     assert "1.50x less compute (95% interval over 3 seeds: 1.20x to 1.90x)" in faster
-    (same,) = experiments.plain_words(summary(1.04, 0.9, 1.2, "no measurable difference"))
+    (same,) = plain_words(summary(1.04, 0.9, 1.2, "no measurable difference"))
     assert (
         same.startswith("snoo is not measurably faster than adamw")
         and "1.04x" in same
@@ -432,9 +434,9 @@ def test_plain_words_follow_the_verdict_and_print_the_one_factor():
     assert "4 times in 5" not in same  # no power figure given, none said
     powered = summary(1.04, 0.9, 1.2, "no measurable difference")
     powered["compute_factor_interval"]["snoo"].update(detectable=1.31, censored=[">2.5"])
-    (said,) = experiments.plain_words(powered)
+    (said,) = plain_words(powered)
     assert "a true saving of 1.31x or more 4 times in 5" in said and "1 seed beyond the lengths measured" in said
-    (slower,) = experiments.plain_words(summary(0.88, 0.86, 0.9, "slower"))
+    (slower,) = plain_words(summary(0.88, 0.86, 0.9, "slower"))
     assert slower.startswith("snoo is slower than adamw") and "0.88x" in slower
 
 
@@ -442,9 +444,9 @@ def test_the_time_estimate_follows_the_order_the_runs_start_in():
     """Two processes; the trunk (10 s) with two branches (2 s each, after it), and a contender (3 s)."""
     jobs = [{"dir": "trunk"}, {"dir": "b1", "branch_of": "trunk"}, {"dir": "b2", "branch_of": "trunk"}, {"dir": "c"}]
     seconds = {0: 10.0, 1: 2.0, 2: 2.0, 3: 3.0}
-    assert experiments._makespan(jobs, seconds, 2) == 12.0  # c runs beside the trunk; the branches at 10 s, at once
-    assert experiments._makespan(jobs, seconds, 1) == 17.0
-    assert experiments._makespan(jobs, {1: 2.0, 2: 2.0, 3: 3.0}, 2) == 5.0  # trunk done before: b1, b2, then c
+    assert _makespan(jobs, seconds, 2) == 12.0  # c runs beside the trunk; the branches at 10 s, at once
+    assert _makespan(jobs, seconds, 1) == 17.0
+    assert _makespan(jobs, {1: 2.0, 2: 2.0, 3: 3.0}, 2) == 5.0  # trunk done before: b1, b2, then c
 
 
 def test_version_and_help_name_the_corpora_and_the_schedule_that_runs(capsys):

@@ -120,6 +120,14 @@ def test_diloco_on_two_workers(diloco_run):
     assert loss == pytest.approx(result["final_val_loss"], rel=1e-6)
 
 
+def test_diloco_builds_lookahead_itself_with_the_numbers_of_before(tmp_path, corpus_file):
+    # recorded with main at f6ad21c, whose lab built Lookahead's DiLoCo as SNOO(lr=alpha, momentum=0) itself; now the
+    # SPEC's Lookahead is built as it is, with the process group passed to it
+    argv = args(tmp_path, corpus_file, "--workers", "2", "--optimizer", "lookahead(k=6)+adamw", "--steps", "20")
+    assert main([*argv, "--set", "threads=1"]) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["final_val_loss"] == 4.818059921264648
+
+
 def saved_config(out: Path) -> dict:
     return json.loads((out / "config.json").read_text())["config"]
 
@@ -310,3 +318,13 @@ def test_scale_out_runs_the_same_tokens_on_one_worker_and_on_two(tmp_path, corpu
     before = (out / "summary.md").read_text()
     (out / "summary.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "summary.md").read_text() == before
+
+
+def test_fault_tolerant_diloco_takes_an_outer_stage_whose_settings_faulttolerantsnoo_takes(monkeypatch):
+    import snoo.integrations.torchft as ft
+
+    monkeypatch.setattr(ft, "require_torchft", lambda: None)  # the settings are checked before torchft is needed
+    ok = dict(workers=2, parallel="diloco", fault_tolerant="on", device="cpu")
+    config.make_config("tiny", optimizer="snoo(k=6)+adamw", **ok)
+    with pytest.raises(ValueError, match=r"no alpha of lookahead.*snoo\(k=K,lr=A,momentum=0,nesterov=false\)"):
+        config.make_config("tiny", optimizer="lookahead(k=6)+adamw", **ok)

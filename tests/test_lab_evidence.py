@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snoo import spec
-from snoo.lab import checkpoint, config, experiments, scaling, stats, train
+from snoo.lab import checkpoint, config, experiments, scaling, stats, train, tuning
+from snoo.lab.tuning import TUNE_SEED_OFFSET
 
 
 def tiny(out, corpus_file, **kw) -> config.TrainConfig:
@@ -184,13 +185,13 @@ def test_ladder_choice_is_checked(tmp_path, corpus_file):
 
 
 def test_every_contender_gets_the_same_number_of_trials_on_its_own_knobs():
-    adamw, snoo = experiments.trials("adamw", 4), experiments.trials("snoo+adamw", 4)
+    adamw, snoo = tuning.trials("adamw", 4), tuning.trials("snoo+adamw", 4)
     assert len(adamw) == len(snoo) == 4
     lr = spec.NAMES["adamw"].defaults["lr"]
     assert [spec.parse(t)[-1].params["lr"] for t in adamw] == pytest.approx([lr, 2 * lr, lr / 2, 4 * lr])
     outer = [(spec.parse(t)[0].params["lr"], spec.parse(t)[0].params["momentum"]) for t in snoo]
     assert len(set(outer)) > 1 and len({spec.parse(t)[-1].params["lr"] for t in snoo}) > 1  # outer and inner knobs
-    (first,) = experiments.trials("snoo+adamw", 1)
+    (first,) = tuning.trials("snoo+adamw", 1)
     assert spec.resolved(first) == spec.resolved("snoo+adamw")  # the package defaults are the first trial
 
 
@@ -206,7 +207,7 @@ def test_tune_reports_the_best_trial_on_an_unreported_seed(tmp_path, corpus_file
         assert t["steps"] == 12
     assert set(summary["compute_factor"]) == set(tuning)  # the reported runs are the tuned settings
     tune_seeds = {json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "t" / "tune").glob("*/config.json")}
-    assert tune_seeds == {cfg.seed + experiments.TUNE_SEED_OFFSET} and cfg.seed not in tune_seeds
+    assert tune_seeds == {cfg.seed + TUNE_SEED_OFFSET} and cfg.seed not in tune_seeds
     assert "tuned adamw" in (tmp_path / "t" / "summary.md").read_text()
 
 
@@ -217,7 +218,7 @@ def test_every_wrapper_is_tuned_on_the_trials_its_class_declares():
 
     for name, cls in (("snoo", snoo.SNOO), ("lookahead", snoo.Lookahead), ("gpa", snoo.GPA)):
         for n in (1, 4, 6):
-            got = experiments.trials(f"{name}+adamw(lr=0.004)", n)
+            got = tuning.trials(f"{name}+adamw(lr=0.004)", n)
             want = [
                 spec.canonical(
                     spec.override(
@@ -228,7 +229,7 @@ def test_every_wrapper_is_tuned_on_the_trials_its_class_declares():
                 for f, knobs in cls.tuning_trials[:n]
             ]
             assert got == list(dict.fromkeys(want)) and len(got) == n
-    assert experiments.trials("adamw(lr=0.004)", 3) == ["adamw(lr=0.004)", "adamw(lr=0.008)", "adamw(lr=0.002)"]
+    assert tuning.trials("adamw(lr=0.004)", 3) == ["adamw(lr=0.004)", "adamw(lr=0.008)", "adamw(lr=0.002)"]
     # the package's defaults come first for every wrapper, so a budget of one trial compares the defaults
     assert all(c.tuning_trials[0][0] == 1.0 for c in (snoo.SNOO, snoo.Lookahead, snoo.EMANesterov, snoo.GPA))
 
@@ -251,13 +252,13 @@ def test_tuning_on_two_seeds_takes_the_mean_and_reports_neither(tmp_path, corpus
 
 def test_a_tuned_lr_at_the_edge_of_its_trials_is_flagged():
     lrs = ["adamw(lr=0.001)", "adamw(lr=0.002)", "adamw(lr=0.004)"]
-    assert experiments._at_edge("adamw(lr=0.004)", lrs) and experiments._at_edge("adamw(lr=0.001)", lrs)
-    assert not experiments._at_edge("adamw(lr=0.002)", lrs)
-    assert not experiments._at_edge("adamw(lr=0.004)", lrs[1:])  # two trials have no inside
-    snoo = experiments.trials("snoo+adamw(lr=0.002)", 2)  # inner lr 1x and 2x only: no edge to speak of
-    assert not any(experiments._at_edge(t, snoo) for t in snoo)
-    snoo = experiments.trials("snoo+adamw(lr=0.002)", 4)  # inner lr 0.5x, 1x and 2x: SNOO's lr has edges too
-    assert [experiments._at_edge(t, snoo) for t in snoo] == [False, True, True, False]
+    assert tuning._at_edge("adamw(lr=0.004)", lrs) and tuning._at_edge("adamw(lr=0.001)", lrs)
+    assert not tuning._at_edge("adamw(lr=0.002)", lrs)
+    assert not tuning._at_edge("adamw(lr=0.004)", lrs[1:])  # two trials have no inside
+    snoo = tuning.trials("snoo+adamw(lr=0.002)", 2)  # inner lr 1x and 2x only: no edge to speak of
+    assert not any(tuning._at_edge(t, snoo) for t in snoo)
+    snoo = tuning.trials("snoo+adamw(lr=0.002)", 4)  # inner lr 0.5x, 1x and 2x: SNOO's lr has edges too
+    assert [tuning._at_edge(t, snoo) for t in snoo] == [False, True, True, False]
 
 
 # ---------------------------------------------------------------------------------------------- scaling

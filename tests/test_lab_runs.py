@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import LAB_TEXT, snoo_process
-from snoo.lab import checkpoint, cli, config, experiments, train
+from snoo.lab import checkpoint, config, report, train
 from snoo.lab.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,7 +186,7 @@ def test_runs_written_before_the_regime_was_recorded_still_summarize(tmp_path, c
         for key in ("tokens_planned", "tokens_per_param", "params_non_embedding", "tokens_per_non_embedding_param"):
             del saved[key]
         path.write_text(json.dumps(saved))
-    again = experiments.summarize(out)["regime"]
+    again = report.summarize(out)["regime"]
     assert again["tokens"] == regime["tokens"] and again["tokens_per_param"] == pytest.approx(
         regime["tokens_per_param"]
     )
@@ -340,8 +340,6 @@ def test_help_is_quick_to_import_and_shows_the_out_default(tmp_path):
     assert run.stdout.strip().endswith("[]"), run.stdout[-500:]
     text = " ".join(run.stdout.split())  # argparse wraps the epilog wherever the names fall
     assert "default runs/train" in text and "snoo (wrapper)" in text
-    assert ",".join(f"{b:g}" for b in experiments.BUDGETS) == cli.BUDGETS
-    assert experiments.LADDERS == cli.LADDERS
 
 
 # ---------------------------------------------------------------------------------------------- fuzz

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from snoo import spec
-from snoo.lab import claims, experiments, train
+from snoo.lab import claims, jobs, scale_out, train
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -95,7 +95,7 @@ def test_quick_runs_every_claim_and_a_resumed_run_trains_nothing(tmp_path, corpu
     def refuse(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(experiments, "run", refuse)
+    monkeypatch.setattr(jobs, "run", refuse)
     monkeypatch.setattr(ema_lookahead, "train", refuse)
     monkeypatch.setattr(ema_lookahead, "_rises", refuse)
     monkeypatch.setattr(nesterov_nadam, "lab_model", refuse)
@@ -287,7 +287,7 @@ def test_diloco_claim_reads_the_scale_out_summaries(tmp_path, monkeypatch):
         runs = [dict(optimizer=o, workers=n, parallel=p, final_val_loss=v, status="ok") for o, n, p, v in rows]
         return {"runs": runs}
 
-    monkeypatch.setattr(experiments, "run_scale_out", fake)
+    monkeypatch.setattr(scale_out, "run_scale_out", fake)
     ctx = claims.Context(claims.SCALES["cpu"], tmp_path, seeds=3, say=lambda s: None)
     outcome = diloco_workers.run(ctx, {"worker_counts": (2, 4)})
     assert seen == [(0, (2, 4)), (1, (2, 4)), (2, (2, 4))]

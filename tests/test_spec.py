@@ -178,3 +178,31 @@ def test_import_snoo_is_cheap_and_its_submodules_load_on_first_use():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_build_gives_run_time_keywords_to_the_outermost_stage_that_takes_them():
+    snoo_stage, lookahead, ema = (spec.parse(f"{name}+adamw")[0] for name in ("snoo", "lookahead", "ema_nesterov"))
+    assert spec.accepts(snoo_stage, "process_group") and spec.accepts(lookahead, "process_group")
+    assert not spec.accepts(ema, "process_group")
+    model = nn.Linear(3, 2)
+    opt = spec.build("ema_nesterov+snoo(k=3)+adamw", model, outer={"state_device": "cpu"})
+    assert opt.state_device == torch.device("cpu") and opt.inner.state_device is None  # the outermost only
+    with pytest.raises(ValueError, match="no wrapper to take process_group"):
+        spec.build("adamw", model, outer={"process_group": None})
+    with pytest.raises(ValueError, match="cannot build"):
+        spec.build("ema_nesterov+adamw", model, outer={"process_group": None})
+
+
+def test_a_number_the_constructor_may_leave_unset_is_a_key_too():
+    # EMA-Nesterov's total_steps (`int | None = None`) goes with rest_steps, and lr_peak (`float | None`) with
+    # scale_by_lr: both can be given, typed as the annotation says, and left out they are the constructor's None
+    stage = spec.parse("ema_nesterov(rest_steps=10,total_steps=100,lr_peak=3e-3)+adamw")[0]
+    assert stage.params["total_steps"] == 100 and isinstance(stage.params["total_steps"], int)
+    assert stage.params["lr_peak"] == 3e-3
+    assert spec.parse("ema_nesterov+adamw")[0].params["total_steps"] is None
+    opt = spec.build("ema_nesterov(rest_steps=10,total_steps=100)+adamw", nn.Linear(3, 2))
+    assert (opt.rest_steps, opt.total_steps) == (10, 100)
+    with pytest.raises(ValueError, match=r"total_steps='1\.5' is not an integer"):
+        spec.parse("ema_nesterov(total_steps=1.5)+adamw")
+    with pytest.raises(ValueError, match="rest_steps=5 needs total_steps"):
+        spec.build("ema_nesterov(rest_steps=5)+adamw", nn.Linear(3, 2))

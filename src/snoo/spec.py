@@ -155,13 +155,23 @@ def _grouped(cls: type) -> Callable[..., torch.optim.Optimizer]:
     return make
 
 
+def _optional_number(p: inspect.Parameter) -> type | None:
+    """``int`` or ``float`` for a keyword annotated ``int | None`` or ``float | None`` with the default None (a
+    number the grammar can give, e.g. EMA-Nesterov's ``total_steps``), else None."""
+    if p.default is not None:
+        return None
+    named = {t.strip() for t in str(p.annotation).split("|")}
+    return {frozenset({"int", "None"}): int, frozenset({"float", "None"}): float}.get(frozenset(named))
+
+
 def _signature_defaults(cls: type, skip: tuple[str, ...]) -> dict[str, Any]:
-    """Keyword defaults of a constructor, the ones the grammar can set (numbers and booleans)."""
+    """Keyword defaults of a constructor, the ones the grammar can set: numbers and booleans, and None for a number
+    that may be left out (``int | None = None``)."""
     out = {}
     for name, p in inspect.signature(cls).parameters.items():
         if name in skip or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             continue
-        if isinstance(p.default, (bool, int, float)):
+        if isinstance(p.default, (bool, int, float)) or _optional_number(p) is not None:
             out[name] = p.default
     return out
 
@@ -288,9 +298,18 @@ def _check_value(name: str, key: str, value: Any) -> None:
         raise ValueError(f"{name}: {key}={_fmt(value)} is out of range: {key} must be {within}")
 
 
+def _typed_like(name: str, key: str) -> Any:
+    """A value of the key's type: its default, or for a default of None, the number its constructor's annotation
+    names (``int | None``: 0)."""
+    default = NAMES[name].defaults[key]
+    if default is None:
+        return _optional_number(inspect.signature(NAMES[name].make).parameters[key])()  # type: ignore[misc]
+    return default
+
+
 def parse_value(name: str, key: str, text: str) -> Any:
     """A value of the grammar, typed like the key's default (int, float or bool) and range-checked."""
-    default = NAMES[name].defaults[key]
+    default = _typed_like(name, key)
     text = text.strip().lower()
     try:
         if isinstance(default, bool):
@@ -486,20 +505,37 @@ def from_config(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build(spec: str | list[Stage], params: Params, *, track_norms: bool = False) -> torch.optim.Optimizer:
+def accepts(stage: Stage, keyword: str) -> bool:
+    """Whether the constructor of ``stage``'s optimizer takes ``keyword``, a setting a SPEC cannot give (e.g.
+    ``process_group``: the stage can average over ranks)."""
+    return keyword in inspect.signature(NAMES[stage.name].make).parameters
+
+
+def build(
+    spec: str | list[Stage],
+    params: Params,
+    *,
+    track_norms: bool = False,
+    outer: Mapping[str, Any] | None = None,
+) -> torch.optim.Optimizer:
     """Build the optimizer a SPEC names, over a model (preferred: weight decay and roles need it) or tensors.
 
-    ``track_norms`` asks the outermost wrapper that supports it to record its outer-step telemetry.
+    ``track_norms`` asks the outermost wrapper that supports it to record its outer-step telemetry. ``outer``: more
+    keywords for the outermost wrapper's constructor, what is known only at run time (a process group, ...).
     """
     stages = parse(spec) if isinstance(spec, str) else spec
     *wrappers, base_stage = stages
+    if outer and not wrappers:
+        raise ValueError(f"{canonical(stages)!r} has no wrapper to take {', '.join(outer)}")
     try:
         opt = NAMES[base_stage.name].make(params, **base_stage.params)
         for i, st in enumerate(reversed(wrappers)):
             entry, extra = NAMES[st.name], {}
             outermost = i == len(wrappers) - 1
-            if track_norms and outermost and "track_norms" in inspect.signature(entry.make).parameters:
+            if track_norms and outermost and accepts(st, "track_norms"):
                 extra["track_norms"] = True
+            if outermost:
+                extra.update(outer or {})
             opt = entry.make(opt, **st.params, **extra)
     except (ValueError, TypeError) as e:  # a constructor's own check, e.g. a combination it refuses
         raise ValueError(f"cannot build {canonical(stages)!r}: {str(e).splitlines()[0]}") from e

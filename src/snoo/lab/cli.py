@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from snoo.lab import ladder
+from snoo.lab.ladder import LADDERS
+
 if TYPE_CHECKING:
     from snoo.lab.config import TrainConfig
 
-BUDGETS = "0.5,0.75,1,1.25,1.5,2,2.5"  # compare's baseline budgets (experiments.BUDGETS; a test holds the two equal)
-LADDERS = ("cosine", "wsd")  # experiments.LADDERS, held equal by the same test
+BUDGETS = ",".join(f"{b:g}" for b in ladder.BUDGETS)  # the default --budgets of compare and scaling
 JOBS = min(2, os.cpu_count() or 1)  # runs at once: one per core, each on one thread
 #: compare's and scaling's schedule: their default ladder (wsd) trains every run on the wsd schedule
 WSD_SCHEDULE = "wsd, as the default --ladder wsd needs; cosine or constant with --ladder cosine"
@@ -324,20 +326,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "reproduce":
         return _reproduce(args)
 
-    from snoo import spec
-    from snoo.lab import experiments
-    from snoo.lab.config import TrainConfig
+    if args.command == "report":
+        return _report(Path(args.dir))
+
     from snoo.lab.launch import run as run_one
     from snoo.lab.workers import World
 
-    if args.command == "report":
-        out = Path(args.dir)
-        if out.is_dir() and not os.access(out, os.W_OK) and (out / "summary.md").exists():
-            print(f"snoo: {out} cannot be written: its summary as written when it finished", file=sys.stderr)
-            print((out / "summary.md").read_text(), end="")
-            return 0
-        _finish(experiments.summarize(out), out)
-        return 0
     cfg, extra = _config(args, f"runs/{args.command}")
     if args.command == "train":
         result = run_one(cfg, resume=args.resume)
@@ -353,7 +347,9 @@ def run(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "scale-out":
-        summary = experiments.run_scale_out(
+        from snoo.lab.scale_out import run_scale_out
+
+        summary = run_scale_out(
             cfg,
             snoo_spec=args.optimizer or "snoo-adamw",
             baseline=args.baseline or "adamw",
@@ -362,6 +358,28 @@ def run(argv: list[str] | None = None) -> int:
         )
         _finish(summary, Path(cfg.out))
         return 0
+    _finish(_experiment(args, cfg, extra), Path(cfg.out))
+    return 0
+
+
+def _report(out: Path) -> int:
+    """``snoo report DIR``: the summary written again; a directory that cannot be written: its summary as it is."""
+    from snoo.lab.report import summarize
+
+    if out.is_dir() and not os.access(out, os.W_OK) and (out / "summary.md").exists():
+        print(f"snoo: {out} cannot be written: its summary as written when it finished", file=sys.stderr)
+        print((out / "summary.md").read_text(), end="")
+        return 0
+    _finish(summarize(out), out)
+    return 0
+
+
+def _experiment(args: argparse.Namespace, cfg: TrainConfig, extra: dict[str, Any]) -> dict:
+    """``snoo compare``, ``snoo sweep`` or ``snoo scaling``: its summary."""
+    from snoo import spec
+    from snoo.lab import experiments
+    from snoo.lab.config import TrainConfig
+
     if args.ladder == "wsd" and args.schedule not in (None, "wsd"):
         raise UsageError(
             f"--schedule {args.schedule}: the wsd ladder trains every run on the wsd schedule; for another schedule "
@@ -389,33 +407,28 @@ def run(argv: list[str] | None = None) -> int:
                 f"log_every from its steps: {(['--steps'] if args.steps is not None else derived)[0]} cannot be given"
             )
         del common["tune_baseline"]
-        summary = scaling.run_scaling(
+        return scaling.run_scaling(
             cfg,
             spec.split_list(args.optimizers or "adamw,snoo-adamw"),
             sizes=scaling.parse_sizes(args.sizes),
             tokens_per_param=_budgets(args.tokens_per_param, "--tokens-per-param"),
             **common,
         )
-        _finish(summary, Path(cfg.out))
-        return 0
     if args.command == "compare":
         # the preset's optimizer (the compare preset's AdamW has its tuned lr), and SNOO around it
         listed = args.optimizers or extra.get("optimizers") or f"{cfg.optimizer},snoo+{cfg.optimizer}"
         optimizers = spec.split_list(listed) if isinstance(listed, str) else [spec.from_config(o) for o in listed]
         if len(optimizers) < 2:
             raise UsageError("--optimizers needs at least two SPECs: the baseline first, then the others")
-        summary = experiments.run_experiment("compare", cfg, optimizers, **common)
-    else:
-        sweep_spec = args.optimizer or (cfg.optimizer if cfg.optimizer != TrainConfig.optimizer else "snoo-adamw")
-        grid_text = args.grid or extra.get("grid")
-        if not grid_text:
-            raise UsageError("sweep needs --grid, e.g. --grid 'k=10,20,50 lr=0.3,0.5,0.7'")
-        points = spec.grid(sweep_spec, grid_text)
-        grid = {o: settings for settings, o in points}
-        cfg = dataclasses.replace(cfg, optimizer=sweep_spec)
-        summary = experiments.run_experiment("sweep", cfg, [spec.base(sweep_spec), *grid], grid=grid, **common)
-    _finish(summary, Path(cfg.out))
-    return 0
+        return experiments.run_experiment("compare", cfg, optimizers, **common)
+    sweep_spec = args.optimizer or (cfg.optimizer if cfg.optimizer != TrainConfig.optimizer else "snoo-adamw")
+    grid_text = args.grid or extra.get("grid")
+    if not grid_text:
+        raise UsageError("sweep needs --grid, e.g. --grid 'k=10,20,50 lr=0.3,0.5,0.7'")
+    points = spec.grid(sweep_spec, grid_text)
+    grid = {o: settings for settings, o in points}
+    cfg = dataclasses.replace(cfg, optimizer=sweep_spec)
+    return experiments.run_experiment("sweep", cfg, [spec.base(sweep_spec), *grid], grid=grid, **common)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import os
 import re
 from collections.abc import Callable
@@ -75,6 +76,15 @@ class TrainConfig:
     # "on" (workers > 1, parallel=diloco, needs torchft): each rank is a torchft replica; a rank that dies is
     # restarted and heals from the others, which go on without it (docs/distributed.md)
     fault_tolerant: str = "off"
+
+    @property
+    def stages(self) -> list[spec.Stage]:
+        """The optimizer's SPEC parsed into its stages, outermost first: parsed once for each value of ``optimizer``,
+        and read from here by the checks, the build, the schedule and the run's records."""
+        parsed = self.__dict__.get("_stages")
+        if parsed is None or parsed[0] != self.optimizer:
+            parsed = self.__dict__["_stages"] = (self.optimizer, tuple(spec.parse(self.optimizer)))
+        return list(parsed[1])
 
 
 #: fields that change no trained number, so a run may be resumed or kept with other values of them
@@ -216,7 +226,7 @@ def validate(cfg: TrainConfig) -> None:
     """Every field's type and range, the SPEC, the model's shape, the schedule and the distributed settings: a bad
     value is a ``ValueError`` that names it, before anything runs."""
     _check_types(cfg)
-    spec.parse(cfg.optimizer)
+    _ = cfg.stages  # parsed here, with the SPEC's own checks
     for name in AT_LEAST_ONE:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -296,11 +306,11 @@ def _check_device(device: str) -> None:
 
 
 def _check_workers(cfg: TrainConfig) -> None:
-    if cfg.parallel == "diloco" and spec.parse(cfg.optimizer)[0].name not in ("snoo", "lookahead"):
+    if cfg.parallel == "diloco" and not spec.accepts(cfg.stages[0], "process_group"):
         raise ValueError(
             f"parallel=diloco averages the pseudo-gradients of a SNOO outer stage, and "
-            f"{spec.canonical(cfg.optimizer)!r} has none: use a SPEC that starts with snoo or lookahead "
-            f"(e.g. snoo-adamw), or --set parallel=ddp"
+            f"{spec.canonical(cfg.stages)!r} has none: its outermost stage takes no process group; use a SPEC that "
+            f"starts with snoo or lookahead (e.g. snoo-adamw), or --set parallel=ddp"
         )
     if cfg.device.startswith("cuda:"):
         raise ValueError(
@@ -311,9 +321,17 @@ def _check_workers(cfg: TrainConfig) -> None:
             raise ValueError("fault_tolerant=on restarts a rank that dies on its own: leave max_restarts at 0")
         if cfg.parallel != "diloco":
             raise ValueError("fault_tolerant=on is for parallel=diloco (SNOO's outer step on torchft), not ddp")
-        from snoo.integrations.torchft import require_torchft
+        from snoo.integrations.torchft import FaultTolerantSNOO, require_torchft
 
         require_torchft()
+        outer = cfg.stages[0]
+        unknown = sorted(set(outer.params) - set(inspect.signature(FaultTolerantSNOO).parameters))
+        if unknown:
+            raise ValueError(
+                f"fault_tolerant=on builds snoo.integrations.torchft.FaultTolerantSNOO from the settings of the "
+                f"outermost stage, and it takes no {', '.join(unknown)} of {outer.name}: give that stage as snoo "
+                f"(lookahead(k=K,alpha=A) is snoo(k=K,lr=A,momentum=0,nesterov=false))"
+            )
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -333,7 +351,7 @@ def identity(cfg: TrainConfig, corpus_sha256: str) -> dict[str, Any]:
     """What makes two runs the same run: every field but ``NOT_IDENTITY``, the optimizer with its defaults filled
     in, and the data by its contents (``corpus_sha256``), not by its path."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY and k != "data"}
-    stages = spec.resolved(cfg.optimizer)
+    stages = spec.resolved(cfg.stages)
     full = "+".join(f"{st.pop('name')}({','.join(f'{k}={v!r}' for k, v in st.items())})" for st in stages)
     return {**fields, "optimizer": full, "corpus": corpus_sha256}
 
@@ -385,7 +403,7 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
     schedule-free optimizer (``spec.is_schedule_free``) gets the warm-up and then a constant lr, whatever the schedule.
     """
     warmup = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
-    if cfg.schedule == "constant" or spec.is_schedule_free(cfg.optimizer):
+    if cfg.schedule == "constant" or spec.is_schedule_free(cfg.stages):
         after = schedules.constant(1.0)
     elif cfg.schedule == "wsd":
         after = schedules.warmup_stable_decay(1.0, warmup, round(cfg.decay * cfg.steps), cfg.steps)

@@ -33,7 +33,10 @@ from snoo import spec
 from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, write_json
 from snoo.lab.config import TrainConfig, model_config, validate
-from snoo.lab.experiments import BUDGETS, check_processes, run_experiment, same_corpus
+from snoo.lab.data import Corpus, load_corpus
+from snoo.lab.experiments import run_experiment
+from snoo.lab.jobs import check_processes, same_corpus
+from snoo.lab.ladder import BUDGETS
 
 #: the fields that scaling sets for each point (from its size and tokens per parameter), whatever the config says
 SCALING_DERIVED = ("steps", "eval_every", "ckpt_every", "log_every")
@@ -89,38 +92,13 @@ def run_scaling(
     """One ``compare`` per (size, tokens per parameter) into ``OUT/LxW-rR``, each with its own ladder and (with
     ``tune_trials``) every contender tuned for that size and length on ``tune_seeds`` unreported seeds; then the
     table, the frontier fit and the plots (:func:`summarize_scaling`)."""
-    from snoo.lab.data import load_corpus
-
     if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
         raise ValueError("scaling needs at least one size and positive tokens per parameter")
     check_processes(processes)
     corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
     vocab = corpus.vocab_size
     out = Path(cfg.out)
-    points = []
-    for layers, width in sizes:
-        for ratio in tokens_per_param:
-            point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
-            params = model_params(point, vocab)
-            tokens_per_step = point.batch_size * point.block_size * point.grad_accum
-            steps = max(1, round(ratio * params / tokens_per_step))
-            epochs = max(budgets) * steps * tokens_per_step / corpus.info["train_tokens"]
-            if epochs > 1:
-                say(
-                    f"note: {layers}x{width} at {ratio:g} tokens per parameter: its {max(budgets):g}x rung reads "
-                    f"{epochs:.2f} epochs of the corpus; the table flags it"
-                )
-            name = f"{layers}x{width}-r{ratio:g}"
-            point = dataclasses.replace(
-                point,
-                steps=steps,
-                eval_every=max(1, steps // 10),
-                ckpt_every=max(1, steps // 4),
-                log_every=max(1, steps // 50),
-                out=str(out / name),
-            )
-            validate(point)
-            points.append((name, layers, width, ratio, params, point))
+    points = _points(cfg, corpus, sizes, tokens_per_param, budgets, say)
     experiment = {
         "kind": "scaling",
         "optimizers": [spec.canonical(o) for o in optimizers],
@@ -161,6 +139,44 @@ def run_scaling(
                 say=say,
             )
         return summarize_scaling(out, experiment)
+
+
+def _points(
+    cfg: TrainConfig,
+    corpus: Corpus,
+    sizes: Sequence[tuple[int, int]],
+    tokens_per_param: Sequence[float],
+    budgets: Sequence[float],
+    say: Callable[[str], None],
+) -> list[tuple[str, int, int, float, int, TrainConfig]]:
+    """Each point's (name, layers, width, tokens per parameter, parameters, config): its steps from its parameters,
+    its evaluations, checkpoints and logs from its steps, its directory under ``cfg.out``."""
+    vocab, out = corpus.vocab_size, Path(cfg.out)
+    points = []
+    for layers, width in sizes:
+        for ratio in tokens_per_param:
+            point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
+            params = model_params(point, vocab)
+            tokens_per_step = point.batch_size * point.block_size * point.grad_accum
+            steps = max(1, round(ratio * params / tokens_per_step))
+            epochs = max(budgets) * steps * tokens_per_step / corpus.info["train_tokens"]
+            if epochs > 1:
+                say(
+                    f"note: {layers}x{width} at {ratio:g} tokens per parameter: its {max(budgets):g}x rung reads "
+                    f"{epochs:.2f} epochs of the corpus; the table flags it"
+                )
+            name = f"{layers}x{width}-r{ratio:g}"
+            point = dataclasses.replace(
+                point,
+                steps=steps,
+                eval_every=max(1, steps // 10),
+                ckpt_every=max(1, steps // 4),
+                log_every=max(1, steps // 50),
+                out=str(out / name),
+            )
+            validate(point)
+            points.append((name, layers, width, ratio, params, point))
+    return points
 
 
 # ---------------------------------------------------------------------------------------------- summarizing

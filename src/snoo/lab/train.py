@@ -191,7 +191,7 @@ def _model_and_optimizer(
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg, corpus.vocab_size)).to(device)
     distributed = world.size > 1
-    opt = workers.build_optimizer(cfg, model) if distributed else spec.build(cfg.optimizer, model, track_norms=True)
+    opt = workers.build_optimizer(cfg, model) if distributed else spec.build(cfg.stages, model, track_norms=True)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]  # the schedule scales each group's own lr (torch's name for the peak)
     return model, opt
@@ -296,8 +296,8 @@ def _info(cfg: TrainConfig, corpus: Corpus, model: GPT, device: torch.device, ru
     tokens = cfg.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * cfg.workers
     return {
         "config": dataclasses.asdict(cfg),
-        "spec": spec.canonical(cfg.optimizer),
-        "optimizer": spec.resolved(cfg.optimizer),
+        "spec": spec.canonical(cfg.stages),
+        "optimizer": spec.resolved(cfg.stages),
         "corpus": corpus.info,
         **_regime(params, body, tokens),
         "torch": torch.__version__,
@@ -333,7 +333,7 @@ def _result(
     tokens = at.step * cfg.batch_size * cfg.block_size * cfg.grad_accum * world.size
     result = {
         "optimizer": cfg.optimizer,
-        "spec": spec.canonical(cfg.optimizer),
+        "spec": spec.canonical(cfg.stages),
         "seed": cfg.seed,
         "steps": cfg.steps,
         "status": status,

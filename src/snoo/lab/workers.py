@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import snoo
 from snoo import spec
 from snoo.lab.config import TrainConfig
 
@@ -143,23 +142,16 @@ def init_process_group(cfg: TrainConfig, world: World, device: torch.device) -> 
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """DiLoCo: the SPEC's outer SNOO (or Lookahead, SNOO without momentum) averaging over every rank, around the rest
-    of the SPEC; DDP: the SPEC as it is (the gradients are averaged already)."""
+    """DDP: the SPEC as it is (the gradients are averaged already). DiLoCo: the SPEC with its outermost stage (SNOO,
+    or Lookahead, SNOO without momentum) averaging the pseudo-gradients over every rank: the run's process group,
+    which ``config`` checked that it takes; on torchft, ``FaultTolerantSNOO`` with that stage's settings."""
     if cfg.parallel == "ddp":
-        return spec.build(cfg.optimizer, model, track_norms=True)
-    outer, *rest = spec.parse(cfg.optimizer)
-    params = outer.params
-    if outer.name == "lookahead":
-        params = dict(k=params["k"], lr=params["alpha"], momentum=0.0, nesterov=False)
+        return spec.build(cfg.stages, model, track_norms=True)
     if cfg.fault_tolerant == "on":
-        return fault_tolerant_snoo(cfg, spec.build(rest, model), params)
-    return snoo.SNOO(
-        spec.build(rest, model),
-        **params,
-        track_norms=True,
-        process_group=dist.group.WORLD,
-        reduce_dtype=REDUCE_DTYPES[cfg.reduce_dtype],
-    )
+        outer, *rest = cfg.stages
+        return fault_tolerant_snoo(cfg, spec.build(rest, model), outer.params)
+    world = dict(process_group=dist.group.WORLD, reduce_dtype=REDUCE_DTYPES[cfg.reduce_dtype])
+    return spec.build(cfg.stages, model, track_norms=True, outer=world)
 
 
 #: set by the launching process of a fault-tolerant run: the port of its store where the ranks meet before the

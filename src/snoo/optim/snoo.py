@@ -650,8 +650,8 @@ class Lookahead(SNOO):
 
     This is :class:`SNOO` with ``momentum=0`` and ``lr=alpha`` (stored in each group as ``"outer_lr"``): no momentum
     buffer, one lerp and one copy per outer step (one pass with ``fused=True``). ``eval()``/``train()``,
-    checkpoints, ``fused``, ``skip_nonfinite`` and the per-parameter details are SNOO's. Defaults ``k=5, alpha=0.5``
-    are the paper's.
+    checkpoints, ``fused``, ``skip_nonfinite``, DiLoCo's ``process_group`` and ``reduce_dtype``, and the
+    per-parameter details are SNOO's. Defaults ``k=5, alpha=0.5`` are the paper's.
     """
 
     spec_name = "lookahead"
@@ -678,6 +678,8 @@ class Lookahead(SNOO):
         *,
         state_device: torch.device | str | None = None,
         track_norms: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+        reduce_dtype: torch.dtype | None = None,
         fused: bool = False,
         skip_nonfinite: bool = True,
     ) -> None:
@@ -690,6 +692,8 @@ class Lookahead(SNOO):
             nesterov=False,
             state_device=state_device,
             track_norms=track_norms,
+            process_group=process_group,
+            reduce_dtype=reduce_dtype,
             fused=fused,
             skip_nonfinite=skip_nonfinite,
         )

@@ -15,7 +15,6 @@ is kept beside it (``reading``) so that the machinery is visible, never as evide
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import shlex
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from snoo.lab import checkpoint
+from snoo.lab.checkpoint import read_json, write_json
 from snoo.lab.config import TrainConfig, make_config, model_config
 from snoo.lab.train import Diverged
 
@@ -358,15 +358,6 @@ def lab_batch(tokens, cfg: TrainConfig, seed: int, index: int):
 
     x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed, index)
     return x.to(lab_device(cfg)), y.to(lab_device(cfg))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(obj, path)
 
 
 # ---------------------------------------------------------------------------------------------- the report

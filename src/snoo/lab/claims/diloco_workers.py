@@ -6,7 +6,7 @@ import itertools
 import statistics
 from typing import Any
 
-from snoo.lab import experiments, stats
+from snoo.lab import scale_out, stats
 from snoo.lab.claims import DOES_NOT_HOLD, HOLDS, Claim, Context, Outcome, combine, difference_verdict, line_plot, table
 
 SETUP = {
@@ -24,7 +24,7 @@ def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     losses: dict[int, list[float]] = {1: [], **{n: [] for n in counts}}
     for s in range(ctx.seeds):
         seed = ctx.config("probe").seed + s
-        summary = experiments.run_scale_out(
+        summary = scale_out.run_scale_out(
             ctx.config(f"seed{seed}", seed=seed),
             snoo_spec="snoo-adamw",
             baseline="adamw",

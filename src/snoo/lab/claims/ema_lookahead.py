@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from snoo import spec
-from snoo.lab.checkpoint import snapshot_name
+from snoo.lab.checkpoint import read_json, snapshot_name, write_json
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -24,9 +24,7 @@ from snoo.lab.claims import (
     lab_device,
     lab_model,
     line_plot,
-    read_json,
     table,
-    write_json,
 )
 from snoo.lab.train import train
 

@@ -3,6 +3,7 @@ is steady, and part when it moves quickly (a low beta2)."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from snoo import spec
+from snoo.lab.checkpoint import write_json
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -21,9 +23,7 @@ from snoo.lab.claims import (
     lab_batch,
     lab_model,
     line_plot,
-    read_json,
     table,
-    write_json,
 )
 
 MU = 0.9  # the momentum of both
@@ -48,12 +48,12 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _pair(ctx: Context, seed: int, beta2: float) -> dict[str, Any]:
+def _pair(ctx: Context, seed: int, beta2: float) -> list[dict[str, Any]]:
     """Both optimizers from the same weights on the same batches; the distance of their real iterates over the
     distance NAdam travelled, and both val losses, at every evaluation."""
     cache = ctx.out / f"seed{seed}-beta2_{beta2:g}.json"
     if ctx.resume and cache.exists():
-        return read_json(cache)
+        return json.loads(cache.read_text())  # a list: the curve (checkpoint.read_json reads objects)
     cfg = ctx.config(f"seed{seed}", seed=seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

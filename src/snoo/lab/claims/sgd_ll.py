@@ -7,7 +7,7 @@ import statistics
 from typing import Any
 
 from snoo import spec
-from snoo.lab import experiments
+from snoo.lab import experiments, tuning
 from snoo.lab.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -35,7 +35,7 @@ SETUP = {
 
 def run(ctx: Context, setup: dict[str, Any]) -> Outcome:
     # the same lr grid for both, on a seed no reported run uses
-    seed = ctx.config("probe").seed + experiments.TUNE_SEED_OFFSET
+    seed = ctx.config("probe").seed + tuning.TUNE_SEED_OFFSET
     grid = {(o, lr): spec.canonical(f"{o}(lr={lr:g})") for o in ("sgd", "sgdll") for lr in setup["lrs"]}
     sweep = experiments.run_experiment(
         "sweep",
