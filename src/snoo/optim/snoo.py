@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
+from snoo.optim.collectives import all_reduce_mean_, check_process_group
 from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.tensors import foreach_copy_, is_dtensor, local
@@ -145,10 +146,7 @@ class SNOO(Wrapper):
     ) -> None:
         if checks.flag(fused, "fused"):
             _check_fusable(inner, state_device=state_device, process_group=process_group)
-        if process_group is not None:  # snoo.distributed is imported by those who use it
-            from snoo.distributed import check_process_group
-
-            check_process_group(process_group)
+        check_process_group(process_group)
         if reduce_dtype is not None:
             if process_group is None:
                 raise ValueError("reduce_dtype sets what the pseudo-gradients are averaged in: it needs process_group")
@@ -310,8 +308,6 @@ class SNOO(Wrapper):
         """DiLoCo: average the pseudo-gradients over the process group (one all-reduce per dtype, with a flag per
         parameter saying whether any rank gave it a gradient this cycle), then the outer step on every parameter
         that some rank touched."""
-        from snoo.distributed import all_reduce_mean_
-
         assert self.process_group is not None
         neg_s = [
             torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans
