@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import compress
 from typing import Any, ClassVar, NamedTuple
@@ -18,9 +18,11 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
-from snoo.optim.collectives import all_reduce_mean_, check_process_group
+from snoo.optim.collectives import check_process_group, start_all_reduce_mean
+from snoo.optim.compression import COMPRESSIONS, Compression, start_compressed_mean_
 from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
+from snoo.optim.streaming import Streaming, Sync
 from snoo.optim.tensors import foreach_copy_, is_dtensor, local
 from snoo.optim.wrapper import Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
@@ -125,7 +127,7 @@ class SNOO(Wrapper):
         (2.0, {"lr": 0.8, "momentum": 0.75}),
         (2.0, {"lr": 0.5, "momentum": 0.9}),
     )
-    state_names = ("slow", "momentum")
+    state_names = ("slow", "momentum", "error")
     evaluation_key = "slow"
     train_point = "fast"
 
@@ -141,6 +143,12 @@ class SNOO(Wrapper):
         track_norms: bool = False,
         process_group: dist.ProcessGroup | None = None,
         reduce_dtype: torch.dtype | None = None,
+        fragments: int | Sequence[Sequence[torch.Tensor]] = 1,
+        overlap_steps: int = 0,
+        fragment_mix: float = 1.0,
+        compression: str | None = None,
+        compression_block: int | None = None,
+        error_feedback: bool = True,
         fused: bool = False,
         skip_nonfinite: bool = True,
     ) -> None:
@@ -152,8 +160,29 @@ class SNOO(Wrapper):
                 raise ValueError("reduce_dtype sets what the pseudo-gradients are averaged in: it needs process_group")
             if not isinstance(reduce_dtype, torch.dtype) or not reduce_dtype.is_floating_point:
                 raise TypeError(f"reduce_dtype must be a floating-point torch.dtype, got {reduce_dtype!r}")
+        streaming = (fragments, overlap_steps, fragment_mix) != (1, 0, 1.0)
+        if process_group is None and (streaming or compression is not None):
+            raise ValueError(
+                "fragments, overlap_steps, fragment_mix and compression shape DiLoCo's exchange: they "
+                "need process_group"
+            )
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be None or one of {sorted(COMPRESSIONS)}, got {checks.show(compression)}"
+            )
+        if compression is not None and reduce_dtype is not None:
+            raise ValueError("give compression or reduce_dtype, not both: compression decides what travels")
+        if compression_block is not None and (compression not in ("int8", "int4")):
+            raise ValueError(f"compression_block sets the elements per scale of int8/int4, not of {compression!r}")
+        if compression_block is not None:
+            checks.integer(compression_block, "compression_block", checks.Range(1))
+        #: what the pseudo-gradients travel as (:mod:`snoo.optim.compression`), or None: as they are.
+        self.compression = None if compression is None else Compression(compression, compression_block)
+        self.error_feedback = checks.flag(error_feedback, "error_feedback") and compression is not None
         checks.flag(nesterov, "nesterov")
         self.k = k
+        #: streaming DiLoCo's fragment schedule and the exchanges in flight (:mod:`snoo.optim.streaming`)
+        self.streaming = Streaming(fragments, k, overlap_steps, fragment_mix) if process_group is not None else None
         self.fused = fused
         self.skip_nonfinite = checks.flag(skip_nonfinite, "skip_nonfinite")
         self.track_norms = checks.flag(track_norms, "track_norms")
@@ -165,7 +194,8 @@ class SNOO(Wrapper):
         self._touched: set[torch.Tensor] = set()
         self.process_group = process_group
         self.reduce_dtype = reduce_dtype
-        #: bytes this rank has sent into all-reduces of pseudo-gradients (DiLoCo); 0 without a process group.
+        #: bytes this rank has handed to the collectives that average pseudo-gradients (DiLoCo); 0 without a process
+        #: group.
         self.communicated_bytes = 0
         # -- host offload (offload.py): the outer step of state kept on state_device streams through the device --
         #: streams the state through the parameters' device when ``state_device`` is set; None otherwise.
@@ -196,6 +226,8 @@ class SNOO(Wrapper):
         state = {"slow": self._new_state(param, param, state_dtype(param))}
         if group["outer_momentum"] != 0:  # a schedule too: b = 0 at the start; Lookahead keeps none
             state["momentum"] = self._zeros_like_state(state["slow"])
+        if self.error_feedback:  # e = 0 at the start
+            state["error"] = self._zeros_like_state(state["slow"])
         return state
 
     @staticmethod
@@ -208,12 +240,15 @@ class SNOO(Wrapper):
     def _after_inner_step(self) -> None:
         if len(self._touched) < len(self.state):  # once every parameter with state is touched, nothing to add
             self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
+        if self.streaming is not None:
+            squares = self._streaming_step()
+            if self.track_norms and squares:
+                self.outer_norms = _total_norms(squares)
+            return
         if self._inner_steps % self.k:
             return
         plans = self._plans()
-        if self.process_group is not None:
-            squares = self._averaged_outer_step(plans)
-        elif self.fused and plans and len(self._touched) == len(self.state):
+        if self.fused and plans and len(self._touched) == len(self.state):
             squares = self._fused_outer_step(plans)
         elif self.skip_nonfinite and not _all_finite([plan.params for plan in plans]):
             squares = self._skip_outer_step(plans, "the fast weights")
@@ -268,12 +303,14 @@ class SNOO(Wrapper):
             return self._count_skipped("the fast weights")
         return squares
 
-    def _plans(self) -> list[OuterPlan]:
-        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for this outer step."""
+    def _plans(self, among: set[torch.Tensor] | None = None) -> list[OuterPlan]:
+        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for this outer step (of the
+        parameters ``among``, one fragment, when given)."""
         plans = []
         for group in self.param_groups:
             # with a process group, every rank sends every parameter, so that the collectives match
             params = [p for p in group["params"] if (p in self.state if self.process_group else p in self._touched)]
+            params = params if among is None else [p for p in params if p in among]
             if not params:
                 continue
             lr, momentum = group["outer_lr"], group["outer_momentum"]
@@ -304,28 +341,77 @@ class SNOO(Wrapper):
                 stacklevel=5,
             )
 
-    def _averaged_outer_step(self, plans: list[OuterPlan]) -> list[dict] | None:
-        """DiLoCo: average the pseudo-gradients over the process group (one all-reduce per dtype, with a flag per
-        parameter saying whether any rank gave it a gradient this cycle), then the outer step on every parameter
-        that some rank touched."""
-        assert self.process_group is not None
-        neg_s = [
-            torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans
-        ]
+    def _streaming_step(self) -> list[dict]:
+        """DiLoCo after each inner step: apply the fragments whose exchange is due, then start the exchange of the
+        fragment that syncs now (and apply it at once when ``overlap_steps`` is 0)."""
+        assert self.streaming is not None
+        squares = []
+        for sync in self.streaming.due(self._inner_steps):
+            squares += self._apply_sync(sync)
+        f = self.streaming.syncing(self._inner_steps)
+        if f is not None:
+            sync = self._start_sync(f)
+            if sync is not None and self.streaming.overlap_steps == 0:
+                squares += self._apply_sync(sync)
+            elif sync is not None:
+                self.streaming.in_flight.append(sync)
+        return squares
+
+    def _start_sync(self, f: int) -> Sync | None:
+        """Start averaging fragment ``f``'s pseudo-gradients over the process group (one collective per dtype, or
+        compressed: :mod:`snoo.optim.compression`), with a flag per parameter saying whether any rank gave it a
+        gradient this cycle."""
+        assert self.streaming is not None and self.process_group is not None
+        every = [p for group in self.param_groups for p in group["params"]]
+        plans = self._plans(self.streaming.fragment(f, every))
         params = [p for plan in plans for p in plan.params]
         if not params:
-            return []
+            return None
+        neg_s = [  # -s = p - w
+            torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans
+        ]
         flags = torch.tensor([float(p in self._touched) for p in params], device=local(neg_s[0][0]).device)
-        self.communicated_bytes += all_reduce_mean_(
-            [t for ts in neg_s for t in ts] + [flags],
-            self.process_group,
-            reduce_dtype=self.reduce_dtype,
-            what=f"the pseudo-gradients of outer step {self._inner_steps // self.k}",
-        )
+        self._touched.difference_update(params)
+        what = f"the pseudo-gradients of fragment {f} at inner step {self._inner_steps}"
+        tensors = [t for ts in neg_s for t in ts]
+        if self.compression is None:
+            exchanges = [
+                start_all_reduce_mean([*tensors, flags], self.process_group, reduce_dtype=self.reduce_dtype, what=what)
+            ]
+        else:
+            errors = [st["error"] for plan in plans for st in plan.states] if self.error_feedback else None
+            exchanges = [
+                start_compressed_mean_(tensors, errors, self.compression, self.process_group, what=what),
+                start_all_reduce_mean([flags], self.process_group, what=what),
+            ]
+        self.communicated_bytes += sum(exchange.sent for exchange in exchanges)
+        apply_at = self._inner_steps + self.streaming.overlap_steps
+        return Sync(f, apply_at, plans, neg_s, flags, exchanges)
+
+    def _apply_sync(self, sync: Sync) -> list[dict]:
+        r"""Wait for a fragment's exchange and take its outer step; the parameters some rank touched become
+        :math:`\alpha w + (1 - \alpha) p` (``fragment_mix``; :math:`p` the local fast weights now)."""
+        assert self.streaming is not None
+        sync.wait()
         # every rank holds the same average now, so every rank takes the same decision
-        if not _all_finite(neg_s):
-            return self._skip_outer_step(plans, "the averaged pseudo-gradient")
-        return self._averaged_update(plans, neg_s, iter((flags > 0).tolist()))
+        if not _all_finite(sync.neg_pseudo_grads):
+            return self._skip_outer_step(sync.plans, "the averaged pseudo-gradient") or []
+        touched = (sync.flags > 0).tolist()
+        mix, local_fast = self.streaming.mix, None
+        if mix != 1:  # the local fast weights, before the outer step overwrites them
+            local_fast = [
+                [local(t).clone() for t in as_state_tensors(plan.params, plan.slow()[0])] for plan in sync.plans
+            ]
+        squares = self._averaged_update(sync.plans, sync.neg_pseudo_grads, iter(touched))
+        if local_fast is not None:
+            flags = iter(touched)
+            for plan, fast in zip(sync.plans, local_fast):
+                keep = [next(flags) for _ in plan.params]
+                kept = list(compress(fast, keep))
+                if kept:  # p <- alpha w + (1 - alpha) p: a lerp from the local fast weights to the new slow ones
+                    torch._foreach_lerp_(kept, [local(w) for w in compress(plan.slow(), keep)], mix)
+                    foreach_copy_(list(compress(plan.params, keep)), kept, non_blocking=True)
+        return squares
 
     def _averaged_update(
         self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: Iterator[bool]
@@ -359,6 +445,13 @@ class SNOO(Wrapper):
         return [st["momentum"] for st in states]
 
     def _extra_state(self) -> dict[str, Any]:
+        if self.streaming is not None and self.streaming.in_flight:
+            sync = self.streaming.in_flight[0]
+            raise RuntimeError(
+                f"state_dict() at inner step {self._inner_steps}: fragment {sync.fragment}'s averaged pseudo-gradient "
+                f"is in flight until inner step {sync.apply_at}, and is not part of the state. Save after a step at "
+                f"which no exchange is in flight (with overlap_steps=0, any step)"
+            )
         return {**super()._extra_state(), "k": self.k, "skipped_outer_steps": self.skipped_outer_steps}
 
     def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
@@ -391,6 +484,8 @@ class SNOO(Wrapper):
         super()._apply_extra_state(values)
         self._touched = values["touched"]
         self.skipped_outer_steps = values["skipped_outer_steps"]
+        if self.streaming is not None:  # the exchanges of the run left behind
+            self.streaming.in_flight = []
         self.outer_norms = {}
 
 

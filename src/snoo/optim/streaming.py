@@ -1,0 +1,110 @@
+r"""Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512): the parameters in fragments that synchronise at
+staggered steps, each fragment's exchange overlapped with the next inner steps.
+
+With :math:`F` fragments and :math:`K` inner steps per outer step, fragment :math:`f` starts its exchange after
+the inner steps :math:`t` with :math:`(t - fK/F) \bmod K = 0`, so at most :math:`1/F` of the model is on the wire
+at a time; its outer step is applied :math:`\tau` inner steps later (``overlap_steps``), when the exchange has had
+those steps to finish. This module holds the schedule and what is in flight; :class:`snoo.SNOO` does the outer
+step itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from snoo import checks
+from snoo.optim.collectives import InFlight
+
+
+def split_fragments(params: list[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
+    """``params`` (in module order) cut into ``count`` runs of about equal numbers of elements: a parameter goes to
+    the fragment in which the middle of its elements falls. Raises ValueError if a fragment would be empty."""
+    total = sum(p.numel() for p in params)
+    out: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    before = 0
+    for p in params:
+        out[min(count - 1, int(count * (before + p.numel() / 2) / max(total, 1)))].append(p)
+        before += p.numel()
+    empty = [f for f, fragment in enumerate(out) if not fragment]
+    if empty:
+        raise ValueError(
+            f"fragments={count} leaves fragment {empty[0]} empty: the {len(params)} parameters cannot be cut into "
+            f"{count} runs of similar size. Use fewer fragments, or give them as lists of parameters"
+        )
+    return out
+
+
+class Sync(NamedTuple):
+    """One fragment's exchange, started after inner step ``apply_at - overlap_steps`` and applied after inner step
+    ``apply_at``: the outer plans of its parameters, the averaged negated pseudo-gradients (valid once ``exchanges``
+    are waited for) and the flags saying which parameters some rank gave a gradient in the cycle."""
+
+    fragment: int
+    apply_at: int
+    plans: list
+    neg_pseudo_grads: list[list[torch.Tensor]]
+    flags: torch.Tensor
+    exchanges: list[InFlight]
+
+    def wait(self) -> None:
+        for exchange in self.exchanges:
+            exchange.wait()
+
+
+class Streaming:
+    """The fragment schedule and the exchanges in flight of one :class:`snoo.SNOO`.
+
+    ``fragments``: a count :math:`F` (the parameters cut in module order by :func:`split_fragments`) or the
+    fragments themselves, lists of parameters covering each parameter once. ``k`` must be a multiple of :math:`F`,
+    ``overlap_steps`` :math:`\\tau \\in [0, K)`, ``mix`` :math:`\\alpha \\in (0, 1]`."""
+
+    def __init__(
+        self, fragments: int | Sequence[Sequence[torch.Tensor]], k: int, overlap_steps: int, mix: float
+    ) -> None:
+        if isinstance(fragments, int) and not isinstance(fragments, bool):
+            self.count = checks.integer(fragments, "fragments", checks.Range(1))
+            self.given: list[list[torch.Tensor]] | None = None
+        elif isinstance(fragments, Sequence) and fragments and all(isinstance(f, Sequence) for f in fragments):
+            self.given = [list(f) for f in fragments]
+            self.count = len(self.given)
+            if not all(self.given) or not all(isinstance(p, torch.Tensor) for f in self.given for p in f):
+                raise ValueError("fragments given as lists must each hold at least one parameter (tensors)")
+        else:
+            raise TypeError(f"fragments must be a count or a list of lists of parameters, got {checks.show(fragments)}")
+        if k % self.count:
+            raise ValueError(f"k={k} must be a multiple of fragments={self.count}, so that they sync K/F steps apart")
+        self.k = k
+        self.overlap_steps = checks.integer(overlap_steps, "overlap_steps", checks.Range(0, k - 1))
+        self.mix = checks.number(mix, "fragment_mix", checks.Range(0, 1, low_open=True))
+        self.in_flight: list[Sync] = []
+        self._cut: tuple[tuple[int, ...], list[set[torch.Tensor]]] = ((), [])
+
+    def syncing(self, t: int) -> int | None:
+        """The fragment whose exchange starts after inner step ``t``, if any."""
+        phase, every = t % self.k, self.k // self.count
+        return None if phase % every else phase // every
+
+    def fragment(self, f: int, params: list[torch.Tensor]) -> set[torch.Tensor]:
+        """The parameters of fragment ``f`` among ``params`` (all of the optimizer's, in order)."""
+        key = tuple(map(id, params))
+        if key != self._cut[0]:
+            if self.given is not None:
+                listed = [p for fragment in self.given for p in fragment]
+                if len(listed) != len(params) or set(map(id, listed)) != set(key):
+                    raise ValueError(
+                        "the fragments given must hold every parameter of the optimizer exactly once "
+                        f"({len(listed)} listed, the optimizer has {len(params)})"
+                    )
+                self._cut = (key, [set(fragment) for fragment in self.given])
+            else:
+                self._cut = (key, [set(fragment) for fragment in split_fragments(params, self.count)])
+        return self._cut[1][f]
+
+    def due(self, t: int) -> list[Sync]:
+        """Take out the exchanges whose outer step is applied after inner step ``t``."""
+        due = [sync for sync in self.in_flight if sync.apply_at == t]
+        self.in_flight = [sync for sync in self.in_flight if sync.apply_at != t]
+        return due
