@@ -29,8 +29,8 @@ CONFIGS = {
     "int4-blocks-f2-tau1": {"compression": "int4", "compression_block": 5, "fragments": 2, "overlap_steps": 1},
     "bf16": {"compression": "bf16"},
 }
-RESUMED = "int8"  # also run in two halves, through state_dict() and a fresh optimizer
-CUT = 6
+#: also run in two halves, through state_dict() and a fresh optimizer, cut while fragment 1's exchange is in flight
+RESUMED, CUT = "int4-blocks-f2-tau1", 6
 
 
 # -- the ranks ------------------------------------------------------------------------------------------------------
@@ -79,7 +79,8 @@ def worker(rank: int, world: int, directory: Path) -> None:
     model, opt, saved = run(CONFIGS[RESUMED], rank, cut=CUT)
     out["resumed"] = {
         "params": [p.detach() for p in model.parameters()],
-        "saved_keys": sorted(saved["optim"]["state"][1]),
+        "slow": [opt.state[p]["slow"] for p in model.parameters()],
+        "saved_keys": [sorted(saved["optim"]["state"][i]) for i in range(len(saved["optim"]["state"]))],
     }
     torch.save(out, directory / f"rank-{rank}.pt")
     dist.destroy_process_group()
@@ -242,11 +243,15 @@ def test_bytes_are_counted_where_they_are_handed_to_the_collectives(ranks):
     assert wire_bytes(CONFIGS["int8"]) < 0.45 * wire_bytes({})
 
 
-def test_error_buffers_are_saved_and_a_resumed_run_ends_the_same(ranks):
+def test_a_run_resumed_while_an_exchange_is_in_flight_ends_the_same(ranks):
     _, results = ranks
     for r in results:
-        assert "snoo.error" in r["resumed"]["saved_keys"]
-        assert all(map(torch.equal, r["resumed"]["params"], r[RESUMED]["params"]))
+        # every parameter has its error buffer; fragment 1 (the last three) was in flight, its average saved
+        assert all("snoo.error" in keys for keys in r["resumed"]["saved_keys"])
+        assert ["snoo.pending" in keys for keys in r["resumed"]["saved_keys"]] == [False, False, True, True, True]
+        assert all(
+            map(torch.equal, r["resumed"]["params"] + r["resumed"]["slow"], r[RESUMED]["params"] + r[RESUMED]["slow"])
+        )
 
 
 def test_error_feedback_brings_the_run_closer_to_full_precision(ranks):
@@ -343,18 +348,27 @@ def test_bad_arguments_are_refused_clearly(one_rank):
             opt.step()
 
 
-def test_state_dict_is_refused_while_an_exchange_is_in_flight(one_rank):
+def test_a_state_dict_saved_in_flight_needs_its_pending_averages(one_rank):
+    def build(model: Net) -> snoo.SNOO:
+        return snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), k=2, overlap_steps=1, process_group=one_rank)
+
     model = Net()
-    opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=LR), k=2, overlap_steps=1, process_group=one_rank)
+    opt = build(model)
     for t in range(2):
         loss_of(model, t, 0).backward()
         opt.step()
         opt.zero_grad()
-    with pytest.raises(RuntimeError, match="in flight until inner step 3"):
-        opt.state_dict()
-    loss_of(model, 2, 0).backward()
-    opt.step()
-    assert "snoo.slow" in opt.state_dict()["state"][0]
+    saved = opt.state_dict()  # after step 2: the exchange of its outer step is in flight until step 3
+    assert saved["param_groups"][0]["snoo"]["in_flight"] == [0, 1, 2, 3, 4]  # each got a gradient (rare at step 1)
+    assert all("snoo.pending" not in st for st in opt.state.values())  # the live state does not keep them
+    # what torch.distributed.checkpoint would load into a fresh optimizer: the entries it has, so no 'pending'
+    fresh = build(Net())
+    stripped = copy.deepcopy(saved)
+    stripped["state"] = {i: {k: v for k, v in st.items() if k != "snoo.pending"} for i, st in saved["state"].items()}
+    with pytest.raises(ValueError, match="in flight"):
+        fresh.load_state_dict(stripped)
+    with pytest.raises(ValueError, match="in flight"):  # and a SNOO without a process group takes none
+        snoo.SNOO(torch.optim.AdamW(Net().parameters(), lr=LR), k=2).load_state_dict(saved)
 
 
 if __name__ == "__main__":

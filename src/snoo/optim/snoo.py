@@ -24,7 +24,7 @@ from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
 from snoo.optim.streaming import Streaming, Sync
 from snoo.optim.tensors import foreach_copy_, is_dtensor, local
-from snoo.optim.wrapper import Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
+from snoo.optim.wrapper import LoadPlan, Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
 #: :math:`K \ge 1`.
 K_RANGE = checks.Range(1)
@@ -127,7 +127,7 @@ class SNOO(Wrapper):
         (2.0, {"lr": 0.8, "momentum": 0.75}),
         (2.0, {"lr": 0.5, "momentum": 0.9}),
     )
-    state_names = ("slow", "momentum", "error")
+    state_names = ("slow", "momentum", "error", "pending")
     evaluation_key = "slow"
     train_point = "fast"
 
@@ -303,9 +303,10 @@ class SNOO(Wrapper):
             return self._count_skipped("the fast weights")
         return squares
 
-    def _plans(self, among: set[torch.Tensor] | None = None) -> list[OuterPlan]:
-        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for this outer step (of the
-        parameters ``among``, one fragment, when given)."""
+    def _plans(self, among: set[torch.Tensor] | None = None, at: int | None = None) -> list[OuterPlan]:
+        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for the outer step of inner step
+        ``at`` (this one if None), of the parameters ``among`` (one fragment) when given."""
+        at = self._inner_steps if at is None else at
         plans = []
         for group in self.param_groups:
             # with a process group, every rank sends every parameter, so that the collectives match
@@ -315,9 +316,9 @@ class SNOO(Wrapper):
                 continue
             lr, momentum = group["outer_lr"], group["outer_momentum"]
             if callable(lr) or callable(momentum):
-                where = f" (the value of its schedule at step {self._inner_steps})"
-                lr = _check_outer_lr(value_at(lr, self._inner_steps), where)
-                momentum = _check_outer_momentum(value_at(momentum, self._inner_steps), where)
+                where = f" (the value of its schedule at step {at})"
+                lr = _check_outer_lr(value_at(lr, at), where)
+                momentum = _check_outer_momentum(value_at(momentum, at), where)
             for bucket, states in bucket_by_device_and_dtype(params, self.state, "slow"):
                 plans.append(OuterPlan(bucket, states, lr, momentum, group["outer_nesterov"]))
         return plans
@@ -444,20 +445,31 @@ class SNOO(Wrapper):
                 st["momentum"] = self._zeros_like_state(st["slow"])
         return [st["momentum"] for st in states]
 
+    def state_dict(self) -> dict[str, Any]:
+        # an exchange in flight is waited for, and its average saved as the state 'pending' of the parameters some rank
+        # touched (listed as 'in_flight'), so that a resumed run applies it at the same step
+        settled = []
+        for sync in self.streaming.in_flight if self.streaming is not None else []:
+            sync.wait()
+            negs = [t for ts in sync.neg_pseudo_grads for t in ts]
+            for p, neg, hit in zip((p for plan in sync.plans for p in plan.params), negs, (sync.flags > 0).tolist()):
+                if hit:
+                    self.state[p]["pending"] = neg
+                    settled.append(self.state[p])
+        try:
+            return super().state_dict()
+        finally:
+            for st in settled:
+                del st["pending"]
+
     def _extra_state(self) -> dict[str, Any]:
-        if self.streaming is not None and self.streaming.in_flight:
-            sync = self.streaming.in_flight[0]
-            raise RuntimeError(
-                f"state_dict() at inner step {self._inner_steps}: fragment {sync.fragment}'s averaged pseudo-gradient "
-                f"is in flight until inner step {sync.apply_at}, and is not part of the state. Save after a step at "
-                f"which no exchange is in flight (with overlap_steps=0, any step)"
-            )
         return {**super()._extra_state(), "k": self.k, "skipped_outer_steps": self.skipped_outer_steps}
 
     def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
         return {
             **super()._group_extra_state(params),
             "touched": [i for i, p in enumerate(params) if p in self._touched],
+            "in_flight": [i for i, p in enumerate(params) if "pending" in self.state.get(p, {})],
         }
 
     def _parse_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> dict[str, Any]:
@@ -470,22 +482,54 @@ class SNOO(Wrapper):
             )
         skipped = extras[0].get("skipped_outer_steps", 0)  # absent from state dicts of snoo <= 0.1.0.dev0
         checks.integer(skipped, f"param_groups[0]['{self.state_prefix}']['skipped_outer_steps']", checks.NON_NEGATIVE)
-        touched = set()
-        for g, (extra, params) in enumerate(zip(extras, groups)):
-            positions = extra.get("touched")
-            if not isinstance(positions, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in positions
-            ):
-                raise ValueError(f"param_groups[{g}]['{self.state_prefix}']['touched'] must be a list of positions")
-            touched.update(params[i] for i in positions)
-        return {**values, "touched": touched, "skipped_outer_steps": skipped}
+        listed: dict[str, set[torch.Tensor]] = {"touched": set(), "in_flight": set()}
+        for name, found in listed.items():
+            for g, (extra, params) in enumerate(zip(extras, groups)):
+                positions = extra.get(name, [])  # 'in_flight' is absent from state dicts of snoo <= 0.1.0.dev0
+                if not isinstance(positions, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in positions
+                ):
+                    raise ValueError(f"param_groups[{g}]['{self.state_prefix}']['{name}'] must be a list of positions")
+                found.update(params[i] for i in positions)
+        return {**values, **listed, "skipped_outer_steps": skipped}
+
+    def _plan_load(self, state_dict: Any) -> LoadPlan:
+        plan = super()._plan_load(state_dict)
+        pending = {p for p, own in plan.own.items() if "pending" in own}
+        if pending != plan.extra["in_flight"] or (pending and self.streaming is None):
+            raise ValueError(
+                f"the state dict lists {len(plan.extra['in_flight'])} parameters as in flight ('{self.state_prefix}."
+                f"in_flight') and holds 'pending' for {len(pending)}: every parameter listed needs its pending "
+                f"average, and only a SNOO with a process_group takes them. (torch.distributed.checkpoint loads only "
+                f"the entries a fresh optimizer has: save it at a step with no exchange in flight.)"
+            )
+        return plan
 
     def _apply_extra_state(self, values: dict[str, Any]) -> None:
         super()._apply_extra_state(values)
         self._touched = values["touched"]
         self.skipped_outer_steps = values["skipped_outer_steps"]
-        if self.streaming is not None:  # the exchanges of the run left behind
-            self.streaming.in_flight = []
+        if self.streaming is not None:
+            self._resume_in_flight(values["in_flight"])
+
+    def _resume_in_flight(self, touched: set[torch.Tensor]) -> None:
+        """The exchanges in flight at the saved step, as :meth:`state_dict` left them: done, their averages taken
+        out of the state's 'pending' (zeros for the parameters no rank touched, which they leave alone)."""
+        assert self.streaming is not None
+        self.streaming.in_flight = []
+        every = [p for group in self.param_groups for p in group["params"]]
+        now, tau = self._inner_steps, self.streaming.overlap_steps
+        for t in range(max(1, now - tau + 1), now + 1):
+            f = self.streaming.syncing(t)
+            plans = [] if f is None else self._plans(self.streaming.fragment(f, every), at=t)
+            if plans:
+                neg_s = [[st.pop("pending", None) for st in plan.states] for plan in plans]
+                neg_s = [
+                    [torch.zeros_like(st["slow"]) if n is None else n for n, st in zip(ns, plan.states)]
+                    for ns, plan in zip(neg_s, plans)
+                ]
+                flags = torch.tensor([float(p in touched) for plan in plans for p in plan.params])
+                self.streaming.in_flight.append(Sync(f, t + tau, plans, neg_s, flags, []))
         self.outer_norms = {}
 
 
