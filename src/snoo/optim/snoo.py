@@ -81,6 +81,26 @@ class SNOO(Wrapper):
             outer step runs on each rank's shard. The ranks must start from the same weights.
         reduce_dtype: the dtype the pseudo-gradients travel in, e.g. ``torch.bfloat16`` to halve the bytes of a
             float32 model (they are averaged in that precision and cast back). ``None``: the state dtype.
+        fragments: streaming DiLoCo (Douillard et al. 2025), with ``process_group``: a count :math:`F` (the
+            parameters cut in module order into :math:`F` runs of about equal size) or the fragments themselves
+            (lists of parameters, each parameter in one). Fragment :math:`f` exchanges its pseudo-gradients after
+            the inner steps :math:`t` with :math:`(t - fK/F) \bmod K = 0` (``k`` a multiple of :math:`F`), so a
+            :math:`1/F` of the model is on the wire at a time. 1: every parameter at :math:`t = K, 2K, \dots`.
+        overlap_steps: :math:`\tau \in [0, K)`. A fragment's exchange is started without waiting
+            (``async_op=True``) and its outer step is applied after :math:`\tau` more inner steps, from the
+            pseudo-gradient of its sync step, so the transfer runs behind those steps. An exchange in flight when
+            ``state_dict()`` is called is waited for and its average saved (state ``"pending"``).
+        fragment_mix: :math:`\alpha \in (0, 1]`: when a fragment's outer step is applied, each of its parameters
+            becomes :math:`\alpha w + (1 - \alpha) p` (:math:`w` the new slow weights, :math:`p` the local fast
+            weights, :math:`\tau` steps on). 1: :math:`p = w`. (torchft's ``fragment_update_alpha`` is
+            :math:`1 - \alpha`.) ``fragments=1, overlap_steps=0, fragment_mix=1`` is plain DiLoCo, bit for bit.
+        compression: what each rank sends instead of its pseudo-gradient :math:`x = p - w`
+            (:mod:`snoo.optim.compression`): ``"bf16"``, or ``"int8"`` / ``"int4"`` codes with a float32 scale per
+            row (or per ``compression_block`` elements). The codes and scales of every rank are all-gathered and
+            their mean taken locally, in rank order. ``None``: the all-reduce above.
+        compression_block: elements per scale for ``"int8"``/``"int4"``; ``None``: one scale per row.
+        error_feedback: with ``compression``, each rank keeps the error :math:`e` of what it sent (state
+            ``"error"``) and sends :math:`Q(x + e)`, keeping :math:`e \leftarrow (x + e) - Q(x + e)`.
         fused: run the outer step as one ``torch.compile``\d kernel per tensor (:func:`fused_outer_step`: it reads
             :math:`p, w, b` once and writes them once, at the memory floor) instead of six ``torch._foreach_*``
             passes. Equal to the foreach path within float32 rounding (:data:`FUSED_ROUNDING`). The first outer
