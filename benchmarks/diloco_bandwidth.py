@@ -120,7 +120,7 @@ def worker(rank: int, args: argparse.Namespace, store: str) -> None:
         print("|---|---|---|" + "---|" * len(GBITS))
         for row in rows:
             walls = " | ".join(f"{row[f'modelled_s_{g}gbit']:.3f}" for g in GBITS)
-            print(f"| {row['setup']} | {row['loss']:.4f} | {row['bytes_per_step']:,.0f} | {walls} |")
+            print(f"| {row['setup']} | {row['loss']:.4e} | {row['bytes_per_step']:,.0f} | {walls} |")
         if args.out:
             plot(rows, args.out)
     dist.destroy_process_group()
@@ -137,7 +137,6 @@ def plot(rows: list[dict], path: str) -> None:
         for row in rows:
             ax.scatter(row[f"modelled_s_{g}gbit"], row["loss"], s=18)
             ax.annotate(row["setup"], (row[f"modelled_s_{g}gbit"], row["loss"]), fontsize=6)
-        ax.set_xscale("log")
         ax.set_title(f"{g} Gbit/s")
         ax.set_xlabel("modelled wall-clock (s)")
     axes[0].set_ylabel("held-out loss at equal tokens")
