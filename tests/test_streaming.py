@@ -341,6 +341,11 @@ def test_bad_arguments_are_refused_clearly(one_rank):
         snoo.SNOO(torch.optim.AdamW(params), compression="int8", reduce_dtype=torch.bfloat16, process_group=one_rank)
     with pytest.raises(ValueError, match="compression_block"):
         snoo.SNOO(torch.optim.AdamW(params), compression="bf16", compression_block=8, process_group=one_rank)
+    streaming = snoo.SNOO(torch.optim.AdamW(params), k=4, fragments=2, overlap_steps=1, process_group=one_rank)
+    with pytest.raises(ValueError, match="multiple of fragments"):
+        streaming.k = 3  # a new k is checked against the fragments too
+    with pytest.raises(ValueError, match="below k=1"):
+        snoo.SNOO(torch.optim.AdamW(params), k=2, overlap_steps=1, process_group=one_rank).k = 1
     with pytest.raises(ValueError, match="exactly once"):
         opt = snoo.SNOO(torch.optim.AdamW(params), k=2, fragments=[params[:2], params[1:]], process_group=one_rank)
         for _ in range(2):

@@ -200,9 +200,11 @@ class SNOO(Wrapper):
         self.compression = None if compression is None else Compression(compression, compression_block)
         self.error_feedback = checks.flag(error_feedback, "error_feedback") and compression is not None
         checks.flag(nesterov, "nesterov")
-        self.k = k
         #: streaming DiLoCo's fragment schedule and the exchanges in flight (:mod:`snoo.optim.streaming`)
-        self.streaming = Streaming(fragments, k, overlap_steps, fragment_mix) if process_group is not None else None
+        self.streaming: Streaming | None = None
+        self.k = k
+        if process_group is not None:
+            self.streaming = Streaming(fragments, self.k, overlap_steps, fragment_mix)
         self.fused = fused
         self.skip_nonfinite = checks.flag(skip_nonfinite, "skip_nonfinite")
         self.track_norms = checks.flag(track_norms, "track_norms")
@@ -234,6 +236,8 @@ class SNOO(Wrapper):
     @k.setter
     def k(self, k: int) -> None:
         self._k = checks.integer(k, "k (inner steps per outer step)", K_RANGE)
+        if self.streaming is not None:
+            self.streaming.k = self.streaming.check_k(self._k)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if not callable(group["outer_lr"]):

@@ -58,8 +58,9 @@ class Streaming:
     """The fragment schedule and the exchanges in flight of one :class:`snoo.SNOO`.
 
     ``fragments``: a count :math:`F` (the parameters cut in module order by :func:`split_fragments`) or the
-    fragments themselves, lists of parameters covering each parameter once. ``k`` must be a multiple of :math:`F`,
-    ``overlap_steps`` :math:`\\tau \\in [0, K)`, ``mix`` :math:`\\alpha \\in (0, 1]`."""
+    fragments themselves, lists of parameters covering each parameter once. ``k`` must be a multiple of :math:`F`
+    (set :attr:`k` through :meth:`check_k`), ``overlap_steps`` :math:`\\tau \\in [0, K)`, ``mix``
+    :math:`\\alpha \\in (0, 1]`."""
 
     def __init__(
         self, fragments: int | Sequence[Sequence[torch.Tensor]], k: int, overlap_steps: int, mix: float
@@ -74,13 +75,22 @@ class Streaming:
                 raise ValueError("fragments given as lists must each hold at least one parameter (tensors)")
         else:
             raise TypeError(f"fragments must be a count or a list of lists of parameters, got {checks.show(fragments)}")
-        if k % self.count:
-            raise ValueError(f"k={k} must be a multiple of fragments={self.count}, so that they sync K/F steps apart")
-        self.k = k
-        self.overlap_steps = checks.integer(overlap_steps, "overlap_steps", checks.Range(0, k - 1))
+        self.overlap_steps = checks.integer(overlap_steps, "overlap_steps", checks.NON_NEGATIVE)
         self.mix = checks.number(mix, "fragment_mix", checks.Range(0, 1, low_open=True))
+        self.k = self.check_k(k)
         self.in_flight: list[Sync] = []
         self._cut: tuple[tuple[int, ...], list[set[torch.Tensor]]] = ((), [])
+
+    def check_k(self, k: int) -> int:
+        """``k`` if the fragments can sync K/F steps apart and each exchange is applied before its next one."""
+        if k % self.count:
+            raise ValueError(f"k={k} must be a multiple of fragments={self.count}, so that they sync K/F steps apart")
+        if self.overlap_steps >= k:
+            raise ValueError(
+                f"overlap_steps={self.overlap_steps} must be below k={k}: a fragment's outer step is applied before "
+                f"its next exchange starts"
+            )
+        return k
 
     def syncing(self, t: int) -> int | None:
         """The fragment whose exchange starts after inner step ``t``, if any."""
@@ -89,6 +99,8 @@ class Streaming:
 
     def fragment(self, f: int, params: list[torch.Tensor]) -> set[torch.Tensor]:
         """The parameters of fragment ``f`` among ``params`` (all of the optimizer's, in order)."""
+        if self.count == 1 and self.given is None:
+            return set(params)
         key = tuple(map(id, params))
         if key != self._cut[0]:
             if self.given is not None:
