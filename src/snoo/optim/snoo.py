@@ -397,7 +397,11 @@ class SNOO(Wrapper):
         ]
         flags = torch.tensor([float(p in self._touched) for p in params], device=local(neg_s[0][0]).device)
         self._touched.difference_update(params)
-        what = f"the pseudo-gradients of fragment {f} at inner step {self._inner_steps}"
+        what = (
+            f"the pseudo-gradients of outer step {self._inner_steps // self.k}"
+            if self.streaming.count == 1
+            else f"the pseudo-gradients of fragment {f} at inner step {self._inner_steps}"
+        )
         tensors = [t for ts in neg_s for t in ts]
         if self.compression is None:
             exchanges = [
