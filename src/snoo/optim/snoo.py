@@ -494,11 +494,12 @@ class SNOO(Wrapper):
         return {**super()._extra_state(), "k": self.k, "skipped_outer_steps": self.skipped_outer_steps}
 
     def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
-        return {
+        extra = {
             **super()._group_extra_state(params),
             "touched": [i for i, p in enumerate(params) if p in self._touched],
-            "in_flight": [i for i, p in enumerate(params) if "pending" in self.state.get(p, {})],
         }
+        in_flight = [i for i, p in enumerate(params) if "pending" in self.state.get(p, {})]
+        return {**extra, "in_flight": in_flight} if in_flight else extra  # saved while an exchange is in flight
 
     def _parse_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> dict[str, Any]:
         values = super()._parse_extra_state(extras, groups)
