@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
-from snoo.optim.collectives import check_process_group, start_all_reduce_mean
-from snoo.optim.compression import COMPRESSIONS, Compression, start_compressed_mean_
+from snoo.optim.collectives import check_process_group
+from snoo.optim.compression import COMPRESSIONS, Compression
 from snoo.optim.offload import HostOffload
 from snoo.optim.schedules import Coefficient, value_at
-from snoo.optim.streaming import Streaming, Sync
-from snoo.optim.tensors import foreach_copy_, is_dtensor, local
+from snoo.optim.streaming import Streaming
+from snoo.optim.tensors import foreach_copy_, is_dtensor
 from snoo.optim.wrapper import LoadPlan, Trial, Wrapper, as_state_tensors, bucket_by_device_and_dtype, state_dtype
 
 #: :math:`K \ge 1`.
@@ -265,7 +265,7 @@ class SNOO(Wrapper):
         if len(self._touched) < len(self.state):  # once every parameter with state is touched, nothing to add
             self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
         if self.streaming is not None:
-            squares = self._streaming_step()
+            squares = self.streaming.after_inner_step(self)
             if self.track_norms and squares:
                 self.outer_norms = _total_norms(squares)
             return
@@ -366,81 +366,15 @@ class SNOO(Wrapper):
                 stacklevel=5,
             )
 
-    def _streaming_step(self) -> list[dict]:
-        """DiLoCo after each inner step: apply the fragments whose exchange is due, then start the exchange of the
-        fragment that syncs now (and apply it at once when ``overlap_steps`` is 0)."""
-        assert self.streaming is not None
-        squares = []
-        for sync in self.streaming.due(self._inner_steps):
-            squares += self._apply_sync(sync)
-        f = self.streaming.syncing(self._inner_steps)
-        if f is not None:
-            sync = self._start_sync(f)
-            if sync is not None and self.streaming.overlap_steps == 0:
-                squares += self._apply_sync(sync)
-            elif sync is not None:
-                self.streaming.in_flight.append(sync)
-        return squares
-
-    def _start_sync(self, f: int) -> Sync | None:
-        """Start averaging fragment ``f``'s pseudo-gradients over the process group (one collective per dtype, or
-        compressed: :mod:`snoo.optim.compression`), with a flag per parameter saying whether any rank gave it a
-        gradient this cycle."""
-        assert self.streaming is not None and self.process_group is not None
-        every = [p for group in self.param_groups for p in group["params"]]
-        plans = self._plans(self.streaming.fragment(f, every))
-        params = [p for plan in plans for p in plan.params]
-        if not params:
-            return None
-        neg_s = [  # -s = p - w
-            torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans
-        ]
-        flags = torch.tensor([float(p in self._touched) for p in params], device=local(neg_s[0][0]).device)
-        self._touched.difference_update(params)
-        what = (
-            f"the pseudo-gradients of outer step {self._inner_steps // self.k}"
-            if self.streaming.count == 1
-            else f"the pseudo-gradients of fragment {f} at inner step {self._inner_steps}"
-        )
-        tensors = [t for ts in neg_s for t in ts]
-        if self.compression is None:
-            exchanges = [
-                start_all_reduce_mean([*tensors, flags], self.process_group, reduce_dtype=self.reduce_dtype, what=what)
-            ]
-        else:
-            errors = [st["error"] for plan in plans for st in plan.states] if self.error_feedback else None
-            exchanges = [
-                start_compressed_mean_(tensors, errors, self.compression, self.process_group, what=what),
-                start_all_reduce_mean([flags], self.process_group, what=what),
-            ]
-        self.communicated_bytes += sum(exchange.sent for exchange in exchanges)
-        apply_at = self._inner_steps + self.streaming.overlap_steps
-        return Sync(f, apply_at, plans, neg_s, flags, exchanges)
-
-    def _apply_sync(self, sync: Sync) -> list[dict]:
-        r"""Wait for a fragment's exchange and take its outer step; the parameters some rank touched become
-        :math:`\alpha w + (1 - \alpha) p` (``fragment_mix``; :math:`p` the local fast weights now)."""
-        assert self.streaming is not None
-        sync.wait()
-        # every rank holds the same average now, so every rank takes the same decision
-        if not _all_finite(sync.neg_pseudo_grads):
-            return self._skip_outer_step(sync.plans, "the averaged pseudo-gradient") or []
-        touched = (sync.flags > 0).tolist()
-        mix, local_fast = self.streaming.mix, None
-        if mix != 1:  # the local fast weights, before the outer step overwrites them
-            local_fast = [
-                [local(t).clone() for t in as_state_tensors(plan.params, plan.slow()[0])] for plan in sync.plans
-            ]
-        squares = self._averaged_update(sync.plans, sync.neg_pseudo_grads, iter(touched))
-        if local_fast is not None:
-            flags = iter(touched)
-            for plan, fast in zip(sync.plans, local_fast):
-                keep = [next(flags) for _ in plan.params]
-                kept = list(compress(fast, keep))
-                if kept:  # p <- alpha w + (1 - alpha) p: a lerp from the local fast weights to the new slow ones
-                    torch._foreach_lerp_(kept, [local(w) for w in compress(plan.slow(), keep)], mix)
-                    foreach_copy_(list(compress(plan.params, keep)), kept, non_blocking=True)
-        return squares
+    def _outer_step_on_average(
+        self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: list[bool]
+    ) -> list[dict] | None:
+        """The outer step on averaged pseudo-gradients (:meth:`_averaged_update`), or, if they hold NaN or infinite
+        values, the skipped step (None)."""
+        # every rank holds the same average, so every rank takes the same decision
+        if not _all_finite(neg_s):
+            return self._skip_outer_step(plans, "the averaged pseudo-gradient")
+        return self._averaged_update(plans, neg_s, iter(touched))
 
     def _averaged_update(
         self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: Iterator[bool]
@@ -474,20 +408,12 @@ class SNOO(Wrapper):
         return [st["momentum"] for st in states]
 
     def state_dict(self) -> dict[str, Any]:
-        # an exchange in flight is waited for, and its average saved as the state 'pending' of the parameters some rank
-        # touched (listed as 'in_flight'), so that a resumed run applies it at the same step
-        settled = []
-        for sync in self.streaming.in_flight if self.streaming is not None else []:
-            sync.wait()
-            negs = [t for ts in sync.neg_pseudo_grads for t in ts]
-            for p, neg, hit in zip((p for plan in sync.plans for p in plan.params), negs, (sync.flags > 0).tolist()):
-                if hit:
-                    self.state[p]["pending"] = neg
-                    settled.append(self.state[p])
+        # an exchange in flight is saved as the state 'pending' of its parameters (streaming.py), not kept after
+        pending = self.streaming.settle(self) if self.streaming is not None else []
         try:
             return super().state_dict()
         finally:
-            for st in settled:
+            for st in pending:
                 del st["pending"]
 
     def _extra_state(self) -> dict[str, Any]:
@@ -538,28 +464,9 @@ class SNOO(Wrapper):
         super()._apply_extra_state(values)
         self._touched = values["touched"]
         self.skipped_outer_steps = values["skipped_outer_steps"]
-        if self.streaming is not None:
-            self._resume_in_flight(values["in_flight"])
-
-    def _resume_in_flight(self, touched: set[torch.Tensor]) -> None:
-        """The exchanges in flight at the saved step, as :meth:`state_dict` left them: done, their averages taken
-        out of the state's 'pending' (zeros for the parameters no rank touched, which they leave alone)."""
-        assert self.streaming is not None
-        self.streaming.in_flight = []
-        every = [p for group in self.param_groups for p in group["params"]]
-        now, tau = self._inner_steps, self.streaming.overlap_steps
-        for t in range(max(1, now - tau + 1), now + 1):
-            f = self.streaming.syncing(t)
-            plans = [] if f is None else self._plans(self.streaming.fragment(f, every), at=t)
-            if plans:
-                neg_s = [[st.pop("pending", None) for st in plan.states] for plan in plans]
-                neg_s = [
-                    [torch.zeros_like(st["slow"]) if n is None else n for n, st in zip(ns, plan.states)]
-                    for ns, plan in zip(neg_s, plans)
-                ]
-                flags = torch.tensor([float(p in touched) for plan in plans for p in plan.params])
-                self.streaming.in_flight.append(Sync(f, t + tau, plans, neg_s, flags, []))
         self.outer_norms = {}
+        if self.streaming is not None:
+            self.streaming.resume(self, values["in_flight"])
 
 
 class OuterPlan(NamedTuple):

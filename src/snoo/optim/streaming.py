@@ -11,12 +11,19 @@ step itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from itertools import compress
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from snoo import checks
-from snoo.optim.collectives import InFlight
+from snoo.optim.collectives import InFlight, start_all_reduce_mean
+from snoo.optim.compression import start_compressed_mean_
+from snoo.optim.tensors import foreach_copy_, local
+from snoo.optim.wrapper import as_state_tensors
+
+if TYPE_CHECKING:
+    from snoo.optim.snoo import SNOO
 
 
 def split_fragments(params: list[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
@@ -120,3 +127,102 @@ class Streaming:
         due = [sync for sync in self.in_flight if sync.apply_at == t]
         self.in_flight = [sync for sync in self.in_flight if sync.apply_at != t]
         return due
+
+    # -- what SNOO calls ------------------------------------------------------------------------------------------
+
+    def after_inner_step(self, opt: SNOO) -> list[dict[str, Any]]:
+        """Apply the fragments whose exchange is due after this inner step, then start the exchange of the fragment
+        that syncs now (and apply it at once when ``overlap_steps`` is 0). Returns the outer steps' squared norms."""
+        squares = []
+        for sync in self.due(opt._inner_steps):
+            squares += self.apply(opt, sync)
+        f = self.syncing(opt._inner_steps)
+        sync = None if f is None else self.start(opt, f)
+        if sync is not None and self.overlap_steps == 0:
+            squares += self.apply(opt, sync)
+        elif sync is not None:
+            self.in_flight.append(sync)
+        return squares
+
+    def start(self, opt: SNOO, f: int) -> Sync | None:
+        """Start averaging fragment ``f``'s pseudo-gradients over ``opt``'s process group (one all-reduce per dtype,
+        or compressed: :mod:`snoo.optim.compression`), with a flag per parameter saying whether any rank gave it a
+        gradient since the fragment's last exchange."""
+        assert opt.process_group is not None
+        plans = opt._plans(self.fragment(f, [p for group in opt.param_groups for p in group["params"]]))
+        params = [p for plan in plans for p in plan.params]
+        if not params:
+            return None
+        neg_s = [  # -s = p - w
+            torch._foreach_sub(as_state_tensors(plan.params, plan.slow()[0]), plan.slow()) for plan in plans
+        ]
+        flags = torch.tensor([float(p in opt._touched) for p in params], device=local(neg_s[0][0]).device)
+        opt._touched.difference_update(params)
+        now = opt._inner_steps
+        when = f"outer step {now // self.k}" if self.count == 1 else f"fragment {f} at inner step {now}"
+        what = f"the pseudo-gradients of {when}"
+        tensors = [t for ts in neg_s for t in ts]
+        if opt.compression is None:
+            exchanges = [
+                start_all_reduce_mean([*tensors, flags], opt.process_group, reduce_dtype=opt.reduce_dtype, what=what)
+            ]
+        else:
+            errors = [st["error"] for plan in plans for st in plan.states] if opt.error_feedback else None
+            exchanges = [
+                start_compressed_mean_(tensors, errors, opt.compression, opt.process_group, what=what),
+                start_all_reduce_mean([flags], opt.process_group, what=what),
+            ]
+        opt.communicated_bytes += sum(exchange.sent for exchange in exchanges)
+        return Sync(f, opt._inner_steps + self.overlap_steps, plans, neg_s, flags, exchanges)
+
+    def apply(self, opt: SNOO, sync: Sync) -> list[dict[str, Any]]:
+        r"""Wait for a fragment's exchange and take its outer step; the parameters some rank touched become
+        :math:`\alpha w + (1 - \alpha) p` (:math:`p` the local fast weights now)."""
+        sync.wait()
+        touched = (sync.flags > 0).tolist()
+        local_fast = None
+        if self.mix != 1:  # the local fast weights, before the outer step overwrites them
+            local_fast = [
+                [local(t).clone() for t in as_state_tensors(plan.params, plan.slow()[0])] for plan in sync.plans
+            ]
+        squares = opt._outer_step_on_average(sync.plans, sync.neg_pseudo_grads, touched)
+        if squares is None:  # skipped: the fast weights restart from the slow ones
+            return []
+        flags = iter(touched)
+        for plan, fast in zip(sync.plans, local_fast or []):
+            keep = [next(flags) for _ in plan.params]
+            kept = list(compress(fast, keep))
+            if kept:  # p <- alpha w + (1 - alpha) p: a lerp from the local fast weights to the new slow ones
+                torch._foreach_lerp_(kept, [local(w) for w in compress(plan.slow(), keep)], self.mix)
+                foreach_copy_(list(compress(plan.params, keep)), kept, non_blocking=True)
+        return squares
+
+    def settle(self, opt: SNOO) -> list[dict[str, torch.Tensor]]:
+        """Wait for the exchanges in flight and put each average into ``opt``'s state as ``"pending"`` of the
+        parameters some rank touched, for ``state_dict()``; returns those states (the caller takes it out again)."""
+        settled = []
+        for sync in self.in_flight:
+            sync.wait()
+            negs = [t for ts in sync.neg_pseudo_grads for t in ts]
+            for p, neg, hit in zip((p for plan in sync.plans for p in plan.params), negs, (sync.flags > 0).tolist()):
+                if hit:
+                    opt.state[p]["pending"] = neg
+                    settled.append(opt.state[p])
+        return settled
+
+    def resume(self, opt: SNOO, touched: set[torch.Tensor]) -> None:
+        """The exchanges in flight at the step ``opt`` was loaded at, as :meth:`settle` saved them: done, their
+        averages taken out of the state's ``"pending"`` (zeros for the parameters no rank touched: they stay)."""
+        self.in_flight = []
+        every = [p for group in opt.param_groups for p in group["params"]]
+        now = opt._inner_steps
+        for t in range(max(1, now - self.overlap_steps + 1), now + 1):
+            f = self.syncing(t)
+            plans = [] if f is None else opt._plans(self.fragment(f, every), at=t)
+            if plans:
+                neg_s = [
+                    [st.pop("pending") if "pending" in st else torch.zeros_like(st["slow"]) for st in plan.states]
+                    for plan in plans
+                ]
+                flags = torch.tensor([float(p in touched) for plan in plans for p in plan.params])
+                self.in_flight.append(Sync(f, t + self.overlap_steps, plans, neg_s, flags, []))
