@@ -25,7 +25,7 @@ import torch
 
 from outer_step_gpu import gpt2_small, nbytes, timer
 from snoo.optim.offload import DEFAULT_CHUNK_NUMEL, HostOffload
-from snoo.optim.snoo import outer_step
+from snoo.optim.outer import outer_step
 
 
 def transfer_floors(

@@ -5,7 +5,7 @@ parameters), with float32 parameters and with bf16 parameters (float32 slow weig
 
 - a device-to-device copy of the bytes the outer step must read and write (parameters, slow weights, momentum): the
   floor; and of the parameters and slow weights only, Lookahead's floor;
-- the outer step: the bare foreach function (``snoo.optim.snoo.outer_step``), and as SNOO's ``step()`` runs it
+- the outer step: the bare foreach function (``snoo.optim.outer.outer_step``), and as SNOO's ``step()`` runs it
   around an inner optimizer that does nothing (foreach, foreach with ``skip_nonfinite=False``, and with
   ``--fused`` the compiled ``fused=True`` path, with its compile time and its largest difference to the foreach
   result); the authors' approach (slow weights stepped by ``torch.optim.SGD(nesterov=True)``); Lookahead's outer
@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 import snoo
-from snoo.optim.snoo import outer_step
+from snoo.optim.outer import outer_step
 from step_overhead import Still, authors_outer_step  # this directory, as when run as a script
 
 AMORTISED_KS = (1, 5, 20, 100)

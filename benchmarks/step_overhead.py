@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 import snoo
-from snoo.optim.snoo import outer_step
+from snoo.optim.outer import outer_step
 
 # the references, and the short name a ratio against each is given in
 REFERENCES = {

@@ -129,11 +129,14 @@ def worker(scenario: str, rank: int, world: int, directory: Path) -> None:
 CUT = 6  # mid-cycle: the second cycle has started, the rare parameter was touched at step 5
 
 
-def launch(scenario: str, world: int, directory: Path, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+def launch(
+    scenario: str, world: int, directory: Path, timeout: float = 120, script: str = __file__
+) -> list[subprocess.CompletedProcess]:
+    """Run ``script SCENARIO RANK WORLD DIRECTORY`` once per rank, with one thread each, and wait for them all."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, scenario, str(rank), str(world), str(directory)],
+            [sys.executable, script, scenario, str(rank), str(world), str(directory)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

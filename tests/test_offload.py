@@ -14,7 +14,7 @@ import torch
 import snoo
 from helpers import make_model, params_of, train_step
 from snoo.optim.offload import ALIGN, HostOffload, plan_chunks
-from snoo.optim.snoo import outer_step
+from snoo.optim.outer import outer_step
 
 SHAPES = [(37,), (300, 3), (64,), (5, 7), (0,), (2000,), (3,), (9, 40)]
 

@@ -1,5 +1,5 @@
 """SNOO(..., fused=True) and Lookahead(..., fused=True): the compiled outer step against a float64 reference written
-from the equations, within the bound :data:`snoo.optim.snoo.FUSED_ROUNDING` states, and against the foreach path;
+from the equations, within the bound :data:`snoo.optim.outer.FUSED_ROUNDING` states, and against the foreach path;
 the non-finite check on the device and without it; what fused refuses. Also the checks before each step, which run
 again only when the groups change.
 
@@ -17,7 +17,7 @@ import torch
 import snoo
 from helpers import make_model, params_of, train_step
 from snoo.optim import snoo as snoo_module
-from snoo.optim.snoo import FUSED_ROUNDING, _compiled_outer_step, outer_step
+from snoo.optim.outer import FUSED_ROUNDING, compiled_outer_step, outer_step
 from test_snoo import reference_snoo
 
 #: a float32 run of a dozen steps against the float64 reference (the tolerance of tests/test_cuda.py)
@@ -63,7 +63,7 @@ def test_one_fused_outer_step_is_within_the_stated_bound_of_the_float64_referenc
             if fused:
                 flag = torch.tensor(True) if finite else None
                 lr_t, mu_t = torch.tensor(lr), torch.tensor(momentum)
-                squares = _compiled_outer_step()(
+                squares = compiled_outer_step()(
                     params, slow, buffers, lr_t, mu_t, flag, nesterov=nesterov, track_norms=track_norms
                 )
             else:
@@ -137,7 +137,7 @@ def test_without_the_check_no_flag_is_computed_and_a_non_finite_step_goes_throug
     def no_check(*args):
         raise AssertionError("skip_nonfinite=False computes no flag (and so no host synchronisation)")
 
-    monkeypatch.setattr(snoo_module, "_finite_flag", no_check)
+    monkeypatch.setattr(snoo_module, "finite_flag", no_check)
     models = [make_model(), make_model()]
     opts = [
         snoo.SNOO(
@@ -171,7 +171,7 @@ def test_without_the_check_no_flag_is_computed_and_a_non_finite_step_goes_throug
 def test_a_cycle_that_leaves_a_parameter_without_gradient_runs_the_foreach_path(monkeypatch, one_thread):
     model = make_model()
     opt = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.05), k=2, fused=True)
-    monkeypatch.setattr(snoo_module, "_compiled_outer_step", lambda: pytest.fail("a partial cycle compiled"))
+    monkeypatch.setattr(snoo_module, "compiled_outer_step", lambda: pytest.fail("a partial cycle compiled"))
     frozen = model[2].bias
     before = frozen.detach().clone()
     for _ in (1, 2):
@@ -247,7 +247,7 @@ def test_a_compile_failure_says_to_use_the_foreach_path(monkeypatch):
     def fails(*args, **kwargs):
         raise torch._dynamo.exc.Unsupported("no C++ compiler")
 
-    monkeypatch.setattr(snoo_module, "_compiled_outer_step", lambda: fails)
+    monkeypatch.setattr(snoo_module, "compiled_outer_step", lambda: fails)
     model = make_model()
     opt = snoo.SNOO(torch.optim.SGD(model.parameters(), lr=0.1), k=1, fused=True)
     model(torch.randn(4, 6)).sum().backward()

@@ -37,8 +37,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map_only
 
+from snoo.optim.outer import all_finite, total_norms
 from snoo.optim.schedules import Coefficient
-from snoo.optim.snoo import SNOO, _all_finite, _total_norms
+from snoo.optim.snoo import SNOO
 from snoo.optim.tensors import as_state_tensors, foreach_copy_, local
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class FaultTolerantSNOO(SNOO):
         skip_nonfinite: as for :class:`snoo.SNOO`, checked on the averaged pseudo-gradient (the same on every
             replica, so every replica takes or skips the step alike).
         fused: must be False: the fused outer step is one process's, and this one averages over the quorum first.
+        fragments, overlap_steps, fragment_mix, error_feedback: :class:`snoo.SNOO`'s streaming and compression
+            knobs, here so that a SPEC builds either class; the first three must keep their defaults (this class
+            averages the whole model at each outer step), and ``error_feedback`` does nothing without compression.
         state_key: the key of this optimizer's state among the Manager's registered state.
 
     Attributes:
@@ -138,6 +142,10 @@ class FaultTolerantSNOO(SNOO):
         track_norms: bool = False,
         skip_nonfinite: bool = True,
         fused: bool = False,
+        fragments: int = 1,
+        overlap_steps: int = 0,
+        fragment_mix: float = 1.0,
+        error_feedback: bool = True,
         state_key: str = "snoo",
     ) -> None:
         require_torchft()
@@ -145,6 +153,11 @@ class FaultTolerantSNOO(SNOO):
             raise ValueError(
                 "fused=True compiles the outer step of one process; FaultTolerantSNOO averages over a torchft quorum "
                 "before it: use fused=False"
+            )
+        if (fragments, overlap_steps, fragment_mix) != (1, 0, 1.0):
+            raise ValueError(
+                "FaultTolerantSNOO averages the whole model at each outer step through the Manager: streaming "
+                "(fragments, overlap_steps, fragment_mix) is SNOO(process_group=...)'s; leave them at 1, 0, 1.0"
             )
         from torchft import Manager
 
@@ -214,13 +227,13 @@ class FaultTolerantSNOO(SNOO):
                 foreach_copy_(plan.params, plan.slow(), non_blocking=True)
             self.discarded_windows += 1
             squares = None
-        elif self.skip_nonfinite and not _all_finite(neg_s):
+        elif self.skip_nonfinite and not all_finite(neg_s):
             squares = self._skip_outer_step(plans, "the averaged pseudo-gradient")
         else:
             squares = self._averaged_update(plans, neg_s, iter((flags > 0).tolist()))
         self._touched.clear()
         if self.track_norms and squares:
-            self.outer_norms = _total_norms(squares)
+            self.outer_norms = total_norms(squares)
         record = {
             "inner_step": self._inner_steps,
             "committed": committed,

@@ -16,7 +16,7 @@ they live in pinned host memory and the accelerator holds none of them between o
                            torch.save) whenever the step returns
 
 so the host-to-device copy of chunk i + 1, the update of chunk i and the device-to-host copy of chunk i - 1 overlap,
-the arithmetic runs on the accelerator (the same :func:`snoo.optim.snoo.outer_step` as with state beside the
+the arithmetic runs on the accelerator (the same :func:`snoo.optim.outer.outer_step` as with state beside the
 parameters, so the results are bit for bit the same), and the step costs about the time to move its bytes over the
 bus. Extra accelerator memory: two staging slots of ``chunk_numel`` elements per state tensor (with float32 state
 and momentum, ``16 * chunk_numel`` bytes: 64 MiB at the default), plus a float32 copy of one chunk of the

@@ -5,10 +5,8 @@ SNOO: Kallusky, Rao, Nandavanam, Shi, arXiv 2510.15830. Lookahead: Zhang, Lucas,
 
 from __future__ import annotations
 
-import functools
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from itertools import compress
 from typing import Any, ClassVar, NamedTuple
@@ -18,18 +16,29 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from snoo import checks
+from snoo.optim.collectives import check_process_group
+from snoo.optim.compression import COMPRESSIONS, Compression
 from snoo.optim.declaration import Trial
 from snoo.optim.offload import HostOffload
+from snoo.optim.outer import (
+    FUSED_REFUSED,
+    all_finite,
+    check_fusable,
+    compiled_outer_step,
+    finite_flag,
+    outer_step,
+    outer_update,
+    total_norms,
+)
 from snoo.optim.schedules import Coefficient, value_at
+from snoo.optim.streaming import Streaming
 from snoo.optim.tensors import (
-    as_state_tensors,
     bucket_by_device_and_dtype,
     foreach_copy_,
     is_dtensor,
-    local,
     state_dtype,
 )
-from snoo.optim.wrapper import StateSpec, Wrapper
+from snoo.optim.wrapper import LoadPlan, StateSpec, Wrapper
 
 #: :math:`K \ge 1`.
 K_RANGE = checks.Range(1)
@@ -95,6 +104,26 @@ class SNOO(Wrapper):
             outer step runs on each rank's shard. The ranks must start from the same weights.
         reduce_dtype: the dtype the pseudo-gradients travel in, e.g. ``torch.bfloat16`` to halve the bytes of a
             float32 model (they are averaged in that precision and cast back). ``None``: the state dtype.
+        fragments: streaming DiLoCo (Douillard et al. 2025), with ``process_group``: a count :math:`F` (the
+            parameters cut in module order into :math:`F` runs of about equal size) or the fragments themselves
+            (lists of parameters, each parameter in one). Fragment :math:`f` exchanges its pseudo-gradients after
+            the inner steps :math:`t` with :math:`(t - fK/F) \bmod K = 0` (``k`` a multiple of :math:`F`), so a
+            :math:`1/F` of the model is on the wire at a time. 1: every parameter at :math:`t = K, 2K, \dots`.
+        overlap_steps: :math:`\tau \in [0, K)`. A fragment's exchange is started without waiting
+            (``async_op=True``) and its outer step is applied after :math:`\tau` more inner steps, from the
+            pseudo-gradient of its sync step, so the transfer runs behind those steps. An exchange in flight when
+            ``state_dict()`` is called is waited for and its average saved (state ``"pending"``).
+        fragment_mix: :math:`\alpha \in (0, 1]`: when a fragment's outer step is applied, each of its parameters
+            becomes :math:`\alpha w + (1 - \alpha) p` (:math:`w` the new slow weights, :math:`p` the local fast
+            weights, :math:`\tau` steps on). 1: :math:`p = w`. (torchft's ``fragment_update_alpha`` is
+            :math:`1 - \alpha`.) ``fragments=1, overlap_steps=0, fragment_mix=1`` is plain DiLoCo, bit for bit.
+        compression: what each rank sends instead of its pseudo-gradient :math:`x = p - w`
+            (:mod:`snoo.optim.compression`): ``"bf16"``, or ``"int8"`` / ``"int4"`` codes with a float32 scale per
+            row (or per ``compression_block`` elements). The codes and scales of every rank are all-gathered and
+            their mean taken locally, in rank order. ``None``: the all-reduce above.
+        compression_block: elements per scale for ``"int8"``/``"int4"``; ``None``: one scale per row.
+        error_feedback: with ``compression``, each rank keeps the error :math:`e` of what it sent (state
+            ``"error"``) and sends :math:`Q(x + e)`, keeping :math:`e \leftarrow (x + e) - Q(x + e)`.
         fused: run the outer step as one ``torch.compile``\d kernel per tensor (:func:`fused_outer_step`: it reads
             :math:`p, w, b` once and writes them once, at the memory floor) instead of six ``torch._foreach_*``
             passes. Equal to the foreach path within float32 rounding (:data:`FUSED_ROUNDING`). The first outer
@@ -126,7 +155,9 @@ class SNOO(Wrapper):
 
     spec_name = "snoo"
     #: w and b (none while the momentum is 0); p while eval() puts w in
-    state_spec = StateSpec(prefix="snoo", names=("slow", "momentum"), evaluation="slow", train_point="fast")
+    state_spec = StateSpec(
+        prefix="snoo", names=("slow", "momentum", "error", "pending"), evaluation="slow", train_point="fast"
+    )
     hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {
         "k": K_RANGE,
         "lr": OUTER_LR_RANGE,
@@ -161,22 +192,48 @@ class SNOO(Wrapper):
         track_norms: bool = False,
         process_group: dist.ProcessGroup | None = None,
         reduce_dtype: torch.dtype | None = None,
+        fragments: int | Sequence[Sequence[torch.Tensor]] = 1,
+        overlap_steps: int = 0,
+        fragment_mix: float = 1.0,
+        compression: str | None = None,
+        compression_block: int | None = None,
+        error_feedback: bool = True,
         fused: bool = False,
         skip_nonfinite: bool = True,
     ) -> None:
         if checks.flag(fused, "fused"):
-            _check_fusable(inner, state_device=state_device, process_group=process_group)
-        if process_group is not None:  # snoo.distributed is imported by those who use it
-            from snoo.distributed import check_process_group
-
-            check_process_group(process_group)
+            check_fusable(inner, state_device=state_device, process_group=process_group)
+        check_process_group(process_group)
         if reduce_dtype is not None:
             if process_group is None:
                 raise ValueError("reduce_dtype sets what the pseudo-gradients are averaged in: it needs process_group")
             if not isinstance(reduce_dtype, torch.dtype) or not reduce_dtype.is_floating_point:
                 raise TypeError(f"reduce_dtype must be a floating-point torch.dtype, got {reduce_dtype!r}")
+        streaming = (fragments, overlap_steps, fragment_mix) != (1, 0, 1.0)
+        if process_group is None and (streaming or compression is not None):
+            raise ValueError(
+                "fragments, overlap_steps, fragment_mix and compression shape DiLoCo's exchange: they "
+                "need process_group"
+            )
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be None or one of {sorted(COMPRESSIONS)}, got {checks.show(compression)}"
+            )
+        if compression is not None and reduce_dtype is not None:
+            raise ValueError("give compression or reduce_dtype, not both: compression decides what travels")
+        if compression_block is not None and (compression not in ("int8", "int4")):
+            raise ValueError(f"compression_block sets the elements per scale of int8/int4, not of {compression!r}")
+        if compression_block is not None:
+            checks.integer(compression_block, "compression_block", checks.Range(1))
+        #: what the pseudo-gradients travel as (:mod:`snoo.optim.compression`), or None: as they are.
+        self.compression = None if compression is None else Compression(compression, compression_block)
+        self.error_feedback = checks.flag(error_feedback, "error_feedback") and compression is not None
         checks.flag(nesterov, "nesterov")
+        #: streaming DiLoCo's fragment schedule and the exchanges in flight (:mod:`snoo.optim.streaming`)
+        self.streaming: Streaming | None = None
         self.k = k
+        if process_group is not None:
+            self.streaming = Streaming(fragments, self.k, overlap_steps, fragment_mix)
         self.fused = fused
         self.skip_nonfinite = checks.flag(skip_nonfinite, "skip_nonfinite")
         self.track_norms = checks.flag(track_norms, "track_norms")
@@ -188,7 +245,8 @@ class SNOO(Wrapper):
         self._touched: set[torch.Tensor] = set()
         self.process_group = process_group
         self.reduce_dtype = reduce_dtype
-        #: bytes this rank has sent into all-reduces of pseudo-gradients (DiLoCo); 0 without a process group.
+        #: bytes this rank has handed to the collectives that average pseudo-gradients (DiLoCo); 0 without a process
+        #: group.
         self.communicated_bytes = 0
         # -- host offload (offload.py): the outer step of state kept on state_device streams through the device --
         #: streams the state through the parameters' device when ``state_device`` is set; None otherwise.
@@ -207,6 +265,8 @@ class SNOO(Wrapper):
     @k.setter
     def k(self, k: int) -> None:
         self._k = checks.integer(k, "k (inner steps per outer step)", K_RANGE)
+        if self.streaming is not None:
+            self.streaming.k = self.streaming.check_k(self._k)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if not callable(group["outer_lr"]):
@@ -219,6 +279,8 @@ class SNOO(Wrapper):
         state = {"slow": self._new_state(param, param, state_dtype(param))}  # w = p
         if group["outer_momentum"] != 0:  # a schedule too: b = 0 at the start; Lookahead keeps none
             state["momentum"] = self._zeros_like_state(state["slow"])
+        if self.error_feedback:  # e = 0 at the start
+            state["error"] = self._zeros_like_state(state["slow"])
         return state
 
     @staticmethod
@@ -231,14 +293,17 @@ class SNOO(Wrapper):
     def _after_inner_step(self) -> None:
         if len(self._touched) < len(self.state):  # once every parameter with state is touched, nothing to add
             self._touched.update(p for g in self.param_groups for p in g["params"] if p.grad is not None)
+        if self.streaming is not None:
+            squares = self.streaming.after_inner_step(self)
+            if self.track_norms and squares:
+                self.outer_norms = total_norms(squares)
+            return
         if self._inner_steps % self.k:
             return
         plans = self._plans()
-        if self.process_group is not None:
-            squares = self._averaged_outer_step(plans)
-        elif self.fused and plans and len(self._touched) == len(self.state):
+        if self.fused and plans and len(self._touched) == len(self.state):
             squares = self._fused_outer_step(plans)
-        elif self.skip_nonfinite and not _all_finite([plan.params for plan in plans]):
+        elif self.skip_nonfinite and not all_finite([plan.params for plan in plans]):
             squares = self._skip_outer_step(plans, "the fast weights")
         else:
             squares = [
@@ -254,7 +319,7 @@ class SNOO(Wrapper):
             ]
         self._touched.clear()
         if self.track_norms and squares is not None:
-            self.outer_norms = _total_norms(squares)
+            self.outer_norms = total_norms(squares)
 
     def _fused_outer_step(self, plans: list[OuterPlan]) -> list[dict] | None:
         """The outer step of every plan by :func:`fused_outer_step`, compiled. The non-finite check is one reduction
@@ -262,15 +327,15 @@ class SNOO(Wrapper):
         slow weights and momentum and restarts the fast weights from them, so the host reads the flag once, after
         the work is queued, only to count and warn."""
         if any(is_dtensor(p) for plan in plans for p in plan.params):
-            raise ValueError(_FUSED_REFUSED.format(what="sharded (DTensor) parameters"))
-        finite = _finite_flag([plan.params for plan in plans]) if self.skip_nonfinite else None
+            raise ValueError(FUSED_REFUSED.format(what="sharded (DTensor) parameters"))
+        finite = finite_flag([plan.params for plan in plans]) if self.skip_nonfinite else None
         squares = []
         for plan in plans:
             slow = plan.slow()
             device, dtype = slow[0].device, slow[0].dtype
             try:
                 squares.append(
-                    _compiled_outer_step()(
+                    compiled_outer_step()(
                         plan.params,
                         slow,
                         self._momentum_buffers(plan.states, plan.momentum),
@@ -291,19 +356,22 @@ class SNOO(Wrapper):
             return self._count_skipped("the fast weights")
         return squares
 
-    def _plans(self) -> list[OuterPlan]:
-        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for this outer step."""
+    def _plans(self, among: set[torch.Tensor] | None = None, at: int | None = None) -> list[OuterPlan]:
+        """One :class:`OuterPlan` per run of tensors that foreach can take at once, for the outer step of inner step
+        ``at`` (this one if None), of the parameters ``among`` (one fragment) when given."""
+        at = self._inner_steps if at is None else at
         plans = []
         for group in self.param_groups:
             # with a process group, every rank sends every parameter, so that the collectives match
             params = [p for p in group["params"] if (p in self.state if self.process_group else p in self._touched)]
+            params = params if among is None else [p for p in params if p in among]
             if not params:
                 continue
             lr, momentum = group["outer_lr"], group["outer_momentum"]
             if callable(lr) or callable(momentum):
-                where = f" (the value of its schedule at step {self._inner_steps})"
-                lr = _check_outer_lr(value_at(lr, self._inner_steps), where)
-                momentum = _check_outer_momentum(value_at(momentum, self._inner_steps), where)
+                where = f" (the value of its schedule at step {at})"
+                lr = _check_outer_lr(value_at(lr, at), where)
+                momentum = _check_outer_momentum(value_at(momentum, at), where)
             for bucket, states in bucket_by_device_and_dtype(params, self.state, "slow"):
                 plans.append(OuterPlan(bucket, states, lr, momentum, group["outer_nesterov"]))
         return plans
@@ -327,30 +395,15 @@ class SNOO(Wrapper):
                 stacklevel=5,
             )
 
-    def _averaged_outer_step(self, plans: list[OuterPlan]) -> list[dict] | None:
-        """DiLoCo: average the pseudo-gradients over the process group (one all-reduce per dtype, with a flag per
-        parameter saying whether any rank gave it a gradient this cycle), then the outer step on every parameter
-        that some rank touched."""
-        from snoo.distributed import all_reduce_mean_
-
-        assert self.process_group is not None
-        neg_s = [
-            torch._foreach_sub(as_state_tensors(plan.params, plan.states[0]["slow"]), plan.slow()) for plan in plans
-        ]
-        params = [p for plan in plans for p in plan.params]
-        if not params:
-            return []
-        flags = torch.tensor([float(p in self._touched) for p in params], device=local(neg_s[0][0]).device)
-        self.communicated_bytes += all_reduce_mean_(
-            [t for ts in neg_s for t in ts] + [flags],
-            self.process_group,
-            reduce_dtype=self.reduce_dtype,
-            what=f"the pseudo-gradients of outer step {self._inner_steps // self.k}",
-        )
-        # every rank holds the same average now, so every rank takes the same decision
-        if not _all_finite(neg_s):
+    def _outer_step_on_average(
+        self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: list[bool]
+    ) -> list[dict] | None:
+        """The outer step on averaged pseudo-gradients (:meth:`_averaged_update`), or, if they hold NaN or infinite
+        values, the skipped step (None)."""
+        # every rank holds the same average, so every rank takes the same decision
+        if not all_finite(neg_s):
             return self._skip_outer_step(plans, "the averaged pseudo-gradient")
-        return self._averaged_update(plans, neg_s, iter((flags > 0).tolist()))
+        return self._averaged_update(plans, neg_s, iter(touched))
 
     def _averaged_update(
         self, plans: list[OuterPlan], neg_s: list[list[torch.Tensor]], touched: Iterator[bool]
@@ -383,14 +436,25 @@ class SNOO(Wrapper):
                 st["momentum"] = self._zeros_like_state(st["slow"])
         return [st["momentum"] for st in states]
 
+    def state_dict(self) -> dict[str, Any]:
+        # an exchange in flight is saved as the state 'pending' of its parameters (streaming.py), not kept after
+        pending = self.streaming.settle(self) if self.streaming is not None else []
+        try:
+            return super().state_dict()
+        finally:
+            for st in pending:
+                del st["pending"]
+
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "k": self.k, "skipped_outer_steps": self.skipped_outer_steps}
 
     def _group_extra_state(self, params: list[torch.Tensor]) -> dict[str, Any]:
-        return {
+        extra = {
             **super()._group_extra_state(params),
             "touched": [i for i, p in enumerate(params) if p in self._touched],
         }
+        in_flight = [i for i, p in enumerate(params) if "pending" in self.state.get(p, {})]
+        return {**extra, "in_flight": in_flight} if in_flight else extra  # saved while an exchange is in flight
 
     def _parse_extra_state(self, extras: list[dict[str, Any]], groups: list[list[torch.Tensor]]) -> dict[str, Any]:
         values = super()._parse_extra_state(extras, groups)
@@ -404,23 +468,39 @@ class SNOO(Wrapper):
         checks.integer(
             skipped, f"param_groups[0]['{self.state_spec.prefix}']['skipped_outer_steps']", checks.NON_NEGATIVE
         )
-        touched = set()
-        for g, (extra, params) in enumerate(zip(extras, groups)):
-            positions = extra.get("touched")
-            if not isinstance(positions, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in positions
-            ):
-                raise ValueError(
-                    f"param_groups[{g}]['{self.state_spec.prefix}']['touched'] must be a list of positions"
-                )
-            touched.update(params[i] for i in positions)
-        return {**values, "touched": touched, "skipped_outer_steps": skipped}
+        listed: dict[str, set[torch.Tensor]] = {"touched": set(), "in_flight": set()}
+        for name, found in listed.items():
+            for g, (extra, params) in enumerate(zip(extras, groups)):
+                positions = extra.get(name, [])  # 'in_flight' is absent from state dicts of snoo <= 0.1.0.dev0
+                if not isinstance(positions, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(params) for i in positions
+                ):
+                    raise ValueError(
+                        f"param_groups[{g}]['{self.state_spec.prefix}']['{name}'] must be a list of positions"
+                    )
+                found.update(params[i] for i in positions)
+        return {**values, **listed, "skipped_outer_steps": skipped}
+
+    def _plan_load(self, state_dict: Any) -> LoadPlan:
+        plan = super()._plan_load(state_dict)
+        pending = {p for p, own in plan.own.items() if "pending" in own}
+        if pending != plan.extra["in_flight"] or (pending and self.streaming is None):
+            raise ValueError(
+                f"the state dict lists {len(plan.extra['in_flight'])} parameters as in flight "
+                f"('{self.state_spec.prefix}.in_flight') and holds 'pending' for {len(pending)}: every parameter "
+                f"listed needs its pending average, and only a SNOO with a process_group takes them. "
+                f"(torch.distributed.checkpoint loads only the entries a fresh optimizer has: save it at a step "
+                f"with no exchange in flight.)"
+            )
+        return plan
 
     def _apply_extra_state(self, values: dict[str, Any]) -> None:
         super()._apply_extra_state(values)
         self._touched = values["touched"]
         self.skipped_outer_steps = values["skipped_outer_steps"]
         self.outer_norms = {}
+        if self.streaming is not None:
+            self.streaming.resume(self, values["in_flight"])
 
 
 class OuterPlan(NamedTuple):
@@ -446,193 +526,6 @@ def _check_outer_lr(lr: Any, where: str = "") -> float:
 
 def _check_outer_momentum(momentum: Any, where: str = "") -> float:
     return checks.number(momentum, "momentum (outer momentum)", OUTER_MOMENTUM_RANGE, where=where)
-
-
-def _total_norms(squares: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The l2 norms over all buckets from the squared norms of each (on the device of the first)."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    for sq in squares:
-        for name, value in sq.items():
-            parts.setdefault(name, []).append(value)
-    device = squares[0]["slow"].device if squares else None
-    return {name: torch.stack([v.to(device) for v in vs]).sum().sqrt() for name, vs in parts.items()}
-
-
-def _finite_flag(tensor_lists: list[list[torch.Tensor]]) -> torch.Tensor:
-    """A 0-d bool tensor on the device of the first tensor: whether every tensor of the lists is finite. One
-    reduction per list (a read of each tensor), no host synchronisation; under FSDP2 the sum is over all ranks'
-    shards, so every rank takes the same decision."""
-    sums = [_squared_norm(ts) for ts in tensor_lists if ts]
-    device = sums[0].device
-    return torch.isfinite(torch.stack([s.to(device) for s in sums])).all()
-
-
-def _all_finite(tensor_lists: list[list[torch.Tensor]]) -> bool:
-    """Whether every tensor of the lists is finite: :func:`_finite_flag` and one host synchronisation."""
-    return not any(tensor_lists) or bool(_finite_flag(tensor_lists))
-
-
-def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    total = torch.stack(torch._foreach_norm(tensors)).square().sum()
-    # over DTensor shards: the sum over all ranks (one small collective, only when norms are tracked)
-    return total.full_tensor() if is_dtensor(total) else total
-
-
-@torch.no_grad()
-def outer_step(
-    params: list[torch.Tensor],
-    slow: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor] | None,
-    *,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    track_norms: bool = False,
-) -> dict[str, torch.Tensor]:
-    r"""One outer step of SNOO over tensors that share device and dtype, in a few ``torch._foreach_*`` passes.
-
-    ``params`` hold the fast weights :math:`p` and receive the new slow weights. ``slow`` (:math:`w`) and
-    ``momentum_buffers`` (:math:`b`; ``None`` when ``momentum == 0``) may be float32 for low-precision parameters
-    and may live on another device (host memory). Returns the squared l2 norms of :math:`s`, :math:`b` and the new
-    :math:`w` when ``track_norms`` is set, else an empty dict.
-    """
-    # the fast weights as state tensors: the parameters themselves, or float32 / host copies; a scratch either way,
-    # since p <- w overwrites the parameters at the end
-    fast = as_state_tensors(params, slow[0])
-    if momentum == 0:
-        squares = {"pseudo_grad": _squared_norm(torch._foreach_sub(slow, fast))} if track_norms else {}
-        # w <- w + eta (p - w); lerp returns p exactly when eta == 1
-        torch._foreach_lerp_(slow, fast, lr)
-        if track_norms:
-            squares["slow"] = _squared_norm(slow)
-        foreach_copy_(params, slow, non_blocking=True)
-        return squares
-    torch._foreach_sub_(fast, slow)  # -s = p - w
-    return outer_update(
-        params, fast, slow, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, track_norms=track_norms
-    )
-
-
-@torch.no_grad()
-def outer_update(
-    params: list[torch.Tensor],
-    neg_pseudo_grad: list[torch.Tensor],
-    slow: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor] | None,
-    *,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    track_norms: bool = False,
-) -> dict[str, torch.Tensor]:
-    r"""The outer step from the negated pseudo-gradient :math:`-s = p - w` (e.g. averaged over DiLoCo workers),
-    which serves as scratch space; like :func:`outer_step` otherwise."""
-    neg_s = neg_pseudo_grad
-    squares = {"pseudo_grad": _squared_norm(neg_s)} if track_norms else {}
-    if momentum == 0:
-        torch._foreach_add_(slow, neg_s, alpha=lr)  # w <- w - eta s
-    else:
-        assert momentum_buffers is not None
-        # b <- mu b + s
-        torch._foreach_mul_(momentum_buffers, momentum)
-        torch._foreach_sub_(momentum_buffers, neg_s)
-        if nesterov:
-            # w <- w - eta (s + mu b): neg_s becomes -(s + mu b), the same rounding as SGD(nesterov=True)
-            torch._foreach_add_(neg_s, momentum_buffers, alpha=-momentum)
-            torch._foreach_add_(slow, neg_s, alpha=lr)
-        else:
-            torch._foreach_add_(slow, momentum_buffers, alpha=-lr)
-        if track_norms:
-            squares["momentum"] = _squared_norm(momentum_buffers)
-    if track_norms:
-        squares["slow"] = _squared_norm(slow)
-    # p <- w
-    foreach_copy_(params, slow, non_blocking=True)
-    return squares
-
-
-#: How far :func:`fused_outer_step` may end from :func:`outer_step` after one outer step from the same tensors, per
-#: element, in units of the state dtype's rounding unit :math:`u` (``torch.finfo(dtype).eps / 2``) times the size of
-#: what the element is made of: :math:`|w| + \eta(|s| + \mu|b| + \mu|b'|)` for the slow and fast weights,
-#: :math:`|s| + \mu|b| + |b'|` for the momentum (:math:`b'` the new momentum). Each path rounds the pseudo-gradient,
-#: the momentum, the Nesterov direction, the new slow weights and the float32 values of :math:`\eta, \mu`; summing the
-#: first-order errors puts each within :math:`8u` of that size from the exact result (the compiled kernel may use a
-#: fused multiply-add or keep a value in a register, so the two round differently), hence :math:`16u` between them.
-#: Tested against a float64 reference written from the equations (``tests/test_snoo_fused.py``).
-FUSED_ROUNDING = 16
-
-_FUSED_REFUSED = (
-    "fused=True compiles the outer step of parameters and state that live on one device, on this process alone; it "
-    "cannot take {what}: use fused=False (the foreach path) there"
-)
-
-
-def _check_fusable(
-    inner: Optimizer, *, state_device: torch.device | str | None, process_group: dist.ProcessGroup | None
-) -> None:
-    """Refuse, with the reason, what the fused outer step cannot run."""
-    if process_group is not None:
-        raise ValueError(_FUSED_REFUSED.format(what="a process_group (DiLoCo averages the pseudo-gradients first)"))
-    if state_device is not None:
-        raise ValueError(_FUSED_REFUSED.format(what="state_device (the offload streams the state in chunks)"))
-    if any(is_dtensor(p) for group in inner.param_groups for p in group["params"]):
-        raise ValueError(_FUSED_REFUSED.format(what="sharded (DTensor) parameters"))
-    import torch._dynamo  # seconds to import: only for those who ask for fused
-
-    if not torch._dynamo.is_dynamo_supported():
-        raise ValueError(f"fused=True needs torch.compile, which this Python ({sys.version.split()[0]}) lacks")
-
-
-@functools.cache
-def _compiled_outer_step() -> Callable[..., dict[str, torch.Tensor]]:
-    # made at the first fused outer step: torch.compile imports torch._dynamo, which takes seconds
-    return torch.compile(fused_outer_step, fullgraph=True)
-
-
-def fused_outer_step(
-    params: list[torch.Tensor],
-    slow: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor] | None,
-    lr: torch.Tensor,
-    momentum: torch.Tensor,
-    finite: torch.Tensor | None,
-    *,
-    nesterov: bool,
-    track_norms: bool = False,
-) -> dict[str, torch.Tensor]:
-    r"""The outer step of :func:`outer_step` written per tensor, for ``torch.compile`` to fuse into one pass over
-    :math:`p, w, b` each (no temporaries: a bf16 parameter is read as float32 inside the kernel).
-
-    ``lr`` and ``momentum`` are 0-d tensors on the state's device (so a new value does not recompile; ``momentum``
-    is ignored when ``momentum_buffers`` is ``None``: Lookahead's lerp). ``finite``, a 0-d bool tensor or ``None``:
-    where it is false, the slow weights and momentum stay as they are and the parameters get the slow weights (the
-    skipped step of the non-finite check), decided on the device without a host synchronisation. Returns the
-    squared l2 norms of :math:`s`, :math:`b` and the new :math:`w` when ``track_norms`` is set, else an empty dict.
-    """
-    names = ("pseudo_grad", "momentum", "slow") if momentum_buffers is not None else ("pseudo_grad", "slow")
-    squares = dict.fromkeys(names, 0.0) if track_norms else {}
-    for i, (p, w) in enumerate(zip(params, slow)):
-        fast = p.to(w.dtype)
-        s = w - fast  # pseudo-gradient
-        if momentum_buffers is None:
-            new_w = torch.lerp(w, fast, lr)  # w + eta (p - w)
-        else:
-            b = momentum_buffers[i]
-            new_b = momentum * b + s
-            new_w = w - lr * (s + momentum * new_b) if nesterov else w - lr * new_b
-            if finite is not None:
-                new_b = torch.where(finite, new_b, b)
-            if track_norms:
-                squares["momentum"] = squares["momentum"] + new_b.square().sum()
-            b.copy_(new_b)
-        if finite is not None:
-            new_w = torch.where(finite, new_w, w)
-        if track_norms:
-            squares["pseudo_grad"] = squares["pseudo_grad"] + s.square().sum()
-            squares["slow"] = squares["slow"] + new_w.square().sum()
-        w.copy_(new_w)
-        p.copy_(new_w)  # p <- w
-    return squares
 
 
 class Lookahead(SNOO):
