@@ -114,9 +114,10 @@ class FaultTolerantSNOO(SNOO):
         skip_nonfinite: as for :class:`snoo.SNOO`, checked on the averaged pseudo-gradient (the same on every
             replica, so every replica takes or skips the step alike).
         fused: must be False: the fused outer step is one process's, and this one averages over the quorum first.
-        fragments, overlap_steps, fragment_mix, error_feedback: :class:`snoo.SNOO`'s streaming and compression
-            knobs, here so that a SPEC builds either class; the first three must keep their defaults (this class
-            averages the whole model at each outer step), and ``error_feedback`` does nothing without compression.
+        fragments, overlap_steps, fragment_mix, error_feedback, compression_block: :class:`snoo.SNOO`'s streaming
+            and compression knobs, here so that a SPEC builds either class; the first three must keep their defaults
+            (this class averages the whole model at each outer step) and ``compression_block`` stays unset (it sends
+            full precision), so ``error_feedback`` does nothing.
         state_key: the key of this optimizer's state among the Manager's registered state.
 
     Attributes:
@@ -146,6 +147,7 @@ class FaultTolerantSNOO(SNOO):
         overlap_steps: int = 0,
         fragment_mix: float = 1.0,
         error_feedback: bool = True,
+        compression_block: int | None = None,
         state_key: str = "snoo",
     ) -> None:
         require_torchft()
@@ -158,6 +160,11 @@ class FaultTolerantSNOO(SNOO):
             raise ValueError(
                 "FaultTolerantSNOO averages the whole model at each outer step through the Manager: streaming "
                 "(fragments, overlap_steps, fragment_mix) is SNOO(process_group=...)'s; leave them at 1, 0, 1.0"
+            )
+        if compression_block is not None:
+            raise ValueError(
+                "FaultTolerantSNOO sends full-precision pseudo-gradients through the Manager: compression "
+                "(compression_block) is SNOO(process_group=...)'s; leave compression_block unset"
             )
         from torchft import Manager
 
