@@ -318,7 +318,7 @@ def test_bad_arguments_are_refused_clearly(one_replica, monkeypatch):
         FaultTolerantSNOO(torch.optim.AdamW(params), object())
     with pytest.raises(ValueError, match="use_async_quorum=False"):
         FaultTolerantSNOO(torch.optim.AdamW(params), one_replica(use_async_quorum=True))
-    with pytest.raises(ValueError, match="leave them at 1, 0, 1.0"):
+    with pytest.raises(ValueError, match=r"leave them at 1, 0, 1\.0"):
         FaultTolerantSNOO(torch.optim.AdamW(params), one_replica(), fragments=2)
     with pytest.raises(ValueError, match="leave compression_block unset"):
         FaultTolerantSNOO(torch.optim.AdamW(params), one_replica(), compression_block=64)
