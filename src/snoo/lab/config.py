@@ -69,6 +69,10 @@ class TrainConfig:
     workers: int = 1  # > 1: the run starts this many ranks under torchrun, each reading its own batches
     parallel: str = "diloco"  # "diloco": SNOO averages pseudo-gradients every K steps; "ddp": gradients every step
     reduce_dtype: str = "fp32"  # what the ranks average in: "fp32" or "bf16" (half the bytes)
+    # DiLoCo: what each rank sends of its pseudo-gradient, all-gathered (SNOO's compression): "none" (an all-reduce
+    # in reduce_dtype), "bf16", "int8" or "int4" (error feedback and scales: the SPEC's error_feedback and
+    # compression_block)
+    compression: str = "none"
     dist_timeout: float = 300.0  # seconds a rank waits for the others in a collective before the run stops
     # torchrun --max-restarts: when a rank dies, every rank restarts from the last checkpoint, up to this many times
     # (DiLoCo then also checkpoints at every outer step, so a failure loses at most the window in flight)
@@ -93,6 +97,7 @@ NOT_IDENTITY = frozenset(
 )
 PARALLEL = ("diloco", "ddp")
 REDUCE_DTYPES = ("fp32", "bf16")
+COMPRESSIONS = ("none", "bf16", "int8", "int4")
 CHOICES = {
     "tokenizer": ("byte", "bpe"),
     "flavour": ("llama", "gpt"),
@@ -101,6 +106,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "parallel": PARALLEL,
     "reduce_dtype": REDUCE_DTYPES,
+    "compression": COMPRESSIONS,
     "fault_tolerant": ("off", "on"),
 }
 AT_LEAST_ONE = (
@@ -266,6 +272,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("max_restarts restarts the ranks of a run on several workers: set workers > 1")
     elif cfg.fault_tolerant == "on":
         raise ValueError("fault_tolerant=on keeps a run on several workers going when one dies: set workers > 1")
+    elif cfg.compression != "none":
+        raise ValueError(f"compression={cfg.compression} compresses what DiLoCo's workers send: set workers > 1")
     _check_device(cfg.device)
     lr_schedule(cfg)  # the schedule's own checks
 
@@ -312,6 +320,8 @@ def _check_workers(cfg: TrainConfig) -> None:
             f"{spec.canonical(cfg.stages)!r} has none: its outermost stage takes no process group; use a SPEC that "
             f"starts with snoo or lookahead (e.g. snoo-adamw), or --set parallel=ddp"
         )
+    if cfg.compression != "none":
+        _check_compression(cfg)
     if cfg.device.startswith("cuda:"):
         raise ValueError(
             f"with workers > 1 each rank takes the GPU cuda:LOCAL_RANK: set device to cuda, not {cfg.device}"
@@ -332,6 +342,23 @@ def _check_workers(cfg: TrainConfig) -> None:
                 f"outermost stage, and it takes no {', '.join(unknown)} of {outer.name}: give that stage as snoo "
                 f"(lookahead(k=K,alpha=A) is snoo(k=K,lr=A,momentum=0,nesterov=false))"
             )
+
+
+def _check_compression(cfg: TrainConfig) -> None:
+    if cfg.parallel != "diloco" or cfg.fault_tolerant == "on":
+        raise ValueError(
+            f"compression={cfg.compression} compresses DiLoCo's pseudo-gradients: it needs parallel=diloco and "
+            f"fault_tolerant=off"
+        )
+    if cfg.reduce_dtype != "fp32":
+        raise ValueError(
+            f"compression={cfg.compression} sends its own format: leave reduce_dtype at fp32, not {cfg.reduce_dtype}"
+        )
+    if not spec.accepts(cfg.stages[0], "compression"):
+        raise ValueError(
+            f"compression={cfg.compression}: the outermost stage {cfg.stages[0].name} of "
+            f"{spec.canonical(cfg.stages)!r} takes no compression; give it as snoo"
+        )
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:

@@ -1,10 +1,10 @@
 """Many training runs of one experiment, in this process or several at once, each in a directory of its own.
 
 A job is a dict: ``optimizer``, ``budget`` (a multiple of the config's steps), ``seed`` and ``dir``, and optionally
-``workers``, ``parallel``, ``snapshots`` and ``branch_of`` / ``from_step`` (a WSD decay branch). ``check_jobs``
-checks every job and every earlier run before anything trains; ``run_jobs`` trains what is not finished, and with
-``--resume`` keeps (and adopts, under another name) what is. Every run is a function of its config alone, so runs
-trained in parallel processes give the numbers of one process, bit for bit.
+``workers``, ``parallel``, ``compression``, ``snapshots`` and ``branch_of`` / ``from_step`` (a WSD decay branch).
+``check_jobs`` checks every job and every earlier run before anything trains; ``run_jobs`` trains what is not
+finished, and with ``--resume`` keeps (and adopts, under another name) what is. Every run is a function of its config
+alone, so runs trained in parallel processes give the numbers of one process, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def run_dir_name(index: int, optimizer: str, budget: float, seed: int) -> str:
 def check_jobs(
     cfg: TrainConfig, jobs: list[dict], out: Path, resume: bool, adopt: Callable[[str], None] | None = None
 ) -> list[tuple[dict, TrainConfig, bool]]:
-    """Each job ({optimizer, budget, seed, dir}, and optionally workers, parallel, snapshots and branch_of /
-    from_step) with its config and whether an earlier run of it is there to keep or continue (with ``resume``).
-    Every job's settings, and with ``resume`` every earlier run's, are checked here: a run directory of other
-    settings (another optimizer, steps, data contents, ...) is refused, never overwritten nor reported as done.
+    """Each job ({optimizer, budget, seed, dir}, and optionally workers, parallel, compression, snapshots and
+    branch_of / from_step) with its config and whether an earlier run of it is there to keep or continue (with
+    ``resume``). Every job's settings, and with ``resume`` every earlier run's, are checked here: a run directory of
+    other settings (another optimizer, steps, data contents, ...) is refused, never overwritten nor reported as done.
     With ``resume`` and ``adopt`` (where to say so), finished runs under other names are first moved to their jobs'
     directories (:func:`_adopt_finished`)."""
     configs = [
@@ -60,6 +60,7 @@ def check_jobs(
             out=str(out / job["dir"]),
             workers=job.get("workers", cfg.workers),
             parallel=job.get("parallel") or cfg.parallel,
+            compression=job.get("compression", cfg.compression),
         )
         for job in jobs
     ]

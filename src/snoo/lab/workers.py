@@ -144,13 +144,16 @@ def init_process_group(cfg: TrainConfig, world: World, device: torch.device) -> 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """DDP: the SPEC as it is (the gradients are averaged already). DiLoCo: the SPEC with its outermost stage (SNOO,
     or Lookahead, SNOO without momentum) averaging the pseudo-gradients over every rank: the run's process group,
-    which ``config`` checked that it takes; on torchft, ``FaultTolerantSNOO`` with that stage's settings."""
+    which ``config`` checked that it takes, and ``compression`` when set; on torchft, ``FaultTolerantSNOO`` with that
+    stage's settings."""
     if cfg.parallel == "ddp":
         return spec.build(cfg.stages, model, track_norms=True)
     if cfg.fault_tolerant == "on":
         outer, *rest = cfg.stages
         return fault_tolerant_snoo(cfg, spec.build(rest, model), outer.params)
     world = dict(process_group=dist.group.WORLD, reduce_dtype=REDUCE_DTYPES[cfg.reduce_dtype])
+    if cfg.compression != "none":
+        world["compression"] = cfg.compression
     return spec.build(cfg.stages, model, track_norms=True, outer=world)
 
 
