@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from snoo.lab import checkpoint, config, data, train, workers
+from snoo.lab import checkpoint, config, data, scale_out, train, workers
 from snoo.lab.cli import main
 from snoo.lab.model import GPT, ModelConfig
 
@@ -293,7 +293,7 @@ def test_bad_distributed_input_exits_2_before_any_rank_starts(tmp_path, corpus_f
 # ---------------------------------------------------------------------------------------------- scale-out
 
 
-def test_scale_out_runs_the_same_tokens_on_one_worker_and_on_two(tmp_path, corpus_file, capsys):
+def test_scale_out_runs_the_same_tokens_on_one_worker_and_on_two(tmp_path, corpus_file, capsys, monkeypatch):
     out = tmp_path / "so"
     argv = ["scale-out", "--preset", "tiny", "--data", corpus_file, "--steps", "8", "--out", str(out), "--no-progress"]
     assert main([*argv, "--optimizer", "snoo(k=2)+adamw", "--workers", "2", "--set", "threads=1"]) == 0
@@ -318,6 +318,48 @@ def test_scale_out_runs_the_same_tokens_on_one_worker_and_on_two(tmp_path, corpu
     before = (out / "summary.md").read_text()
     (out / "summary.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "summary.md").read_text() == before
+
+    # runs recorded before `compression` was a config field are the same runs (the field at its default): --resume
+    # keeps them and trains only the bandwidth setups beside, whose rows carry the modelled wall-clock
+    for path in [out / "experiment.json", *out.glob("runs/*/config.json")]:  # as an older snoo wrote them
+        recorded = json.loads(path.read_text())
+        for fields in [recorded["config"], *([recorded["run"]] if path.name == "config.json" else [])]:
+            assert fields.pop("compression") == "none"
+        path.write_text(json.dumps(recorded))
+    # one setup, for time: int4 codes with error feedback, streamed in 2 fragments, each applied 1 step late
+    monkeypatch.setattr(scale_out, "BANDWIDTH_SETUPS", (({"fragments": 2, "overlap_steps": 1}, "int4"),))
+    argv += ["--optimizer", "snoo(k=2)+adamw", "--workers", "2", "--set", "threads=1"]
+    assert main([*argv, "--bandwidth", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before, kept") == 4 and "1 runs to train" in printed
+    rows = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["setup"] for r in rows] == ["1 worker", "1 worker", "DiLoCo", "DDP", "DiLoCo int4 + EF, F=2 tau=1"]
+    adamw, alone, diloco, ddp, int4 = rows
+    assert int4["optimizer"] == "snoo(k=2,fragments=2,overlap_steps=1)+adamw" and int4["status"] == "ok"
+    assert 0 < int4["bytes_per_step"] < diloco["bytes_per_step"] / 4  # 4-bit codes and a scale per row
+    assert int4["step_seconds"] == diloco["step_seconds"] == alone["wall_time"] / 8
+    assert ddp["step_seconds"] == adamw["wall_time"] / 8
+    for gbit in (1, 10, 100):  # DDP: an exchange every step, not hidden; int4: 4 exchanges, each behind a step
+        second = gbit * 1e9 / 8  # bytes
+        sent = ddp["bytes_per_step"] * 4
+        assert ddp["modelled_seconds"][str(gbit)] == pytest.approx(4 * ddp["step_seconds"] + sent / second)
+        sent, step = int4["bytes_per_step"] * 4, int4["step_seconds"]
+        assert int4["modelled_seconds"][str(gbit)] == pytest.approx(4 * step + 4 * max(0, sent / 4 / second - step))
+    assert (out / "val_loss_wall_clock.png").stat().st_size > 0
+
+
+def test_compression_is_for_diloco_on_several_workers_with_a_snoo_outer_stage():
+    ok = dict(optimizer="snoo(k=4)+adamw", workers=2, compression="int8")
+    assert config.make_config("tiny", **ok).compression == "int8"
+    for bad, words in [
+        (dict(workers=1), "set workers > 1"),
+        (dict(parallel="ddp"), "needs parallel=diloco"),
+        (dict(reduce_dtype="bf16"), "leave reduce_dtype at fp32"),
+        (dict(optimizer="lookahead(k=4)+adamw"), "takes no compression"),
+        (dict(compression="int2"), "compression must be none, bf16, int8 or int4"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            config.make_config("tiny", **{**ok, **bad})
 
 
 def test_fault_tolerant_diloco_takes_an_outer_stage_whose_settings_faulttolerantsnoo_takes(monkeypatch):

@@ -242,6 +242,12 @@ def parser() -> argparse.ArgumentParser:
         default="2,4",
         help="worker counts N, each run for steps/N steps (default 2,4)",
     )
+    o.add_argument(
+        "--bandwidth",
+        action="store_true",
+        help="also DiLoCo with bf16/int8/int4 pseudo-gradients (without and with error feedback) and streaming "
+        "(F=4 fragments and/or tau=1 overlapped step), for each N",
+    )
     o.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     _common(o, "runs/scale-out", workers=False)
     g = sub.add_parser("scaling", help="the compute factor against model size and tokens per parameter")
@@ -354,6 +360,7 @@ def run(argv: list[str] | None = None) -> int:
             snoo_spec=args.optimizer or "snoo-adamw",
             baseline=args.baseline or "adamw",
             worker_counts=_counts(args.worker_counts),
+            bandwidth=args.bandwidth,
             resume=args.resume,
         )
         _finish(summary, Path(cfg.out))

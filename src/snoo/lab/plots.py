@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -292,6 +293,35 @@ def tokens_plot(out: Path, summary: dict, curves: dict[str, list[dict]]) -> None
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "val_loss_tokens.png", dpi=110)
+    plt.close(fig)
+
+
+def wall_clock_plot(
+    out: Path, summary: dict, curves: dict[str, list[dict]], modelled: Callable[[dict, int, float], float]
+) -> None:
+    """Scale-out: validation loss against the modelled wall-clock, ``modelled(row, step, gbit)``, one panel per link
+    speed of ``summary``'s runs, one line per run."""
+    plt = _pyplot()
+    gbits = [int(g) for g in summary["runs"][0]["modelled_seconds"]] if summary["runs"] else []
+    fig, axes = plt.subplots(1, len(gbits), figsize=(4.5 * len(gbits), 4.5), sharey=True, squeeze=False)
+    top = -math.inf
+    for ax, gbit in zip(axes[0], gbits):
+        for i, r in enumerate(summary["runs"]):
+            points = [(modelled(r, m["step"], gbit), m["val_loss"]) for m in curves[r["dir"]] if "val_loss" in m]
+            if points:
+                who = f", {r['workers']} workers" if r["workers"] > 1 else f": {r['optimizer']}"
+                color = plt.get_cmap("tab20").colors[i % 20]
+                ax.plot(*zip(*points), label=f"{r['setup']}{who}", color=color, lw=1.2, marker=".", ms=3)
+                top = max(top, *(v for _, v in points[len(points) // 4 :]))
+        ax.set_xlabel("modelled wall-clock (s)")
+        ax.set_title(f"{gbit} Gbit/s between workers")
+        ax.grid(alpha=0.3)
+    if math.isfinite(top):
+        axes[0][0].set_ylim(top=top)
+    axes[0][0].set_ylabel("validation loss")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss_wall_clock.png", dpi=110)
     plt.close(fig)
 
 
