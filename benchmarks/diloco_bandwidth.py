@@ -8,10 +8,11 @@ held-out batches (of the slow weights for DiLoCo), the bytes rank 0 handed to th
 (``opt.communicated_bytes``; for DDP counted in a communication hook), and the seconds of compute per step with no
 exchange (one SNOO run without a process group).
 
-Modelled wall-clock at a link of B bit/s: ``steps * compute + sum over exchanges of max(0, 8 * bytes / B - tau *
-compute)``: an exchange of ``bytes`` takes ``8 * bytes / B`` seconds, of which ``tau`` inner steps hide up to
-``tau * compute``. With 2 workers an all-reduce and an all-gather move about the bytes handed to them; latency is
-left out, and DDP is modelled without overlapping its all-reduce with the backward pass.
+Modelled wall-clock at a link of B bit/s, the lab's model (``snoo.lab.scale_out.modelled_seconds``): ``steps *
+compute + sum over exchanges of max(0, 8 * bytes / B - tau * compute)``: an exchange of ``bytes`` takes ``8 * bytes /
+B`` seconds, of which ``tau`` inner steps hide up to ``tau * compute``. With 2 workers an all-reduce and an
+all-gather move about the bytes handed to them; latency is left out, and DDP is modelled without overlapping its
+all-reduce with the backward pass.
 
     OMP_NUM_THREADS=1 python benchmarks/diloco_bandwidth.py --out docs/img/diloco-bandwidth.png
 """
@@ -29,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import snoo
+from snoo.lab.scale_out import GBITS, modelled_seconds
 from snoo.lab.workers import GradientBytes
 
 #: name -> SNOO's DiLoCo arguments (None: DDP)
@@ -46,7 +48,6 @@ SETUPS: dict[str, dict | None] = {
     "F=1, tau=1": {"overlap_steps": 1},
     "F=4, tau=1": {"fragments": 4, "overlap_steps": 1},
 }
-GBITS = (1, 10, 100)
 
 
 def mlp(width: int, depth: int, seed: int) -> torch.nn.Module:
@@ -96,9 +97,7 @@ def modelled(result: dict, setup: dict | None, args: argparse.Namespace, compute
         exchanges, tau = args.steps, 0
     else:
         exchanges, tau = args.steps // (args.k // setup.get("fragments", 1)), setup.get("overlap_steps", 0)
-    per_exchange = result["bytes_per_step"] * args.steps / exchanges
-    transfer = 8 * per_exchange / (gbit * 1e9)
-    return args.steps * compute + exchanges * max(0.0, transfer - tau * compute)
+    return modelled_seconds(args.steps, compute, exchanges, result["bytes_per_step"] * args.steps, tau, gbit)
 
 
 def worker(rank: int, args: argparse.Namespace, store: str) -> None:
