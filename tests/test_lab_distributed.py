@@ -337,13 +337,13 @@ def test_scale_out_runs_the_same_tokens_on_one_worker_and_on_two(tmp_path, corpu
     adamw, alone, diloco, ddp, int4 = rows
     assert int4["optimizer"] == "snoo(k=2,fragments=2,overlap_steps=1)+adamw" and int4["status"] == "ok"
     assert 0 < int4["bytes_per_step"] < diloco["bytes_per_step"] / 4  # 4-bit codes and a scale per row
-    assert int4["step_seconds"] == diloco["step_seconds"] == alone["wall_time"] / 8
-    assert ddp["step_seconds"] == adamw["wall_time"] / 8
+    step = min(adamw["wall_time"], alone["wall_time"]) / 8  # the faster 1-worker run's
+    assert int4["step_seconds"] == diloco["step_seconds"] == ddp["step_seconds"] == step
     for gbit in (1, 10, 100):  # DDP: an exchange every step, not hidden; int4: 4 exchanges, each behind a step
         second = gbit * 1e9 / 8  # bytes
         sent = ddp["bytes_per_step"] * 4
-        assert ddp["modelled_seconds"][str(gbit)] == pytest.approx(4 * ddp["step_seconds"] + sent / second)
-        sent, step = int4["bytes_per_step"] * 4, int4["step_seconds"]
+        assert ddp["modelled_seconds"][str(gbit)] == pytest.approx(4 * step + sent / second)
+        sent = int4["bytes_per_step"] * 4
         assert int4["modelled_seconds"][str(gbit)] == pytest.approx(4 * step + 4 * max(0, sent / 4 / second - step))
     assert (out / "val_loss_wall_clock.png").stat().st_size > 0
 
