@@ -91,7 +91,7 @@ def _rises(cfg, run_dir, steps: list[int]) -> dict[str, Any]:
         x = [p.clone() for p in params]
         directions = {
             "classical (gamma 0)": [a - b for a, b in zip(x, x_before)],
-            "EMA (gamma 0.99)": [opt.state[p]["update_ema"].clone() for p in params],
+            "EMA (gamma 0.99)": [opt.state[p]["m"].clone() for p in params],
         }
         base = loss_at(x)
         rises = {
