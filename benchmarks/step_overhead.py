@@ -3,12 +3,14 @@
 For a stack of square Linear layers (25 M parameters by default) with fixed random gradients, in one run:
 
 - ``step()`` of AdamW (foreach) alone, of SNOO around it at K = 1, 5, 20 and 100 (and K=20 with ``fused=True``
-  and with ``track_norms``), of ``snoo.Lookahead`` and of ``pytorch_optimizer``'s Lookahead at K=5;
+  and with ``track_norms``; and at K=10^9, the steps between outer steps alone), of ``snoo.Lookahead`` and of
+  ``pytorch_optimizer``'s Lookahead at K=5;
 - the outer step alone against a copy of the bytes it must touch (the floor: parameters, slow weights, momentum;
   floor2: parameters and slow weights), as ``step()`` runs it around an inner optimizer that does nothing (so the
   non-finite check, the plans and the checks before the step are in): foreach, foreach with
-  ``skip_nonfinite=False``, fused; the bare foreach function ``outer_step``; the authors' approach (the slow
-  weights as tensors stepped by ``torch.optim.SGD(nesterov=True)`` on the gradient ``w - p``, then ``p <- w``);
+  ``skip_nonfinite=False``, foreach on CPU without the cache blocks (``snoo.optim.outer.cache_blocks``), fused;
+  the bare foreach function ``outer_step``; the authors' approach (the slow weights as tensors stepped by
+  ``torch.optim.SGD(nesterov=True)`` on the gradient ``w - p``, then ``p <- w``);
   Lookahead's, foreach and fused, against ``pytorch_optimizer.Lookahead``'s (``pip install pytorch_optimizer`` for
   this benchmark only; its rows are left out, with a message, when it is missing);
 - the amortised cost of the outer step at K = 1, 5, 20, 100 over the AdamW step: measured (SNOO(AdamW)'s step at
@@ -18,7 +20,10 @@ It also reports each wrapper's extra memory and how long the fused outer steps t
 Prints markdown tables.
 
     python benchmarks/step_overhead.py [--width 1024] [--layers 24] [--rounds 11] [--threads N] [--device cpu]
-                                       [--no-fused]
+                                       [--no-fused] [--blocks 17,18,19,20,21]
+
+``--blocks`` adds a row per block size (elements per tensor list, as powers of two) of the CPU foreach outer step:
+the sweep behind ``snoo.optim.outer.CPU_BLOCK_ELEMENTS``.
 
 Every contender is built first; then each round times every contender once, in turn (round-robin, the starting
 contender rotating from round to round), over a whole number of outer cycles (20 calls of a step, 100 for K=100, so
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 import snoo
+from snoo.optim import outer
 from snoo.optim.outer import outer_step
 
 # the references, and the short name a ratio against each is given in
@@ -54,6 +61,8 @@ BASE = "AdamW (foreach) step"
 FLOOR, FLOOR2 = "copy of p, w, b once (memory floor)", "copy of p, w once (Lookahead's floor, floor2)"
 AUTHORS = "authors' outer step (slow weights stepped by SGD(nesterov=True))"
 PEER_OUTER = "pytorch_optimizer.Lookahead outer step alone"
+UNBLOCKED = "SNOO outer step in step() (foreach, without cache blocks)"
+BETWEEN = "SNOO(AdamW) step between outer steps (K=10^9)"
 
 
 def snoo_step_name(k: int, fused: bool = False) -> str:
@@ -99,6 +108,19 @@ def authors_outer_step(params: list[torch.Tensor], lr: float, momentum: float) -
         torch._foreach_copy_(params, slow)
 
     return step
+
+
+def with_block(fn: Callable[[], object], elements: int) -> Callable[[], None]:
+    """``fn`` with the CPU outer step cut into blocks of ``elements`` (``sys.maxsize``: no blocks)."""
+
+    def call() -> None:
+        saved, outer.CPU_BLOCK_ELEMENTS = outer.CPU_BLOCK_ELEMENTS, elements
+        try:
+            fn()
+        finally:
+            outer.CPU_BLOCK_ELEMENTS = saved
+
+    return call
 
 
 def make_params(width: int, layers: int, device: str) -> list[torch.nn.Parameter]:
@@ -149,8 +171,11 @@ def state_bytes(opt: torch.optim.Optimizer, keys: set[str]) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k in keys)
 
 
-def build_contenders(params: list[torch.nn.Parameter], fused: bool) -> tuple[list[Contender], dict[str, float]]:
-    """The contenders, and the seconds each fused outer step took to compile (its first call)."""
+def build_contenders(
+    params: list[torch.nn.Parameter], fused: bool, blocks: tuple[int, ...] = ()
+) -> tuple[list[Contender], dict[str, float]]:
+    """The contenders, and the seconds each fused outer step took to compile (its first call). ``blocks``: powers of
+    two of the block sizes to sweep (CPU)."""
 
     def adamw() -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -164,6 +189,8 @@ def build_contenders(params: list[torch.nn.Parameter], fused: bool) -> tuple[lis
         ("snoo.Lookahead(AdamW) step, K=5", snoo.Lookahead(adamw(), k=5), STEP_CALLS),
     ]
     later = [(snoo_step_name(k), snoo.SNOO(adamw(), k=k), max(STEP_CALLS, k)) for k in AMORTISED_KS if k not in (1, 20)]
+    # the steps between outer steps alone: what SNOO adds to an inner step (its checks, its count), nothing else
+    later.append((BETWEEN, snoo.SNOO(adamw(), k=10**9), STEP_CALLS))
     if fused:
         later.append((snoo_step_name(20, fused=True), snoo.SNOO(adamw(), k=20, fused=True), STEP_CALLS))
     for name, opt, calls in wrapped:
@@ -193,7 +220,7 @@ def build_contenders(params: list[torch.nn.Parameter], fused: bool) -> tuple[lis
     ]
     for name, opt, calls in later:  # after the rows of earlier versions of this benchmark, which keep their order
         contenders.append(Contender(name, opt.step, calls, BASE))
-    outer = [
+    outer_rows = [
         (outer_name("SNOO", "foreach"), snoo.SNOO(Still(params), k=1), FLOOR),
         (
             outer_name("SNOO", "foreach, skip_nonfinite=False"),
@@ -208,17 +235,23 @@ def build_contenders(params: list[torch.nn.Parameter], fused: bool) -> tuple[lis
         ),
     ]
     if fused:
-        outer += [
+        outer_rows += [
             (outer_name("SNOO", "fused"), snoo.SNOO(Still(params), k=1, fused=True), FLOOR),
             (outer_name("snoo.Lookahead", "fused"), snoo.Lookahead(Still(params), k=1, fused=True), FLOOR2),
         ]
     compile_seconds = {}
-    for name, opt, reference in outer:
+    for name, opt, reference in outer_rows:
         if opt.fused:
             t0 = time.perf_counter()
             opt.step()  # compiles
             compile_seconds[name] = time.perf_counter() - t0
         contenders.append(Contender(name, opt.step, OUTER_CALLS, reference))
+    if params[0].device.type == "cpu":
+        plain = snoo.SNOO(Still(params), k=1).step
+        contenders.append(Contender(UNBLOCKED, with_block(plain, sys.maxsize), OUTER_CALLS, FLOOR))
+        for power in blocks:
+            name = outer_name("SNOO", f"foreach, blocks of 2^{power}")
+            contenders.append(Contender(name, with_block(plain, 1 << power), OUTER_CALLS, FLOOR))
 
     contenders.append(Contender(AUTHORS, authors_outer_step(params, lr=0.7, momentum=0.5), OUTER_CALLS, FLOOR))
 
@@ -245,6 +278,7 @@ def comparisons(by_name: dict[str, Contender]) -> list[tuple[str, str, str]]:
             outer_name("SNOO", "foreach, skip_nonfinite=False"),
             FLOOR,
         ),
+        ("SNOO outer step / floor, foreach without cache blocks", UNBLOCKED, FLOOR),
         ("SNOO outer step / floor, fused", outer_name("SNOO", "fused"), FLOOR),
         ("SNOO outer step / authors' approach, foreach", outer_name("SNOO", "foreach"), AUTHORS),
         ("SNOO outer step / authors' approach, fused", outer_name("SNOO", "fused"), AUTHORS),
@@ -277,11 +311,11 @@ def amortised(by_name: dict[str, Contender], fused: bool) -> list[tuple[str, lis
     ]
     rows.append(("SNOO(AdamW) step at K / AdamW step - 1, measured", measured))
     for how in ("foreach", "fused") if fused else ("foreach",):
-        outer = by_name[outer_name("SNOO", how)].seconds
+        alone = by_name[outer_name("SNOO", how)].seconds
         rows.append(
             (
                 f"outer step ({how}) / K / AdamW step",
-                [statistics.median(o / k / b for o, b in zip(outer, base)) for k in AMORTISED_KS],
+                [statistics.median(o / k / b for o, b in zip(alone, base)) for k in AMORTISED_KS],
             )
         )
     return rows
@@ -295,6 +329,7 @@ def main() -> None:
     parser.add_argument("--no-fused", action="store_true", help="leave out fused=True (no compiling)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--blocks", default="", help="powers of two of CPU block sizes to sweep, e.g. 17,18,19,20")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -305,7 +340,11 @@ def main() -> None:
     params = make_params(args.width, args.layers, dev)
     n = sum(p.numel() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    contenders, compile_seconds = build_contenders(params, fused=not args.no_fused)
+    try:
+        blocks = tuple(int(b) for b in args.blocks.split(",") if b.strip())
+    except ValueError:
+        parser.error(f"--blocks takes powers of two as integers, e.g. 17,18,19; got {args.blocks!r}")
+    contenders, compile_seconds = build_contenders(params, fused=not args.no_fused, blocks=blocks)
     start = time.perf_counter()
     time_round_robin(contenders, args.rounds, dev)
     wall = time.perf_counter() - start

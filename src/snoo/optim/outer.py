@@ -1,13 +1,16 @@
 """SNOO's outer step as functions over tensors: the ``torch._foreach_*`` form (:func:`outer_step`,
 :func:`outer_update`), the compiled single-pass form (:func:`fused_outer_step`), and the non-finite check and norms
 that go with them. :class:`snoo.SNOO` and :class:`snoo.Lookahead` call these; the equations are in their docstrings.
+
+On CPU tensors the foreach form runs block by block (:func:`cache_blocks`): its five to six passes over
+:math:`p, w, b` then stream each byte from memory once and find it in the cache for the others.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +49,65 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total.full_tensor() if is_dtensor(total) else total
 
 
+#: Elements of each tensor list in one block of the CPU outer step (:func:`cache_blocks`): 2 MiB of float32 per list,
+#: so that a block of :math:`p, w, b` (6 MiB) stays in a laptop's last-level cache while the passes go over it. The
+#: sweep behind the choice is ``benchmarks/step_overhead.py --blocks`` (docs/snoo.md).
+CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def cache_blocks(
+    lists: Sequence[list[torch.Tensor] | None], elements: int = CPU_BLOCK_ELEMENTS
+) -> Iterator[list[list[torch.Tensor] | None]]:
+    """The tensor lists (alike in length and shapes; ``None`` stays ``None``) cut into blocks of at most ``elements``
+    elements per list: whole tensors grouped while they fit, and flat views of at most ``elements`` of a larger one.
+    Every element is in exactly one block, so an elementwise in-place step applied block by block is the same step,
+    rounding for rounding. A tensor that is not contiguous in every list stays whole (it has no flat view)."""
+    present = [i for i, ts in enumerate(lists) if ts is not None]
+    blocks: list[list[torch.Tensor]] = [[] for _ in present]
+    size = 0
+    for row in zip(*(lists[i] for i in present)):
+        numel = row[0].numel()
+        whole = numel <= elements or not all(t.is_contiguous() for t in row)
+        for start in [0] if whole else range(0, numel, elements):
+            length = numel if whole else min(elements, numel - start)
+            if size and size + length > elements:
+                yield _with_nones(lists, present, blocks)
+                blocks, size = [[] for _ in present], 0
+            for block, t in zip(blocks, row):
+                block.append(t if whole else t.view(-1).narrow(0, start, length))
+            size += length
+    if size:
+        yield _with_nones(lists, present, blocks)
+
+
+def _with_nones(
+    lists: Sequence[list[torch.Tensor] | None], present: list[int], blocks: list[list[torch.Tensor]]
+) -> list[list[torch.Tensor] | None]:
+    out: list[list[torch.Tensor] | None] = [None] * len(lists)
+    for i, block in zip(present, blocks):
+        out[i] = block
+    return out
+
+
+def _by_cache_blocks(
+    step: Callable[..., dict[str, torch.Tensor]], lists: list[list[torch.Tensor] | None], **kwargs
+) -> dict[str, torch.Tensor]:
+    """``step(*lists, **kwargs)``, block by block (:func:`cache_blocks`) where every tensor is a plain CPU tensor and
+    there is more than one block; the squared norms it returns are summed over the blocks."""
+    tensors = [t for ts in lists if ts is not None for t in ts]
+    if (
+        sum(t.numel() for t in lists[0] or []) <= CPU_BLOCK_ELEMENTS
+        or any(t.device.type != "cpu" for t in tensors)
+        or any(is_dtensor(t) for t in tensors)
+    ):
+        return step(*lists, **kwargs)
+    total: dict[str, torch.Tensor] = {}
+    for block in cache_blocks(lists, CPU_BLOCK_ELEMENTS):
+        for name, square in step(*block, **kwargs).items():
+            total[name] = total[name] + square if name in total else square
+    return total
+
+
 @torch.no_grad()
 def outer_step(
     params: list[torch.Tensor],
@@ -57,13 +119,34 @@ def outer_step(
     nesterov: bool,
     track_norms: bool = False,
 ) -> dict[str, torch.Tensor]:
-    r"""One outer step of SNOO over tensors that share device and dtype, in a few ``torch._foreach_*`` passes.
+    r"""One outer step of SNOO over tensors that share device and dtype, in a few ``torch._foreach_*`` passes (block
+    by block on CPU: :func:`cache_blocks`).
 
     ``params`` hold the fast weights :math:`p` and receive the new slow weights. ``slow`` (:math:`w`) and
     ``momentum_buffers`` (:math:`b`; ``None`` when ``momentum == 0``) may be float32 for low-precision parameters
     and may live on another device (host memory). Returns the squared l2 norms of :math:`s`, :math:`b` and the new
     :math:`w` when ``track_norms`` is set, else an empty dict.
     """
+    return _by_cache_blocks(
+        _outer_step,
+        [params, slow, momentum_buffers],
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        track_norms=track_norms,
+    )
+
+
+def _outer_step(
+    params: list[torch.Tensor],
+    slow: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    track_norms: bool = False,
+) -> dict[str, torch.Tensor]:
     # the fast weights as state tensors: the parameters themselves, or float32 / host copies; a scratch either way,
     # since p <- w overwrites the parameters at the end
     fast = as_state_tensors(params, slow[0])
@@ -76,7 +159,7 @@ def outer_step(
         foreach_copy_(params, slow, non_blocking=True)
         return squares
     torch._foreach_sub_(fast, slow)  # -s = p - w
-    return outer_update(
+    return _outer_update(
         params, fast, slow, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, track_norms=track_norms
     )
 
@@ -95,6 +178,27 @@ def outer_update(
 ) -> dict[str, torch.Tensor]:
     r"""The outer step from the negated pseudo-gradient :math:`-s = p - w` (e.g. averaged over DiLoCo workers),
     which serves as scratch space; like :func:`outer_step` otherwise."""
+    return _by_cache_blocks(
+        _outer_update,
+        [params, neg_pseudo_grad, slow, momentum_buffers],
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        track_norms=track_norms,
+    )
+
+
+def _outer_update(
+    params: list[torch.Tensor],
+    neg_pseudo_grad: list[torch.Tensor],
+    slow: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    track_norms: bool = False,
+) -> dict[str, torch.Tensor]:
     neg_s = neg_pseudo_grad
     squares = {"pseudo_grad": squared_norm(neg_s)} if track_norms else {}
     if momentum == 0:

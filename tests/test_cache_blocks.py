@@ -1,0 +1,90 @@
+"""The CPU outer step runs block by block (snoo.optim.outer.cache_blocks) so that its passes find p, w and b in the
+cache: the blocks cover every element exactly once, and the blocked step is the unblocked one, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import snoo.optim.outer as outer
+
+
+def tensors(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Shapes that cross block edges (elements=7 below), a 0-d tensor, and a transposed (non-contiguous) one."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3,), (4, 5), (), (2,), (17,), (6, 6)]
+    out = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    out[-1] = out[-1].t()  # not contiguous: it stays whole
+    return out
+
+
+def test_the_blocks_cover_every_element_exactly_once_and_stay_aligned_across_lists():
+    a, b = tensors(0), tensors(1)
+    counts = [torch.zeros_like(t) for t in a]
+    blocks = list(outer.cache_blocks([counts, None, b], elements=7))
+    assert len(blocks) > 3
+    for block in blocks:
+        assert block[1] is None
+        assert [t.shape for t in block[0]] == [t.shape for t in block[2]]
+        size = sum(t.numel() for t in block[0])
+        assert size <= 7 or len(block[0]) == 1, "only a tensor that cannot be cut makes a block above the limit"
+        torch._foreach_add_(block[0], 1.0)
+    assert all(torch.equal(c, torch.ones_like(c)) for c in counts)
+    assert any(len(block[0]) > 1 for block in blocks), "small tensors share a block"
+
+
+@pytest.mark.parametrize(
+    "momentum, nesterov, param_dtype, track_norms",
+    [
+        (0.5, True, torch.float32, True),
+        (0.6, False, torch.float32, False),
+        (0.0, False, torch.float32, True),
+        (0.5, True, torch.bfloat16, False),
+    ],
+    ids=["nesterov", "heavy-ball", "lookahead", "bf16-params"],
+)
+@pytest.mark.parametrize("form", ["outer_step", "outer_update"])
+def test_the_blocked_outer_step_is_the_unblocked_one_bit_for_bit(
+    monkeypatch, momentum, nesterov, param_dtype, track_norms, form
+):
+    calls = []
+    original = getattr(outer, f"_{form}")  # the step of one block
+    monkeypatch.setattr(outer, f"_{form}", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def run(block: int):
+        monkeypatch.setattr(outer, "CPU_BLOCK_ELEMENTS", block)
+        params = [t.to(param_dtype) for t in tensors(0)]
+        slow = [p.float() + 0.1 * t for p, t in zip(params, tensors(1))]
+        mom = [0.3 * t for t in tensors(2)] if momentum else None
+        kwargs = dict(lr=0.7, momentum=momentum, nesterov=nesterov, track_norms=track_norms)
+        calls.clear()
+        if form == "outer_step":
+            norms = outer.outer_step(params, slow, mom, **kwargs)
+        else:  # the DiLoCo form, from -s = p - w
+            neg_s = [p.float() - w for p, w in zip(params, slow)]
+            norms = outer.outer_update(params, neg_s, slow, mom, **kwargs)
+        return params, slow, mom, norms, len(calls)
+
+    *blocked, blocked_calls = run(7)
+    *whole, whole_calls = run(10**9)
+    assert blocked_calls > 3 and whole_calls == 1
+    for got, want in zip(blocked[:3], whole[:3]):
+        assert (got is None) == (want is None)
+        assert all(torch.equal(g, w) for g, w in zip(got or [], want or []))
+    assert blocked[3].keys() == whole[3].keys()
+    for name in whole[3]:
+        torch.testing.assert_close(blocked[3][name], whole[3][name])  # the same sum in another order
+
+
+def test_blocks_are_left_to_other_devices_and_small_models(monkeypatch):
+    calls = []
+    original = outer._outer_step
+    monkeypatch.setattr(outer, "_outer_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    params, slow = tensors(0), tensors(1)
+    outer.outer_step(params, slow, None, lr=0.5, momentum=0.0, nesterov=False)
+    assert calls == [1], "a model of fewer elements than a block is one call"
+    meta = [torch.empty(10**6, device="meta")] * 3
+    monkeypatch.setattr(outer, "CPU_BLOCK_ELEMENTS", 7)
+    calls.clear()
+    outer.outer_step(meta, [torch.empty(10**6, device="meta")] * 3, None, lr=0.5, momentum=0.0, nesterov=False)
+    assert calls == [1], "only CPU tensors are cut into blocks"
