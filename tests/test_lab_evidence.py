@@ -364,6 +364,38 @@ def test_smallest_detectable_factor_has_the_power_it_claims():
     assert stats.factor_interval(factors)["detectable"] == pytest.approx(math.exp(stats.detectable(sd, 4)))
 
 
+def test_the_trend_weights_each_point_by_its_own_interval_and_is_never_surer_than_the_points():
+    from scipy import stats as sps
+
+    x, y = [10.6, 11.2, 11.7, 12.1], [-0.134, -0.108, 0.005, 0.051]
+    # equal errors: the least-squares line
+    ols = sps.linregress(x, y)
+    fit = stats.weighted_trend(x, y, [0.05] * 4)
+    assert fit["weighted"] and fit["b"] == pytest.approx(ols.slope) and fit["a"] == pytest.approx(ols.intercept)
+    # a point known to within 0.01 pulls the line through itself; one known to within 1 barely counts
+    sure, unsure = stats.weighted_trend(x, y, [0.01, 1, 1, 1]), stats.weighted_trend(x, y, [1, 0.01, 1, 1])
+    assert abs(sure["a"] + sure["b"] * x[0] - y[0]) < 0.01 and abs(unsure["a"] + unsure["b"] * x[1] - y[1]) < 0.01
+    # points exactly on a line: least squares would give a zero-width interval; their own errors still count
+    line = [0.1 * v - 1.2 for v in x]
+    half = stats.t95(2) * math.sqrt(1 / sum((v - sum(x) / 4) ** 2 / 0.2**2 for v in x))
+    lo, hi = stats.weighted_trend(x, line, [0.2] * 4)["slope_interval"]
+    assert (hi - lo) / 2 == pytest.approx(half) and lo < 0.1 < hi
+    # points that scatter more than their errors say get the interval of their scatter (least squares'); points
+    # whose errors are larger than their scatter get the interval of their errors
+    sxx = sum((v - sum(x) / 4) ** 2 for v in x)
+    loose, tight = stats.weighted_trend(x, y, [0.001] * 4), stats.weighted_trend(x, y, [0.2] * 4)
+    assert loose["scatter"] > 1 and tight["scatter"] < 1
+    assert loose["slope_interval"][1] - loose["b"] == pytest.approx(stats.t95(2) * ols.stderr)
+    assert tight["slope_interval"][1] - tight["b"] == pytest.approx(stats.t95(2) * 0.2 / math.sqrt(sxx))
+    assert stats.t95(2) * 0.2 / math.sqrt(sxx) > stats.t95(2) * ols.stderr
+    # a point without an interval (one seed): least squares from the scatter alone, said so
+    plain = stats.weighted_trend(x, y, [0.05, math.inf, 0.05, 0.05])
+    assert not plain["weighted"] and plain["b"] == pytest.approx(ols.slope)
+    assert plain["slope_interval"][1] - plain["b"] == pytest.approx(stats.t95(2) * ols.stderr)
+    with pytest.raises(ValueError, match="three points"):
+        stats.weighted_trend(x[:2], y[:2], [0.1, 0.1])
+
+
 def test_frontier_fit_recovers_a_power_law_and_the_compute_ratio():
     """Losses exactly on L = E + A C^-alpha are fitted back, and a contender that reaches every loss with 1.5x less
     compute has the factor 1.5 at any loss."""

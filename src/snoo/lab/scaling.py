@@ -312,25 +312,32 @@ def _frontiers(rows: list[dict]) -> dict[str, Any]:
 
 
 def _trends(rows: list[dict]) -> dict[str, Any]:
-    """Log-factor against log-parameters over the measured sizes, with the slope's 95% interval; no extrapolation."""
-    from scipy import stats as sps
-
+    """Log-factor against log-parameters over the measured sizes, with the slope's 95% interval
+    (:func:`stats.weighted_trend`: each point weighted by its own interval over seeds, so a trend is not surer than
+    the points it joins); no extrapolation."""
     trends = {}
     for contender in dict.fromkeys(r["contender"] for r in rows):
-        xs = [
-            (math.log(r["params"]), math.log(r["compute_factor"]))
-            for r in rows
-            if r["contender"] == contender and r["compute_factor"]
+        points = [r for r in rows if r["contender"] == contender and r["compute_factor"]]
+        if len({r["params"] for r in points}) < 3:  # two points always fit a line: no trend to speak of
+            continue
+        # the standard error of each point's mean log-factor, from its t-interval over its seeds (inf: one seed)
+        ses = [
+            (math.log(r["interval"]["high"]) - math.log(r["interval"]["low"])) / (2 * stats.t95(len(r["seeds"]) - 1))
+            if len(r["seeds"]) > 1 and r["interval"]["low"] and math.isfinite(r["interval"]["high"])
+            else math.inf
+            for r in points
         ]
-        if len({x for x, _ in xs}) >= 3:  # two points always fit a line: no trend to speak of
-            fit = sps.linregress([x for x, _ in xs], [y for _, y in xs])
-            half = stats.t95(len(xs) - 2) * fit.stderr if len(xs) > 2 else math.inf
-            trends[contender] = {
-                "log_factor": {"a": float(fit.intercept), "b": float(fit.slope)},
-                "slope_interval": [float(fit.slope - half), float(fit.slope + half)],
-                "points": len(xs),
-                "params_range": [min(math.exp(x) for x, _ in xs), max(math.exp(x) for x, _ in xs)],
-            }
+        fit = stats.weighted_trend(
+            [math.log(r["params"]) for r in points], [math.log(r["compute_factor"]) for r in points], ses
+        )
+        trends[contender] = {
+            "log_factor": {"a": fit["a"], "b": fit["b"]},
+            "slope_interval": fit["slope_interval"],
+            "weighted": fit["weighted"],
+            "scatter": fit["scatter"],
+            "points": len(points),
+            "params_range": [min(r["params"] for r in points), max(r["params"] for r in points)],
+        }
     return trends
 
 
@@ -438,7 +445,12 @@ def markdown_scaling(summary: dict, experiment: dict) -> str:
         lines.append(
             f"\ntrend of {contender} over {t['points']} points ({t['params_range'][0]:,.0f} to "
             f"{t['params_range'][1]:,.0f} params): ln(factor) = {t['log_factor']['a']:.3f} "
-            f"{t['log_factor']['b']:+.4f} * ln(params), slope 95% CI [{lo:+.4f}, {hi:+.4f}]; a description of the "
-            f"measured range, not a prediction beyond it"
+            f"{t['log_factor']['b']:+.4f} * ln(params), slope 95% CI [{lo:+.4f}, {hi:+.4f}] "
+            + (
+                "(each point weighted by its interval over seeds)"
+                if t.get("weighted")
+                else "(unweighted, from the points' scatter alone: some point has no interval over seeds)"
+            )
+            + "; a description of the measured range, not a prediction beyond it"
         )
     return "\n".join(lines)

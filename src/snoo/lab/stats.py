@@ -243,3 +243,25 @@ def bootstrap_interval(
     # the percentile method itself, over the resamples that gave a value
     low, high = np.nanpercentile(res.bootstrap_distribution, [2.5, 97.5])
     return {"low": float(low), "high": float(high), "resamples": resamples, "failed": failed}
+
+
+def weighted_trend(xs: Sequence[float], ys: Sequence[float], ses: Sequence[float] | None = None) -> dict[str, Any]:
+    """A line ``y = a + b x`` through points each known to standard error ``se`` (weights ``1/se^2``), with the
+    slope's 95% interval: ``b ± t_{0.975, k-2} sqrt(max(1, s^2) / sum w (x - x_w)^2)``, where ``s^2`` is the weighted
+    residual variance. So the interval is never narrower than the points' own uncertainty allows, and widens when the
+    points scatter more about the line than their errors say (the usual meta-regression rule). Without ``ses`` (or
+    with one that is not finite and positive: a point measured on one seed), ordinary least squares, the interval
+    from the scatter alone (``"weighted": False``). ``k >= 3`` points."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(x) < 3:
+        raise ValueError(f"a trend needs three points or more, got {len(x)}")
+    se = np.ones_like(x) if ses is None else np.asarray(ses, dtype=float)
+    weighted = ses is not None and bool(np.all(np.isfinite(se)) and np.all(se > 0))
+    w = 1 / se**2 if weighted else np.ones_like(x)
+    x_w = np.sum(w * x) / np.sum(w)
+    sxx = np.sum(w * (x - x_w) ** 2)
+    b = float(np.sum(w * (x - x_w) * y) / sxx)
+    a = float(np.sum(w * (y - b * x)) / np.sum(w))
+    scatter = float(np.sum(w * (y - a - b * x) ** 2) / (len(x) - 2))
+    half = t95(len(x) - 2) * math.sqrt((max(1.0, scatter) if weighted else scatter) / sxx)
+    return {"a": a, "b": b, "slope_interval": [b - half, b + half], "scatter": scatter, "weighted": weighted}
