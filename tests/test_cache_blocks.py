@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import snoo
 import snoo.optim.outer as outer
 
 
@@ -88,3 +89,27 @@ def test_blocks_are_left_to_other_devices_and_small_models(monkeypatch):
     calls.clear()
     outer.outer_step(meta, [torch.empty(10**6, device="meta")] * 3, None, lr=0.5, momentum=0.0, nesterov=False)
     assert calls == [1], "only CPU tensors are cut into blocks"
+
+
+def test_snoo_on_parameters_larger_than_a_block_trains_as_without_blocks(monkeypatch):
+    """Through SNOO's step, on nn.Parameters (views of leaves that require grad, stepped under no_grad), with the
+    non-finite check and track_norms: the same weights and state to the last bit as without blocks."""
+
+    def run(block: int):
+        monkeypatch.setattr(outer, "CPU_BLOCK_ELEMENTS", block)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Tanh(), torch.nn.Linear(48, 8))
+        opt = snoo.SNOO(torch.optim.AdamW(model.parameters(), lr=1e-2), k=2, track_norms=True)
+        x, y = torch.randn(32, 64), torch.randn(32, 8)
+        for _ in range(6):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        state = [opt.state[p][k] for p in model.parameters() for k in ("slow", "momentum")]
+        return [p.detach().clone() for p in model.parameters()], state, dict(opt.outer_norms)
+
+    blocked, whole = run(100), run(10**9)
+    for got, want in zip(blocked[0] + blocked[1], whole[0] + whole[1]):
+        assert torch.equal(got, want)
+    for name, value in whole[2].items():
+        torch.testing.assert_close(blocked[2][name], value)
