@@ -20,10 +20,10 @@ It also reports each wrapper's extra memory and how long the fused outer steps t
 Prints markdown tables.
 
     python benchmarks/step_overhead.py [--width 1024] [--layers 24] [--rounds 11] [--threads N] [--device cpu]
-                                       [--no-fused] [--blocks 17,18,19,20,21]
+                                       [--no-fused]
 
-``--blocks`` adds a row per block size (elements per tensor list, as powers of two) of the CPU foreach outer step:
-the sweep behind ``snoo.optim.outer.CPU_BLOCK_ELEMENTS``.
+The block size and where blocks start (``snoo.optim.outer.CPU_BLOCK_ELEMENTS``, ``CPU_BLOCKS_FROM``) are swept by
+``benchmarks/cache_blocks.py``.
 
 Every contender is built first; then each round times every contender once, in turn (round-robin, the starting
 contender rotating from round to round), over a whole number of outer cycles (20 calls of a step, 100 for K=100, so
@@ -110,15 +110,15 @@ def authors_outer_step(params: list[torch.Tensor], lr: float, momentum: float) -
     return step
 
 
-def with_block(fn: Callable[[], object], elements: int) -> Callable[[], None]:
-    """``fn`` with the CPU outer step cut into blocks of ``elements`` (``sys.maxsize``: no blocks)."""
+def without_blocks(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` with the CPU outer step over whole tensors (no ``cache_blocks``)."""
 
     def call() -> None:
-        saved, outer.CPU_BLOCK_ELEMENTS = outer.CPU_BLOCK_ELEMENTS, elements
+        saved, outer.CPU_BLOCKS_FROM = outer.CPU_BLOCKS_FROM, sys.maxsize
         try:
             fn()
         finally:
-            outer.CPU_BLOCK_ELEMENTS = saved
+            outer.CPU_BLOCKS_FROM = saved
 
     return call
 
@@ -171,11 +171,8 @@ def state_bytes(opt: torch.optim.Optimizer, keys: set[str]) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items() if k in keys)
 
 
-def build_contenders(
-    params: list[torch.nn.Parameter], fused: bool, blocks: tuple[int, ...] = ()
-) -> tuple[list[Contender], dict[str, float]]:
-    """The contenders, and the seconds each fused outer step took to compile (its first call). ``blocks``: powers of
-    two of the block sizes to sweep (CPU)."""
+def build_contenders(params: list[torch.nn.Parameter], fused: bool) -> tuple[list[Contender], dict[str, float]]:
+    """The contenders, and the seconds each fused outer step took to compile (its first call)."""
 
     def adamw() -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -247,11 +244,8 @@ def build_contenders(
             compile_seconds[name] = time.perf_counter() - t0
         contenders.append(Contender(name, opt.step, OUTER_CALLS, reference))
     if params[0].device.type == "cpu":
-        plain = snoo.SNOO(Still(params), k=1).step
-        contenders.append(Contender(UNBLOCKED, with_block(plain, sys.maxsize), OUTER_CALLS, FLOOR))
-        for power in blocks:
-            name = outer_name("SNOO", f"foreach, blocks of 2^{power}")
-            contenders.append(Contender(name, with_block(plain, 1 << power), OUTER_CALLS, FLOOR))
+        plain = without_blocks(snoo.SNOO(Still(params), k=1).step)
+        contenders.append(Contender(UNBLOCKED, plain, OUTER_CALLS, FLOOR))
 
     contenders.append(Contender(AUTHORS, authors_outer_step(params, lr=0.7, momentum=0.5), OUTER_CALLS, FLOOR))
 
@@ -329,7 +323,6 @@ def main() -> None:
     parser.add_argument("--no-fused", action="store_true", help="leave out fused=True (no compiling)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--blocks", default="", help="powers of two of CPU block sizes to sweep, e.g. 17,18,19,20")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -340,11 +333,7 @@ def main() -> None:
     params = make_params(args.width, args.layers, dev)
     n = sum(p.numel() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    try:
-        blocks = tuple(int(b) for b in args.blocks.split(",") if b.strip())
-    except ValueError:
-        parser.error(f"--blocks takes powers of two as integers, e.g. 17,18,19; got {args.blocks!r}")
-    contenders, compile_seconds = build_contenders(params, fused=not args.no_fused, blocks=blocks)
+    contenders, compile_seconds = build_contenders(params, fused=not args.no_fused)
     start = time.perf_counter()
     time_round_robin(contenders, args.rounds, dev)
     wall = time.perf_counter() - start

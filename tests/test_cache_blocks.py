@@ -3,11 +3,16 @@ cache: the blocks cover every element exactly once, and the blocked step is the 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 import snoo
 import snoo.optim.outer as outer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tensors(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -52,6 +57,8 @@ def test_the_blocked_outer_step_is_the_unblocked_one_bit_for_bit(
     original = getattr(outer, f"_{form}")  # the step of one block
     monkeypatch.setattr(outer, f"_{form}", lambda *a, **k: calls.append(1) or original(*a, **k))
 
+    monkeypatch.setattr(outer, "CPU_BLOCKS_FROM", 0)  # these few elements in blocks all the same
+
     def run(block: int):
         monkeypatch.setattr(outer, "CPU_BLOCK_ELEMENTS", block)
         params = [t.to(param_dtype) for t in tensors(0)]
@@ -77,23 +84,31 @@ def test_the_blocked_outer_step_is_the_unblocked_one_bit_for_bit(
         torch.testing.assert_close(blocked[3][name], whole[3][name])  # the same sum in another order
 
 
-def test_blocks_are_left_to_other_devices_and_small_models(monkeypatch):
+def test_blocks_are_left_to_other_devices_and_to_lists_that_fit_a_cache(monkeypatch):
     calls = []
     original = outer._outer_step
     monkeypatch.setattr(outer, "_outer_step", lambda *a, **k: calls.append(1) or original(*a, **k))
-    params, slow = tensors(0), tensors(1)
-    outer.outer_step(params, slow, None, lr=0.5, momentum=0.0, nesterov=False)
-    assert calls == [1], "a model of fewer elements than a block is one call"
-    meta = [torch.empty(10**6, device="meta")] * 3
     monkeypatch.setattr(outer, "CPU_BLOCK_ELEMENTS", 7)
-    calls.clear()
-    outer.outer_step(meta, [torch.empty(10**6, device="meta")] * 3, None, lr=0.5, momentum=0.0, nesterov=False)
-    assert calls == [1], "only CPU tensors are cut into blocks"
+
+    def step(params, slow):
+        calls.clear()
+        outer.outer_step(params, slow, None, lr=0.5, momentum=0.0, nesterov=False)
+        return len(calls)
+
+    monkeypatch.setattr(outer, "CPU_BLOCKS_FROM", 78)  # tensors(0) has 79 elements
+    assert step(tensors(0), tensors(1)) > 1
+    monkeypatch.setattr(outer, "CPU_BLOCKS_FROM", 79)
+    assert step(tensors(0), tensors(1)) == 1, "lists of at most CPU_BLOCKS_FROM elements are one call"
+    monkeypatch.setattr(outer, "CPU_BLOCKS_FROM", 0)
+    meta = [torch.empty(100, device="meta")] * 3
+    assert step(meta, [torch.empty(100, device="meta")] * 3) == 1, "only CPU tensors are cut into blocks"
 
 
 def test_snoo_on_parameters_larger_than_a_block_trains_as_without_blocks(monkeypatch):
     """Through SNOO's step, on nn.Parameters (views of leaves that require grad, stepped under no_grad), with the
     non-finite check and track_norms: the same weights and state to the last bit as without blocks."""
+
+    monkeypatch.setattr(outer, "CPU_BLOCKS_FROM", 0)
 
     def run(block: int):
         monkeypatch.setattr(outer, "CPU_BLOCK_ELEMENTS", block)
@@ -113,3 +128,23 @@ def test_snoo_on_parameters_larger_than_a_block_trains_as_without_blocks(monkeyp
         assert torch.equal(got, want)
     for name, value in whole[2].items():
         torch.testing.assert_close(blocked[2][name], value)
+
+
+def test_the_block_benchmark_runs_both_sweeps_and_restores_the_constants(capsys, one_thread):
+    spec = importlib.util.spec_from_file_location("cache_blocks_bench", ROOT / "benchmarks" / "cache_blocks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    constants = outer.CPU_BLOCK_ELEMENTS, outer.CPU_BLOCKS_FROM
+    bench.block_sizes(layers=2, powers=[12, 14], rounds=2)
+    bench.thresholds(rounds=1, cases=[(3, 5000), (200, 50)])
+    printed = capsys.readouterr().out
+    for row in (
+        "| floor |",
+        "| whole tensors |",
+        "| blocks of 2^12 |",
+        "| blocks of 2^14 |",
+        "| 3 x 5000 |",
+        "| 200 x 50 |",
+    ):
+        assert row in printed
+    assert constants == (outer.CPU_BLOCK_ELEMENTS, outer.CPU_BLOCKS_FROM)

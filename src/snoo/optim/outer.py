@@ -2,8 +2,9 @@
 :func:`outer_update`), the compiled single-pass form (:func:`fused_outer_step`), and the non-finite check and norms
 that go with them. :class:`snoo.SNOO` and :class:`snoo.Lookahead` call these; the equations are in their docstrings.
 
-On CPU tensors the foreach form runs block by block (:func:`cache_blocks`): its five to six passes over
-:math:`p, w, b` then stream each byte from memory once and find it in the cache for the others.
+On CPU tensor lists larger than a cache holds (:data:`CPU_BLOCKS_FROM`) the foreach form runs block by block
+(:func:`cache_blocks`): its five to six passes over :math:`p, w, b` then stream each byte from memory once and find
+it in the cache for the others.
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 #: Elements of each tensor list in one block of the CPU outer step (:func:`cache_blocks`): 2 MiB of float32 per list,
-#: so that a block of :math:`p, w, b` (6 MiB) stays in a laptop's last-level cache while the passes go over it. The
-#: sweep behind the choice is ``benchmarks/step_overhead.py --blocks`` (docs/snoo.md).
+#: so that a block of :math:`p, w, b` (6 MiB) stays in a laptop's last-level cache while the passes go over it.
+#: Measured by ``benchmarks/cache_blocks.py`` (docs/snoo.md): 2^18 to 2^20 are within 4% of each other on a 32 MiB
+#: cache, 2^17 and 2^21 slower.
 CPU_BLOCK_ELEMENTS = 1 << 19
+
+#: Elements per tensor list above which the CPU outer step runs in blocks (4 MiB of float32): at 4 MiB blocks and
+#: whole tensors took the same time, from 8 MiB on blocks were faster (``benchmarks/cache_blocks.py``).
+CPU_BLOCKS_FROM = 1 << 20
 
 
 def cache_blocks(
@@ -61,44 +67,46 @@ def cache_blocks(
     """The tensor lists (alike in length and shapes; ``None`` stays ``None``) cut into blocks of at most ``elements``
     elements per list: whole tensors grouped while they fit, and flat views of at most ``elements`` of a larger one.
     Every element is in exactly one block, so an elementwise in-place step applied block by block is the same step,
-    rounding for rounding. A tensor that is not contiguous in every list stays whole (it has no flat view)."""
-    present = [i for i, ts in enumerate(lists) if ts is not None]
-    blocks: list[list[torch.Tensor]] = [[] for _ in present]
+    rounding for rounding. A larger tensor that is not contiguous in every list stays whole (it has no flat view)."""
+    present = [ts for ts in lists if ts is not None]
+    pieces: list[tuple[int, int, int]] = []  # (index, start, length); start -1: the whole tensor
     size = 0
-    for row in zip(*(lists[i] for i in present)):
-        numel = row[0].numel()
-        whole = numel <= elements or not all(t.is_contiguous() for t in row)
-        for start in [0] if whole else range(0, numel, elements):
-            length = numel if whole else min(elements, numel - start)
+    for i, tensor in enumerate(present[0]):
+        numel = tensor.numel()
+        cut = numel > elements and all(ts[i].is_contiguous() for ts in present)
+        for start in range(0, numel, elements) if cut else (-1,):
+            length = min(elements, numel - start) if cut else numel
             if size and size + length > elements:
-                yield _with_nones(lists, present, blocks)
-                blocks, size = [[] for _ in present], 0
-            for block, t in zip(blocks, row):
-                block.append(t if whole else t.view(-1).narrow(0, start, length))
+                yield _block(lists, pieces)
+                pieces, size = [], 0
+            pieces.append((i, start, length))
             size += length
-    if size:
-        yield _with_nones(lists, present, blocks)
+    if pieces:
+        yield _block(lists, pieces)
 
 
-def _with_nones(
-    lists: Sequence[list[torch.Tensor] | None], present: list[int], blocks: list[list[torch.Tensor]]
+def _block(
+    lists: Sequence[list[torch.Tensor] | None], pieces: list[tuple[int, int, int]]
 ) -> list[list[torch.Tensor] | None]:
-    out: list[list[torch.Tensor] | None] = [None] * len(lists)
-    for i, block in zip(present, blocks):
-        out[i] = block
-    return out
+    return [
+        None
+        if ts is None
+        else [ts[i] if start < 0 else ts[i].view(-1).narrow(0, start, length) for i, start, length in pieces]
+        for ts in lists
+    ]
 
 
 def _by_cache_blocks(
     step: Callable[..., dict[str, torch.Tensor]], lists: list[list[torch.Tensor] | None], **kwargs
 ) -> dict[str, torch.Tensor]:
-    """``step(*lists, **kwargs)``, block by block (:func:`cache_blocks`) where every tensor is a plain CPU tensor and
-    there is more than one block; the squared norms it returns are summed over the blocks."""
-    tensors = [t for ts in lists if ts is not None for t in ts]
+    """``step(*lists, **kwargs)``, block by block (:func:`cache_blocks`) where the lists are plain CPU tensors (each
+    list shares one device: its first tensor tells) larger than :data:`CPU_BLOCKS_FROM`; the squared norms it
+    returns are summed over the blocks."""
+    firsts = [ts[0] for ts in lists if ts]
     if (
-        sum(t.numel() for t in lists[0] or []) <= CPU_BLOCK_ELEMENTS
-        or any(t.device.type != "cpu" for t in tensors)
-        or any(is_dtensor(t) for t in tensors)
+        not firsts
+        or any(t.device.type != "cpu" or is_dtensor(t) for t in firsts)
+        or sum(t.numel() for t in lists[0]) <= CPU_BLOCKS_FROM
     ):
         return step(*lists, **kwargs)
     total: dict[str, torch.Tensor] = {}
