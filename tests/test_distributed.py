@@ -120,6 +120,9 @@ def worker(scenario: str, rank: int, world: int, directory: Path) -> None:
         },
         directory / f"{scenario}-{rank}.pt",
     )
+    # every rank past its last collective (the full_tensor gathers above) before any tears its connections down: a
+    # rank that left first once aborted the other inside gloo ("terminate called without an active exception")
+    dist.barrier()
     # DDP's reducer must go before its process group: freed after it (when this frame is torn down), it sometimes
     # blocked the rank's exit for good
     del model, opt
