@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 from snoo.optim import outer
 from snoo.optim.outer import all_finite, outer_step
+from step_overhead import Contender, time_round_robin  # this directory, as when run as a script
 
 
 def state(shapes: list[tuple[int, ...]]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -51,17 +51,10 @@ def outer_call(lists: tuple[list[torch.Tensor], ...], elements: int | None) -> C
 
 
 def medians(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Milliseconds per call, the median over rounds; each round calls every entry once, the first rotating."""
-    names = list(calls)
-    for name in names:  # warm-up
-        calls[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            calls[name]()
-            seconds[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(s) for name, s in seconds.items()}
+    """Milliseconds per call, the median over rounds of ``step_overhead``'s round-robin (the first rotating)."""
+    contenders = [Contender(name, fn, 1) for name, fn in calls.items()]
+    time_round_robin(contenders, rounds, "cpu")
+    return {c.name: 1e3 * statistics.median(c.seconds) for c in contenders}
 
 
 def block_sizes(layers: int, powers: list[int], rounds: int) -> None:

@@ -130,7 +130,8 @@ def test_snoo_on_parameters_larger_than_a_block_trains_as_without_blocks(monkeyp
         torch.testing.assert_close(blocked[2][name], value)
 
 
-def test_the_block_benchmark_runs_both_sweeps_and_restores_the_constants(capsys, one_thread):
+def test_the_block_benchmark_runs_both_sweeps_and_restores_the_constants(monkeypatch, capsys, one_thread):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: it imports step_overhead
     spec = importlib.util.spec_from_file_location("cache_blocks_bench", ROOT / "benchmarks" / "cache_blocks.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
