@@ -1,60 +1,32 @@
-"""One declaration per optimizer: a wrapper defined in one class (here, in this file) is a name of the SPEC grammar,
-of the lab's tuning and of its plots, with nothing else to edit (docs/wrappers.md, "Adding a wrapper")."""
+"""One declaration per optimizer: a wrapper defined in one class (the toy one docs/wrappers.md shows) is a name of
+the SPEC grammar, of the lab's tuning and of its plots, with nothing else to edit (docs/wrappers.md, "Adding a
+wrapper")."""
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, ClassVar
 
 import pytest
 import torch
-from torch.optim import Optimizer
 
-from snoo import checks, spec
+from snoo import spec
 from snoo.lab import plots
 from snoo.lab.cli import main
 from snoo.optim import declaration
-from snoo.optim.declaration import Trial
-from snoo.optim.tensors import state_dtype
-from snoo.optim.wrapper import StateSpec, Wrapper
+from test_docs_snippets import ROOT, blocks_of
 
 
 @pytest.fixture
 def toy_average(monkeypatch):
-    """A toy wrapper, declared the way docs/wrappers.md shows: it evaluates an EMA of the iterates,
-    a_{t+1} = decay a_t + (1 - decay) p_{t+1}. The registry is restored afterwards, so no other test sees it."""
+    """The toy wrapper of docs/wrappers.md, defined by running that page's block as written (so the page and these
+    tests cannot drift apart): it evaluates an EMA of the iterates, a_{t+1} = decay a_t + (1 - decay) p_{t+1}. The
+    registry is restored afterwards, so no other test sees it."""
     monkeypatch.setattr(declaration, "DECLARED", dict(declaration.DECLARED))
-
-    class ToyAverage(Wrapper):
-        r"""Evaluates :math:`a`, an EMA of the iterates: :math:`a_1 = p,\ a_{t+1} = d\,a_t + (1 - d)\,p_{t+1}`."""
-
-        spec_name = "toy_average"
-        hyperparameter_ranges: ClassVar[dict[str, checks.Range]] = {"decay": checks.UNIT}
-        tuning_trials: ClassVar[tuple[Trial, ...]] = (
-            (1.0, {"decay": 0.9}),
-            (2.0, {"decay": 0.5}),
-            (1.0, {"decay": 0.5}),
-        )
-        knob_labels: ClassVar[dict[str, str]] = {"decay": "toy average decay"}
-        state_spec = StateSpec(prefix="toy_average", names=("a",), evaluation="a")
-
-        def __init__(self, inner: Optimizer, decay: float = 0.9, *, state_device: Any = None) -> None:
-            super().__init__(inner, {"toy_decay": decay}, state_device=state_device)
-
-        def _check_group(self, group: dict[str, Any]) -> None:
-            checks.number(group["toy_decay"], "decay", checks.UNIT)
-
-        def _init_param_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-            return {"a": self._new_state(param, param, state_dtype(param))}  # a_1 = p
-
-        def _after_inner_step(self) -> None:
-            for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None and p in self.state]
-                if params:  # a_{t+1} = decay a_t + (1 - decay) p_{t+1}
-                    torch._foreach_lerp_([self.state[p]["a"] for p in params], params, 1 - group["toy_decay"])
-
-    return ToyAverage
+    (block,) = [b for b in blocks_of(ROOT / "docs" / "wrappers.md") if "class ToyAverage(Wrapper)" in b.source]
+    namespace: dict = {}
+    exec(compile(block.source, f"docs/wrappers.md:{block.line}", "exec"), namespace)
+    return namespace["ToyAverage"]
 
 
 def test_a_declared_wrapper_is_a_name_of_the_grammar_with_its_declarations(toy_average):
