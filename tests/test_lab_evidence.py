@@ -421,9 +421,9 @@ def test_the_scaling_frontier_from_rows_with_one_seed_has_no_interval_and_with_s
     """Four sizes on a power law, the contender at 1.5x less compute: the paper's factor is 1.5; with one seed the
     interval is said to be missing (a bootstrap of one seed resamples nothing), with three it brackets the factor."""
 
-    def rows(seeds: int) -> list[dict]:
+    def rows(seeds: int, sizes: int = 4) -> list[dict]:
         out = []
-        for i, params in enumerate((40_000, 80_000, 160_000, 320_000)):
+        for i, params in enumerate((40_000, 80_000, 160_000, 320_000, 640_000)[:sizes]):
             flops = 1e12 * 2**i
             base = 1.2 + 3.0 * (flops / 1e12) ** -0.3
             cont = 1.2 + 3.0 * (1.5 * flops / 1e12) ** -0.3
@@ -446,6 +446,42 @@ def test_the_scaling_frontier_from_rows_with_one_seed_has_no_interval_and_with_s
     (three,) = scaling._frontiers(rows(3)).values()
     assert three["interval"]["low"] <= three["factor"] <= three["interval"]["high"]
     assert scaling._frontiers(rows(3)[:3]) == {}  # three sizes: no fit of three parameters
+    assert three["leave_one_out"] == []  # four sizes: a refit without one would have three points
+
+
+def test_the_scaling_frontier_from_five_sizes_refits_with_each_smaller_size_left_out():
+    """Five sizes whose smallest contender point is off the curve: leaving that size out refits on the four exact
+    points (1.5x again), and each refit is the plain fit of the four sizes it keeps, at the largest compute."""
+    flops = [1e12 * 2**i for i in range(5)]
+    base = [1.2 + 3.0 * (f / 1e12) ** -0.3 for f in flops]
+    cont = [1.2 + 3.0 * (1.5 * f / 1e12) ** -0.3 for f in flops]
+    cont[0] += 0.05  # the smallest size: the contender worse than its curve
+    rows = [
+        {
+            "contender": "snoo",
+            "ratio": 20,
+            "params": 40_000 * 2**i,
+            "flops": flops[i],
+            "seeds": [0],
+            "baseline_val_loss": [base[i]],
+            "final_val_loss": [cont[i]],
+        }
+        for i in range(5)
+    ]
+    (f,) = scaling._frontiers(rows).values()
+    assert [x["left_out_params"] for x in f["leave_one_out"]] == [40_000, 80_000, 160_000, 320_000]
+    for i, x in enumerate(f["leave_one_out"]):
+        keep = [j for j in range(5) if j != i]
+        b = stats.fit_frontier([flops[j] for j in keep], [base[j] for j in keep])
+        c = stats.fit_frontier([flops[j] for j in keep], [cont[j] for j in keep])
+        loss = c["e"] + c["a"] * (flops[-1] / c["c0"]) ** -c["alpha"]
+        assert x["factor"] == stats.frontier_ratio(b, c, loss)
+    assert f["leave_one_out"][0]["factor"] == pytest.approx(1.5, rel=1e-3)
+    assert f["factor"] != pytest.approx(1.5, rel=1e-3)  # the off-curve point moves the fit over all five
+    values = [x["factor"] for x in f["leave_one_out"]]
+    assert scaling._left_out(f["leave_one_out"]).startswith(
+        f"; with one smaller size left out at a time (4 refits): {min(values):.2f}x to {max(values):.2f}x"
+    )
 
 
 def test_a_run_recorded_before_an_optimizer_gained_a_keyword_is_still_the_same_run():

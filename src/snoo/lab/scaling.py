@@ -9,7 +9,9 @@ the points and measures each contender against the baseline
 2. **the paper's way**, across sizes at each tokens-per-parameter ratio: per optimizer, the final loss at 1x
    against the training FLOPs, ``L(C) = E + A * C^(-alpha)`` (``stats.fit_frontier``), and the compute ratio
    ``C_baseline(L) / C_contender(L)`` at the loss the contender's frontier reaches at the largest measured compute,
-   with a bootstrap interval over seeds (the seeds resampled together at every size, the frontiers refitted).
+   with a bootstrap interval over seeds (the seeds resampled together at every size, the frontiers refitted) and,
+   from five sizes on, the factor with each smaller size left out in turn (the form of the curve, which the
+   bootstrap does not vary).
 
 Training FLOPs are counted from the model by ``torch.utils.flop_counter`` (:func:`flops_per_token`): per token,
 ``6 N + 14 L T C`` for ``N`` Linear weights (the output head included, the embedding lookup not) and attention over
@@ -263,7 +265,9 @@ def _runs(out: Path, point: dict) -> list[dict]:
 def _frontiers(rows: list[dict]) -> dict[str, Any]:
     """The paper's factor at each tokens-per-parameter ratio with four sizes or more: both frontiers fitted to the
     mean final loss over seeds at each size, the ratio at the contender's loss at the largest compute, and its
-    bootstrap interval over seeds."""
+    bootstrap interval over seeds. From five sizes on, also the factor with each smaller size left out in turn
+    (the largest stays, so the question is the same): a check on the curve's form, which resampling the seeds does
+    not vary."""
     out: dict[str, Any] = {}
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
@@ -273,20 +277,18 @@ def _frontiers(rows: list[dict]) -> dict[str, Any]:
         if len({r["params"] for r in rs}) < 4:
             continue
         n = min(len(r["seeds"]) for r in rs)
-        flops = [r["flops"] for r in rs]
 
-        def fit(idx: Sequence[int], rs: list[dict] = rs, flops: list[float] = flops) -> tuple[dict, dict]:
-            base = [statistics.fmean(r["baseline_val_loss"][i] for i in idx) for r in rs]
-            cont = [statistics.fmean(r["final_val_loss"][i] for i in idx) for r in rs]
-            return stats.fit_frontier(flops, base), stats.fit_frontier(flops, cont)
-
-        def factor(idx: Sequence[int], flops: list[float] = flops) -> float:
-            b, c = fit(idx)
+        def fit(idx: Sequence[int], sizes: list[dict] = rs) -> tuple[dict, dict, float, float]:
+            """Both frontiers over ``sizes`` from the seeds ``idx``, the contender's loss at the largest compute,
+            and the factor there."""
+            flops = [r["flops"] for r in sizes]
+            base = [statistics.fmean(r["baseline_val_loss"][i] for i in idx) for r in sizes]
+            cont = [statistics.fmean(r["final_val_loss"][i] for i in idx) for r in sizes]
+            b, c = stats.fit_frontier(flops, base), stats.fit_frontier(flops, cont)
             loss = c["e"] + c["a"] * (max(flops) / c["c0"]) ** -c["alpha"]
-            return stats.frontier_ratio(b, c, loss)
+            return b, c, loss, stats.frontier_ratio(b, c, loss)
 
-        b, c = fit(range(n))
-        loss = c["e"] + c["a"] * (max(flops) / c["c0"]) ** -c["alpha"]
+        b, c, loss, factor = fit(range(n))
         out[f"{contender} @ {ratio:g} tokens/param"] = {
             "contender": contender,
             "tokens_per_param": ratio,
@@ -295,9 +297,15 @@ def _frontiers(rows: list[dict]) -> dict[str, Any]:
             "baseline_fit": b,
             "contender_fit": c,
             "at_loss": loss,
-            "at_flops": max(flops),
-            "factor": stats.frontier_ratio(b, c, loss),
-            "interval": stats.bootstrap_interval(list(range(n)), factor) if n > 1 else None,  # resamples of 1 seed
+            "at_flops": rs[-1]["flops"],
+            "factor": factor,
+            "interval": stats.bootstrap_interval(list(range(n)), lambda idx: fit(idx)[3]) if n > 1 else None,
+            "leave_one_out": [
+                {"left_out_params": r["params"], "factor": fit(range(n), rs[:i] + rs[i + 1 :])[3]}
+                for i, r in enumerate(rs[:-1])
+            ]
+            if len(rs) >= 5
+            else [],
             "points": [
                 {
                     "params": r["params"],
@@ -379,6 +387,16 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
+def _left_out(factors: list[dict] | None) -> str:
+    if not factors:
+        return ""
+    values = [f["factor"] for f in factors]
+    return (
+        f"; with one smaller size left out at a time ({len(values)} refits): {min(values):.2f}x to "
+        f"{max(values):.2f}x (the curve's form, which the bootstrap does not vary)"
+    )
+
+
 def markdown_scaling(summary: dict, experiment: dict) -> str:
     cfg = experiment["config"]
     n = len(summary["seeds"])
@@ -439,6 +457,7 @@ def markdown_scaling(summary: dict, experiment: dict) -> str:
             f"{f['contender_fit']['rms_residual']:.4f}. Compute factor at the contender's loss "
             f"{f['at_loss']:.4f} (the largest measured compute, {f['at_flops']:.3g} FLOPs): **{f['factor']:.2f}x**"
             + spread
+            + _left_out(f.get("leave_one_out"))
         )
     for contender, t in summary["trend"].items():
         lo, hi = t["slope_interval"]
