@@ -478,6 +478,27 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path, corpus_file):
     assert err == "snoo: interrupted: the last checkpoint is kept; continue with --resume\n"
 
 
+def test_ctrl_c_inside_torchs_import_waits_for_the_import_to_finish(tmp_path):
+    """Raised inside torch's import, a KeyboardInterrupt can be swallowed there (the run went on, status 0) or abort
+    the process from C++; the lab holds Ctrl-C back until torch has loaded, then raises it. Here a stand-in torch
+    presses Ctrl-C as it starts loading and says when it has finished."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "print('torch loaded', flush=True)\n"
+    )
+    code = (
+        f"import sys\nsys.path.insert(0, {str(fake.parent)!r})\nfrom snoo.lab import cli\n"
+        "try:\n    cli._load_torch()\nexcept KeyboardInterrupt:\n    print('then interrupted')\n"
+        "import signal\nprint(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split("\n") == ["torch loaded", "then interrupted", "True", ""], run.stdout + run.stderr
+
+
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and a mount namespace")
 def test_report_prints_a_read_only_experiments_summary(finished, tmp_path):
     out = spoiled(finished, tmp_path)

@@ -4,7 +4,8 @@ docs/reproduce.md and docs/distributed.md.
 Bad input (an unknown optimizer, key or preset, a bad value, missing or empty data, an ``--out`` that cannot be
 written or is in use, a checkpoint of another run or a damaged one, a full disk) exits with status 2 and one line
 on stderr; a diverged run exits with status 1, and so does a run on several workers that stopped before its end
-(with torchrun's status); Ctrl-C exits with status 130 and one line. ``SNOO_DEBUG=1`` shows the traceback instead.
+(with torchrun's status); Ctrl-C exits with status 130 and one line (pressed while torch loads, once it has
+loaded). ``SNOO_DEBUG=1`` shows the traceback instead.
 
 The torch-heavy modules are imported only once a command runs, so that ``snoo --help`` is quick.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -328,6 +330,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
+    _load_torch()  # the parser imports it too (--version, the SPEC names in --help)
     args = parser().parse_args(argv)
     if args.command == "reproduce":
         return _reproduce(args)
@@ -436,6 +439,29 @@ def _experiment(args: argparse.Namespace, cfg: TrainConfig, extra: dict[str, Any
     grid = {o: settings for settings, o in points}
     cfg = dataclasses.replace(cfg, optimizer=sweep_spec)
     return experiments.run_experiment("sweep", cfg, [spec.base(sweep_spec), *grid], grid=grid, **common)
+
+
+def _load_torch() -> None:
+    """Import torch with Ctrl-C held back until it has loaded, then raise it as the one-line interruption.
+
+    A ``KeyboardInterrupt`` raised inside torch's import can be swallowed by it (the run then goes on as if nothing
+    had been pressed) or abort the process from C++ (``pybind11::error_already_set``); held back, it costs the rest
+    of the import, a second or so."""
+    if "torch" in sys.modules:
+        return
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+        held = True
+    except ValueError:  # not the main thread (main() called from a thread): nothing can be held back
+        held = False
+    try:
+        import torch  # noqa: F401
+    finally:
+        if held:
+            signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
