@@ -7,7 +7,8 @@ on stderr; a diverged run exits with status 1, and so does a run on several work
 (with torchrun's status); Ctrl-C exits with status 130 and one line (pressed while torch loads, once it has
 loaded). ``SNOO_DEBUG=1`` shows the traceback instead.
 
-The torch-heavy modules are imported only once a command runs, so that ``snoo --help`` is quick.
+The lab's heavy modules (training, experiments, matplotlib) are imported only once a command runs, so that
+``snoo --help`` is quick; torch itself loads first, since the parser names the SPECs and versions.
 """
 
 from __future__ import annotations
