@@ -141,6 +141,18 @@ def test_scaling_refuses_the_settings_it_derives(tmp_path, corpus_file, capsys, 
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(
+    ("sizes", "ratios", "point"), [("2x32,1x32,2x32", "1", "2x32-r1"), ("1x32", "1,1.0", "1x32-r1")]
+)
+def test_scaling_refuses_a_point_listed_twice_before_training_any(tmp_path, corpus_file, capsys, sizes, ratios, point):
+    """Listed twice, a point used to train once, then stop at its second turn on its own directory."""
+    out = tmp_path / "s"
+    args = ["scaling", "--preset", "tiny", "--data", corpus_file, "--out", str(out), "--sizes", sizes]
+    err = one_line(capsys, [*args, "--tokens-per-param", ratios])
+    assert f"the point {point} is listed twice" in err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- 4, 9. reproduce
 
 

@@ -157,6 +157,11 @@ def _points(
     points = []
     for layers, width in sizes:
         for ratio in tokens_per_param:
+            name = f"{layers}x{width}-r{ratio:g}"
+            if any(name == earlier[0] for earlier in points):
+                raise ValueError(
+                    f"the point {name} is listed twice (--sizes or --tokens-per-param repeats a value): list each once"
+                )
             point = dataclasses.replace(cfg, n_layer=layers, n_embd=width, n_head=width // 32)
             params = model_params(point, vocab)
             tokens_per_step = point.batch_size * point.block_size * point.grad_accum
@@ -167,7 +172,6 @@ def _points(
                     f"note: {layers}x{width} at {ratio:g} tokens per parameter: its {max(budgets):g}x rung reads "
                     f"{epochs:.2f} epochs of the corpus; the table flags it"
                 )
-            name = f"{layers}x{width}-r{ratio:g}"
             point = dataclasses.replace(
                 point,
                 steps=steps,
