@@ -392,6 +392,7 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _left_out(factors: list[dict] | None) -> str:
+    """The summary's clause on the leave-one-size-out refits ('' when there are none)."""
     if not factors:
         return ""
     values = [f["factor"] for f in factors]
