@@ -261,6 +261,42 @@ def test_a_tuned_lr_at_the_edge_of_its_trials_is_flagged():
     assert [tuning._at_edge(t, snoo) for t in snoo] == [False, True, True, False]
 
 
+def test_beyond_the_edge_is_the_next_lr_out_with_the_best_trials_other_knobs():
+    adamw = ["adamw(lr=0.004)", "adamw(lr=0.008)", "adamw(lr=0.002)", "adamw(lr=0.016)"]
+    assert tuning._beyond("adamw(lr=0.002)", adamw) == "adamw(lr=0.001)"
+    assert tuning._beyond("adamw(lr=0.016)", adamw) == "adamw(lr=0.032)"
+    snoo = tuning.trials("snoo+adamw(lr=0.002)", 4)  # inner lr 0.5x, 1x and 2x; the outer knobs of the best stay
+    best = next(t for t in snoo if tuning._at_edge(t, snoo) and "0.004" in t)
+    assert tuning._beyond(best, snoo) == spec.override(best, {"adamw.lr": 0.008})
+
+
+def test_tune_widen_tries_beyond_the_edge_until_the_best_is_inside(tmp_path, corpus_file):
+    """An lr far too small for 6 steps: each larger lr is better, so the best stays at the top edge and every widening
+    step is taken; the trials beyond it are numbered after the first ones, counted in the cost, and kept on --resume."""
+    cfg = tiny(tmp_path / "w", corpus_file, steps=6, eval_every=3)
+    run = dict(budgets=(1.0,), tune_trials=3, tune_seeds=1, tune_widen=2, say=lambda s: None)
+    summary = experiments.run_experiment("compare", cfg, ["adamw(lr=1e-05)", "snoo(k=3)+adamw(lr=1e-05)"], **run)
+    for t in summary["tuning"].values():
+        lrs = [spec.parse(x)[-1].params["lr"] for x in t["trials"]]
+        assert lrs == pytest.approx([1e-5, 2e-5, 5e-6, 4e-5, 8e-5])
+        assert t["widened"] == list(t["trials"])[3:] and t["tuned"] == list(t["trials"])[-1]
+        assert t["at_edge"] and t["steps"] == 5 * 6
+        losses = list(t["trials"].values())
+        assert losses[-1] < losses[3] < losses[1]  # each step out was better: why there were two
+    dirs = sorted(p.name for p in (tmp_path / "w" / "tune").iterdir())
+    assert [d[:2] for d in dirs] == [f"{i:02d}" for i in range(10)]
+    assert all("lr=8e-05" in d for d in dirs[8:])
+    text = (tmp_path / "w" / "summary.md").read_text()
+    assert "best of 5 trials (2 beyond the edge of the lrs tried first)" in text
+    said: list[str] = []
+    again = experiments.run_experiment(
+        "compare", cfg, ["adamw(lr=1e-05)", "snoo(k=3)+adamw(lr=1e-05)"], resume=True, **{**run, "say": said.append}
+    )
+    assert again["tuning"] == summary["tuning"] and not any(s.startswith("    started") for s in said)
+    with pytest.raises(ValueError, match="give --tune too"):
+        experiments.run_experiment("compare", cfg, ["adamw", "snoo+adamw"], tune_widen=1, say=lambda s: None)
+
+
 # ---------------------------------------------------------------------------------------------- scaling
 
 

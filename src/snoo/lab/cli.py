@@ -180,6 +180,14 @@ def _experiment_flags(
         f"mean (default {tune_seeds})",
     )
     p.add_argument(
+        "--tune-widen",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --tune: a contender whose best trial has the lowest or highest lr tried gets a trial at the next lr "
+        "beyond, up to N times while its best stays at the edge (default 0: off)",
+    )
+    p.add_argument(
         "--ladder",
         choices=LADDERS,
         default=ladder,
@@ -402,6 +410,7 @@ def _experiment(args: argparse.Namespace, cfg: TrainConfig, extra: dict[str, Any
         tune_baseline=args.tune_baseline,
         tune_trials=args.tune,
         tune_seeds=args.tune_seeds,
+        tune_widen=args.tune_widen,
         ladder=args.ladder,
         resume=args.resume,
         processes=args.jobs,

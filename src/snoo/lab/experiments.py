@@ -42,6 +42,7 @@ def run_experiment(
     tune_baseline: bool = False,
     tune_trials: int = 0,
     tune_seeds: int = 1,
+    tune_widen: int = 0,
     ladder: str = "cosine",
     resume: bool = False,
     processes: int = 1,
@@ -50,8 +51,9 @@ def run_experiment(
     """Train the baseline (``optimizers[0]``) at every budget and the others at 1x, for every seed; summarize.
 
     ``tune_trials``: first give every optimizer that many trial runs of its own knobs (:func:`tune`), each on
-    ``tune_seeds`` seeds that no reported run uses, and compare the best of each; ``tune_baseline`` sweeps the
-    baseline's lr on the same seeds. ``ladder``: how the baseline's budgets are trained (:func:`ladder_jobs`); with
+    ``tune_seeds`` seeds that no reported run uses, and compare the best of each (a best at the edge of its lrs
+    tried gets up to ``tune_widen`` trials more beyond it); ``tune_baseline`` sweeps the baseline's lr on the same
+    seeds. ``ladder``: how the baseline's budgets are trained (:func:`ladder_jobs`); with
     ``wsd`` every run uses the warm-up-stable-decay schedule with the same warm-up steps, so that the branches share
     the trunk.
     """
@@ -66,6 +68,10 @@ def run_experiment(
         raise ValueError(f"--tune must be 0 (off) or a number of trials, got {tune_trials}")
     if tune_seeds < 1:
         raise ValueError(f"--tune-seeds must be at least 1, got {tune_seeds}")
+    if tune_widen < 0:
+        raise ValueError(f"--tune-widen must be 0 (off) or a number of trials, got {tune_widen}")
+    if tune_widen and not tune_trials:
+        raise ValueError("--tune-widen widens the trials of --tune N: give --tune too")
     if ladder == "wsd":  # the warm-up in steps (the one asked for, if any), so that every budget shares it
         warmup_steps = round(cfg.warmup * cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
         cfg = dataclasses.replace(cfg, schedule="wsd", warmup_steps=warmup_steps)
@@ -89,6 +95,7 @@ def run_experiment(
             tune_baseline=tune_baseline,
             tune_trials=tune_trials,
             tune_seeds=tune_seeds,
+            tune_widen=tune_widen,
             ladder=ladder,
             resume=resume,
             processes=processes,
@@ -121,6 +128,7 @@ def _run_experiment(
     tune_baseline: bool,
     tune_trials: int,
     tune_seeds: int,
+    tune_widen: int,
     ladder: str,
     resume: bool,
     processes: int,
@@ -145,7 +153,7 @@ def _run_experiment(
         experiment["tuned_lr"] = lr
     tuned: dict[str, dict] = {}
     if tune_trials:
-        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes, tune_seeds)
+        tuned = tune(cfg, list(renamed.values()), tune_trials, out, resume, say, processes, tune_seeds, tune_widen)
         tuned = {o: tuned[r] for o, r in renamed.items()}
         renamed = {o: tuned[o]["tuned"] for o in optimizers}
     labels = _row_labels(renamed, say)

@@ -87,13 +87,15 @@ def run_scaling(
     ladder: str = "cosine",
     tune_trials: int = 0,
     tune_seeds: int = 2,
+    tune_widen: int = 0,
     resume: bool = False,
     processes: int = 1,
     say: Callable[[str], None] = print,
 ) -> dict:
     """One ``compare`` per (size, tokens per parameter) into ``OUT/LxW-rR``, each with its own ladder and (with
-    ``tune_trials``) every contender tuned for that size and length on ``tune_seeds`` unreported seeds; then the
-    table, the frontier fit and the plots (:func:`summarize_scaling`)."""
+    ``tune_trials``) every contender tuned for that size and length on ``tune_seeds`` unreported seeds (and up to
+    ``tune_widen`` trials beyond the edge of the lrs tried where a best sits on it); then the table, the frontier fit
+    and the plots (:func:`summarize_scaling`)."""
     if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
         raise ValueError("scaling needs at least one size and positive tokens per parameter")
     check_processes(processes)
@@ -121,6 +123,7 @@ def run_scaling(
         "budgets": sorted(set(budgets) | {1.0}),
         "tune_trials": tune_trials,
         "tune_seeds": tune_seeds if tune_trials else 0,
+        "tune_widen": tune_widen if tune_trials else 0,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SCALING_DERIVED},  # each point's own
     }
     with checkpoint.claimed(out, fresh=not resume, earlier=("experiment.json",)):
@@ -136,6 +139,7 @@ def run_scaling(
                 ladder=ladder,
                 tune_trials=tune_trials,
                 tune_seeds=tune_seeds,
+                tune_widen=tune_widen,
                 resume=resume,
                 processes=processes,
                 say=say,
@@ -373,7 +377,11 @@ def summarize_scaling(out: Path, experiment: dict | None = None) -> dict:
         "seeds": experiment["seeds"],
         "precision": " and ".join(sorted({r["precision"] for r in runs})) or "no run yet",
         "corpus": cfg["data"] or "python-stdlib",
-        "tuning": {"trials": experiment["tune_trials"], "seeds": experiment.get("tune_seeds", 1)},
+        "tuning": {
+            "trials": experiment["tune_trials"],
+            "seeds": experiment.get("tune_seeds", 1),
+            "widen": experiment.get("tune_widen", 0),
+        },
         "rows": rows,
         "pending": pending,
         "trend": _trends(rows),
@@ -415,6 +423,7 @@ def markdown_scaling(summary: dict, experiment: dict) -> str:
         + (
             f"every contender tuned at every point with {tuning['trials']} trials on {tuning['seeds']} unreported "
             f"seed{'s' * (tuning['seeds'] > 1)}"
+            + (f", and up to {tuning['widen']} more beyond the edge of the lrs tried" if tuning.get("widen") else "")
             if tuning["trials"]
             else "no tuning"
         ),

@@ -16,7 +16,7 @@ from snoo.lab.checkpoint import read_json, read_metrics, write_json, write_text
 from snoo.lab.jobs import load_result, same_corpus
 from snoo.lab.ladder import budget_steps
 from snoo.lab.stats import compute_factor, fit_log_steps
-from snoo.lab.tuning import TUNE_SEED_OFFSET
+from snoo.lab.tuning import AT_EDGE, TUNE_SEED_OFFSET
 
 
 def read_experiment(out: Path) -> dict:
@@ -327,9 +327,11 @@ def _tuning_lines(summary: dict, experiment: dict) -> list[str]:
         lines.append(f"baseline lr tuned by --tune-baseline: {summary['tuned_lr']:.3g}")
     for tuned, t in summary.get("tuning", {}).items():
         lines.append(
-            f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials on "
+            f"tuned {t['from']} -> {tuned}: best of {len(t['trials'])} trials"
+            + (f" ({len(t['widened'])} beyond the edge of the lrs tried first)" if t.get("widened") else "")
+            + " on "
             + _seeds_text(t.get("seeds", [experiment["seeds"][0] + TUNE_SEED_OFFSET]))
             + f" ({t['steps']:,} steps, {t['wall_time']:.0f} s)"
-            + ("; its lr is at the edge of the trials, a wider sweep may find better" if t.get("at_edge") else "")
+            + (f"; {AT_EDGE}" if t.get("at_edge") else "")
         )
     return lines
