@@ -153,6 +153,24 @@ def test_scaling_refuses_a_point_listed_twice_before_training_any(tmp_path, corp
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "said"),
+    [
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--tune", "-1"], "--tune must be 0 (off)"),
+        (["--tune-seeds", "0"], "--tune-seeds must be at least 1"),
+        (["--tune-widen", "1"], "give --tune too"),
+    ],
+)
+def test_scaling_refuses_bad_experiment_settings_before_writing_anything(tmp_path, corpus_file, capsys, flag, said):
+    """They were checked at the first point, after experiment.json was written: the corrected command was then
+    refused, as if an earlier run were there."""
+    out = tmp_path / "s"
+    args = ["scaling", "--preset", "tiny", "--data", corpus_file, "--out", str(out), "--sizes", "1x32"]
+    assert said in one_line(capsys, [*args, "--tokens-per-param", "0.05", *flag])
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- 4, 9. reproduce
 
 
@@ -509,6 +527,86 @@ def test_ctrl_c_inside_torchs_import_waits_for_the_import_to_finish(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.split("\n") == ["torch loaded", "then interrupted", "True", ""], run.stdout + run.stderr
+
+
+def _wait_for_steps(runs: Path, pattern: str, count: int, step: int, process: subprocess.Popen) -> None:
+    """Until ``count`` runs matching ``pattern`` under ``runs`` have logged ``step`` (so their loops are running)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        logged = [p for p in runs.glob(pattern) if any(f'"step": {step},' in line for line in _lines(p))]
+        if len(logged) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} runs reached step {step}: {process.communicate()}")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()  # the last one may be half written: only whole lines are matched
+
+
+def _checkpoint_step(run: Path) -> int:
+    return torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)["step"]
+
+
+def test_sigterm_checkpoints_the_step_the_run_is_on_and_resume_ends_where_it_would_have(tmp_path, corpus_file):
+    """A scheduler's preemption (SIGTERM) is one line and status 143, with a checkpoint of the step the run had just
+    finished: ckpt_every is past the end here, so there is no other. --resume from it ends bit for bit where a run
+    that was never stopped ends."""
+    steps = ["--steps", "600", "--set", "ckpt_every=5000", "--set", "log_every=1"]
+    out = tmp_path / "stopped"
+    process = snoo_process([*argv_train(out, corpus_file), *steps])
+    _wait_for_steps(tmp_path, "stopped/metrics.jsonl", 1, 10, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    said = re.fullmatch(
+        r"snoo: stopped by SIGTERM after step (\d+) of 600: its checkpoint is saved; continue with --resume\n", err
+    )
+    assert said, err
+    assert 10 <= int(said[1]) < 600 and _checkpoint_step(out) == int(said[1])
+    assert not (out / "result.json").exists()
+    assert main([*argv_train(out, corpus_file), *steps, "--resume"]) == 0
+    assert main([*argv_train(tmp_path / "whole", corpus_file), *steps]) == 0
+    stopped, whole = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("stopped", "whole"))
+    assert stopped["final_val_loss"] == whole["final_val_loss"] and stopped["steps"] == whole["steps"] == 600
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() gave back the handler it found
+
+
+STOPPED = (
+    "snoo: stopped by SIGTERM: every run in flight saved its checkpoint at its current step; continue with --resume"
+)
+INTERRUPTED = "snoo: interrupted: the last checkpoint is kept; continue with --resume"
+
+
+@pytest.mark.parametrize(
+    "how, status, line",
+    [("SIGTERM to the command alone", 143, STOPPED), ("Ctrl-C at the terminal", 130, INTERRUPTED)],
+)
+def test_an_experiment_stopped_stops_its_workers_at_a_step_each_with_a_checkpoint(
+    tmp_path, corpus_file, how, status, line
+):
+    """`snoo compare --jobs 2` stopped by SIGTERM (to it alone: it passes it on) or by Ctrl-C (to its process group,
+    as a terminal sends it; the workers ignore it and get SIGTERM from the command): each worker checkpoints the step
+    it is on, the command waits for them, and says one line; no process is left, no worker prints a traceback."""
+    out = tmp_path / "c"
+    args = ["compare", "--preset", "tiny", "--data", corpus_file, "--out", str(out), "--no-progress", "--jobs", "2"]
+    process = snoo_process(
+        [*args, "--steps", "1000", "--seeds", "1", "--set", "ckpt_every=5000"], start_new_session=True
+    )
+    _wait_for_steps(out / "runs", "*/metrics.jsonl", 2, 10, process)
+    if how.startswith("SIGTERM"):
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert (process.returncode, err) == (status, line + "\n")
+    stopped = [run for run in (out / "runs").iterdir() if not (run / "result.json").exists()]
+    assert len(stopped) == 2
+    for run in stopped:
+        assert 10 <= _checkpoint_step(run) < 2500
+        worker = int((run / ".lock").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
 
 
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and a mount namespace")

@@ -14,6 +14,7 @@ The lab's heavy modules (training, experiments, matplotlib) are imported only on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -350,6 +351,8 @@ def run(argv: list[str] | None = None) -> int:
     from snoo.lab.launch import run as run_one
     from snoo.lab.workers import World
 
+    if not World.from_env().launched:  # under torchrun the elastic agent stops the ranks on SIGTERM
+        _sigterm_stops()
     cfg, extra = _config(args, f"runs/{args.command}")
     if args.command == "train":
         result = run_one(cfg, resume=args.resume)
@@ -474,7 +477,23 @@ def _load_torch() -> None:
         raise KeyboardInterrupt
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a run's training loop (where it is :class:`snoo.lab.train.Stopped` instead)."""
+
+
+def _sigterm_stops() -> None:
+    """From here on SIGTERM raises :class:`Terminated` (``main`` restores the handler it found): the runs in flight
+    save their checkpoints at their current step, and the command ends with one line and status 143."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
+    found = signal.getsignal(signal.SIGTERM)  # the handler to restore: main may be called in a process that has one
     try:
         return run(argv)
     except KeyboardInterrupt:
@@ -482,11 +501,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("snoo: interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print(
+            "snoo: stopped by SIGTERM: every run in flight saved its checkpoint at its current step; continue with "
+            "--resume",
+            file=sys.stderr,
+        )
+        return 143
     except Exception as e:
         status = _status(e)
         if status is None or (status == 2 and os.environ.get("SNOO_DEBUG")):
             raise
         return status
+    except BaseException as e:
+        train = sys.modules.get("snoo.lab.train")
+        if train is None or not isinstance(e, train.Stopped):
+            raise
+        print(f"snoo: {e}", file=sys.stderr)  # one run in this process, checkpointed at its step
+        return 143
+    finally:
+        if found is not None:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing was set
+                signal.signal(signal.SIGTERM, found)
 
 
 def _status(e: Exception) -> int | None:

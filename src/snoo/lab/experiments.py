@@ -57,6 +57,52 @@ def run_experiment(
     ``wsd`` every run uses the warm-up-stable-decay schedule with the same warm-up steps, so that the branches share
     the trunk.
     """
+    cfg = check_experiment(
+        cfg,
+        seeds=seeds,
+        budgets=budgets,
+        ladder=ladder,
+        tune_trials=tune_trials,
+        tune_seeds=tune_seeds,
+        tune_widen=tune_widen,
+        processes=processes,
+    )
+    optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
+    out = Path(cfg.out)
+    with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
+        return _run_experiment(
+            kind,
+            cfg,
+            optimizers,
+            out,
+            seeds=seeds,
+            budgets=budgets,
+            grid=grid,
+            tune_baseline=tune_baseline,
+            tune_trials=tune_trials,
+            tune_seeds=tune_seeds,
+            tune_widen=tune_widen,
+            ladder=ladder,
+            resume=resume,
+            processes=processes,
+            say=say,
+        )
+
+
+def check_experiment(
+    cfg: TrainConfig,
+    *,
+    seeds: int,
+    budgets: Sequence[float],
+    ladder: str,
+    tune_trials: int,
+    tune_seeds: int,
+    tune_widen: int,
+    processes: int,
+) -> TrainConfig:
+    """Refuse an experiment's bad settings before anything is written (``snoo scaling`` checks every point's this
+    way before it starts); return ``cfg`` as the experiment's runs use it (the wsd ladder: the wsd schedule, with the
+    warm-up in steps, so that every budget shares it)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if not budgets or not all(0 < b < math.inf for b in budgets):  # (nan too)
@@ -81,26 +127,7 @@ def run_experiment(
             validate(dataclasses.replace(cfg, steps=steps))
         except ValueError as e:
             raise ValueError(f"--budgets {b:g} gives runs of {steps} steps (of --steps {cfg.steps}): {e}") from None
-    optimizers = list(dict.fromkeys(spec.canonical(o) for o in optimizers))  # each once, the baseline first
-    out = Path(cfg.out)
-    with checkpoint.claimed(out, fresh=not resume, earlier=EXPERIMENT_FILES):
-        return _run_experiment(
-            kind,
-            cfg,
-            optimizers,
-            out,
-            seeds=seeds,
-            budgets=budgets,
-            grid=grid,
-            tune_baseline=tune_baseline,
-            tune_trials=tune_trials,
-            tune_seeds=tune_seeds,
-            tune_widen=tune_widen,
-            ladder=ladder,
-            resume=resume,
-            processes=processes,
-            say=say,
-        )
+    return cfg
 
 
 def _row_labels(renamed: dict[str, str], say: Callable[[str], None]) -> dict[str, str]:

@@ -9,6 +9,7 @@ alone, so runs trained in parallel processes give the numbers of one process, bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -17,7 +18,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,34 @@ def _run_job(run_cfg: TrainConfig, how: dict[str, Any]) -> dict:
     return run(run_cfg, **how)
 
 
+def _start_worker(parent: int) -> None:
+    """A pool worker's initializer: the worker ignores Ctrl-C, which was held back (blocked) since it was started,
+    so that no worker prints a traceback from wherever Ctrl-C found it (importing torch, say): the parent answers
+    Ctrl-C by sending each worker SIGTERM, which a run answers with a checkpoint of its step. And the worker ends
+    with its parent (:func:`_end_with_parent`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pressed while it started: ignored now
+    _end_with_parent(parent)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held_back() -> Iterator[None]:
+    """Block SIGINT in this thread while the block runs: a worker process started inside inherits the block (across
+    exec too) until :func:`_start_worker` ignores it; here a Ctrl-C pressed meanwhile arrives when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _end_with_parent(parent: int) -> None:
-    """A pool worker's initializer: the worker ends when ``parent``, the process that started it, ends (killed too),
-    so that no orphan keeps training, holding the runs' locks and the terminal's output."""
+    """The worker ends when ``parent``, the process that started it, ends (killed too), so that no orphan keeps
+    training, holding the runs' locks and the terminal's output."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -305,7 +331,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes: int) -> None:
     """Run ``jobs`` on ``processes`` worker processes, each branch after its trunk, in the order of the list. A worker
     ends with this process; a worker killed from outside (the out-of-memory killer) stops the others and is one
-    :class:`~snoo.lab.launch.LaunchFailed` line, saying that ``--resume`` continues."""
+    :class:`~snoo.lab.launch.LaunchFailed` line, saying that ``--resume`` continues. Stopped here (SIGTERM, Ctrl-C),
+    it sends the workers SIGTERM, which each answers by checkpointing the step it is on, and waits for them."""
     import concurrent.futures as cf
     import multiprocessing
     from concurrent.futures.process import BrokenProcessPool
@@ -315,7 +342,7 @@ def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes
     running: dict[cf.Future, int] = {}
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(
-        processes, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
+        processes, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
     ) as pool:
         try:
             while waiting or running:
@@ -327,7 +354,8 @@ def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes
                     if started is None:
                         done.add(jobs[i]["dir"])
                         continue
-                    running[pool.submit(_run_job, *started)] = i
+                    with _ctrl_c_held_back():  # submit starts the workers
+                        running[pool.submit(_run_job, *started)] = i
                 if not running:
                     continue
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -344,9 +372,12 @@ def _run_parallel(jobs: list[dict], start: Callable, finish: Callable, processes
                         ) from None
                     finish(i, result)
                     done.add(jobs[i]["dir"])
-        except BaseException:
+        except BaseException as e:
             for future in running:
                 future.cancel()
+            if not isinstance(e, Exception):  # SIGTERM or Ctrl-C here: the workers checkpoint their step and stop
+                for worker in multiprocessing.active_children():
+                    worker.terminate()
             raise
 
 

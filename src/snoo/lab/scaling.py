@@ -36,8 +36,8 @@ from snoo.lab import checkpoint, plots, stats
 from snoo.lab.checkpoint import read_json, write_json
 from snoo.lab.config import TrainConfig, model_config, validate
 from snoo.lab.data import Corpus, load_corpus
-from snoo.lab.experiments import run_experiment
-from snoo.lab.jobs import check_processes, same_corpus
+from snoo.lab.experiments import check_experiment, run_experiment
+from snoo.lab.jobs import same_corpus
 from snoo.lab.ladder import BUDGETS
 
 #: the fields that scaling sets for each point (from its size and tokens per parameter), whatever the config says
@@ -98,11 +98,21 @@ def run_scaling(
     and the plots (:func:`summarize_scaling`)."""
     if not sizes or not tokens_per_param or min(tokens_per_param) <= 0:
         raise ValueError("scaling needs at least one size and positive tokens per parameter")
-    check_processes(processes)
     corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.bpe_vocab)
     vocab = corpus.vocab_size
     out = Path(cfg.out)
     points = _points(cfg, corpus, sizes, tokens_per_param, budgets, say)
+    for *_, point in points:  # every point's settings, before anything is written
+        check_experiment(
+            point,
+            seeds=seeds,
+            budgets=budgets,
+            ladder=ladder,
+            tune_trials=tune_trials,
+            tune_seeds=tune_seeds,
+            tune_widen=tune_widen,
+            processes=processes,
+        )
     experiment = {
         "kind": "scaling",
         "optimizers": [spec.canonical(o) for o in optimizers],

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +34,32 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 class Diverged(RuntimeError):
     pass
+
+
+class Stopped(BaseException):
+    """SIGTERM reached a run in one process: it saved its checkpoint at the step it had just finished and stopped.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is, so that no ``except Exception`` on its way out keeps it."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_after_the_step(enabled: bool) -> Iterator[list[int]]:
+    """While the loop runs, SIGTERM (a scheduler's preemption, ``kill``) is noted in the list this yields instead of
+    ending the process where it stands: the loop then checkpoints the step it is on and raises :class:`Stopped`.
+    Nothing outside the main thread (where no handler can be set), nor where ``enabled`` is false."""
+    asked: list[int] = []
+    installed = False
+    if enabled:
+        try:
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.append(signum))
+            installed = True
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield asked
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train(
@@ -104,7 +131,14 @@ def _train(
         checkpoint.write_json(info, out / "config.json")
     schedule, tokens_per_step = lr_schedule(cfg), cfg.batch_size * cfg.block_size * cfg.grad_accum * world.size
     status, message, val, norm = "ok", "", math.nan, math.nan
-    with RunLog(cfg, out, enabled=main, step=at.step, tokens_per_step=tokens_per_step, info=info) as log:
+    # a fault-tolerant run heals a restarted rank from the live ones instead of a checkpoint
+    checkpoints = cfg.fault_tolerant == "off"
+    # under torchrun (several ranks) the elastic agent stops the ranks on SIGTERM
+    stoppable = _sigterm_stops_after_the_step(checkpoints and world.size == 1)
+    with (
+        stoppable as asked,
+        RunLog(cfg, out, enabled=main, step=at.step, tokens_per_step=tokens_per_step, info=info) as log,
+    ):
         t0 = time.perf_counter()
         try:
             while True:
@@ -128,11 +162,11 @@ def _train(
                 if at.step % cfg.log_every == 0:
                     outer = {f"outer/{k}": v for k, v in _outer_norms(opt, at).items()}
                     log.emit(at.step, at.wall, {"train_loss": loss, "lr": opt.param_groups[0]["lr"], **outer})
-                # a fault-tolerant run heals a restarted rank from the live ones instead of a checkpoint
-                checkpoints = cfg.fault_tolerant == "off"
                 # restarted ranks (max_restarts) continue from the last checkpoint: for DiLoCo, the last outer step
                 outer_step = cfg.max_restarts > 0 and cfg.parallel == "diloco" and at.step % opt.k == 0
                 every = at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots or outer_step
+                stop = bool(asked)  # read once: a SIGTERM from here on stops the run after the next step
+                every = every or stop
                 if checkpoints and every:
                     if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
                         raise Diverged(
@@ -144,6 +178,11 @@ def _train(
                         checkpoint.keep_snapshot(out, at.step)
                     t0 = time.perf_counter()  # checkpoint I/O is not training time
                 log.advance(at.step, at.wall, loss)
+                if stop:
+                    raise Stopped(
+                        f"stopped by SIGTERM after step {at.step} of {cfg.steps}: its checkpoint is saved; continue "
+                        "with --resume"
+                    )
                 if callback is not None:
                     callback(at.step, loss)
         except Diverged as e:
