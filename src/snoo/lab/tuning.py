@@ -113,7 +113,7 @@ def tune(
                     entry.setdefault("widened", []).append(t)
         if not more:
             break
-        say(f"widening: {', '.join(f'{o} tries {t}' for t, os in more.items() for o in os)} (best at an edge)")
+        say(f"widening: {', '.join(f'{o} tries {t}' for t, them in more.items() for o in them)} (best at an edge)")
         _train_trials(cfg, more, done, tuned, out / "tune", resume, say, processes, seeds_used)
     for o, entry in tuned.items():
         edge = f": {AT_EDGE}" if entry["at_edge"] else ""
