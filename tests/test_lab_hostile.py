@@ -520,10 +520,11 @@ def test_ctrl_c_inside_torchs_import_waits_for_the_import_to_finish(tmp_path):
         "time.sleep(0.2)\n"
         "print('torch loaded', flush=True)\n"
     )
-    code = (
-        f"import sys\nsys.path.insert(0, {str(fake.parent)!r})\nfrom snoo.lab import cli\n"
+    code = (  # the handler is given back as it was found (ignored, in a background job's process)
+        f"import signal, sys\nsys.path.insert(0, {str(fake.parent)!r})\nfrom snoo.lab import cli\n"
+        "found = signal.getsignal(signal.SIGINT)\n"
         "try:\n    cli._load_torch()\nexcept KeyboardInterrupt:\n    print('then interrupted')\n"
-        "import signal\nprint(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "print(signal.getsignal(signal.SIGINT) is found)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.split("\n") == ["torch loaded", "then interrupted", "True", ""], run.stdout + run.stderr
@@ -553,6 +554,7 @@ def test_sigterm_checkpoints_the_step_the_run_is_on_and_resume_ends_where_it_wou
     finished: ckpt_every is past the end here, so there is no other. --resume from it ends bit for bit where a run
     that was never stopped ends."""
     steps = ["--steps", "600", "--set", "ckpt_every=5000", "--set", "log_every=1"]
+    found = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "stopped"
     process = snoo_process([*argv_train(out, corpus_file), *steps])
     _wait_for_steps(tmp_path, "stopped/metrics.jsonl", 1, 10, process)
@@ -569,7 +571,7 @@ def test_sigterm_checkpoints_the_step_the_run_is_on_and_resume_ends_where_it_wou
     assert main([*argv_train(tmp_path / "whole", corpus_file), *steps]) == 0
     stopped, whole = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("stopped", "whole"))
     assert stopped["final_val_loss"] == whole["final_val_loss"] and stopped["steps"] == whole["steps"] == 600
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() gave back the handler it found
+    assert signal.getsignal(signal.SIGTERM) is found  # main() gave back the handler it found
 
 
 STOPPED = (

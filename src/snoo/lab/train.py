@@ -162,20 +162,9 @@ def _train(
                 if at.step % cfg.log_every == 0:
                     outer = {f"outer/{k}": v for k, v in _outer_norms(opt, at).items()}
                     log.emit(at.step, at.wall, {"train_loss": loss, "lr": opt.param_groups[0]["lr"], **outer})
-                # restarted ranks (max_restarts) continue from the last checkpoint: for DiLoCo, the last outer step
-                outer_step = cfg.max_restarts > 0 and cfg.parallel == "diloco" and at.step % opt.k == 0
-                every = at.step % cfg.ckpt_every == 0 or at.step == cfg.steps or at.step in snapshots or outer_step
                 stop = bool(asked)  # read once: a SIGTERM from here on stops the run after the next step
-                every = every or stop
-                if checkpoints and every:
-                    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-                        raise Diverged(
-                            f"non-finite weights after step {at.step}: the run diverged; {_last_good(out, world)}"
-                        )
-                    at.communicated_bytes, at.outer_norms = _sent(opt, gradient_bytes), _outer_norms(opt, at)
-                    checkpoint.save(out, model, opt, world, cfg, at, run)
-                    if at.step in snapshots:
-                        checkpoint.keep_snapshot(out, at.step)
+                if checkpoints and (stop or _checkpoint_due(cfg, opt, at.step, snapshots)):
+                    _save(out, model, opt, world, cfg, at, run, gradient_bytes, snapshots)
                     t0 = time.perf_counter()  # checkpoint I/O is not training time
                 log.advance(at.step, at.wall, loss)
                 if stop:
@@ -195,6 +184,34 @@ def _train(
 
 
 # ---------------------------------------------------------------------------------------------- the pieces
+
+
+def _checkpoint_due(cfg: TrainConfig, opt: torch.optim.Optimizer, step: int, snapshots: Sequence[int]) -> bool:
+    """Whether the loop checkpoints after ``step``: every ``ckpt_every`` steps, at the end, at a snapshot's step,
+    and after each outer step of DiLoCo with ``max_restarts`` (a restarted rank continues from the last checkpoint)."""
+    outer_step = cfg.max_restarts > 0 and cfg.parallel == "diloco" and step % opt.k == 0
+    return step % cfg.ckpt_every == 0 or step == cfg.steps or step in snapshots or outer_step
+
+
+def _save(
+    out: Path,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    world: World,
+    cfg: TrainConfig,
+    at: Progress,
+    run: dict,
+    gradient_bytes: workers.GradientBytes | None,
+    snapshots: Sequence[int],
+) -> None:
+    """Checkpoint the run at ``at.step`` (and keep a copy at a snapshot's step); non-finite weights are
+    :class:`Diverged` instead, so that the last checkpoint stays a good one."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        raise Diverged(f"non-finite weights after step {at.step}: the run diverged; {_last_good(out, world)}")
+    at.communicated_bytes, at.outer_norms = _sent(opt, gradient_bytes), _outer_norms(opt, at)
+    checkpoint.save(out, model, opt, world, cfg, at, run)
+    if at.step in snapshots:
+        checkpoint.keep_snapshot(out, at.step)
 
 
 def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
