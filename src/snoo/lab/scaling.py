@@ -102,17 +102,18 @@ def run_scaling(
     vocab = corpus.vocab_size
     out = Path(cfg.out)
     points = _points(cfg, corpus, sizes, tokens_per_param, budgets, say)
-    for *_, point in points:  # every point's settings, before anything is written
-        check_experiment(
-            point,
-            seeds=seeds,
-            budgets=budgets,
-            ladder=ladder,
-            tune_trials=tune_trials,
-            tune_seeds=tune_seeds,
-            tune_widen=tune_widen,
-            processes=processes,
-        )
+    # what every point's compare is given (checked for each point before anything is written)
+    settings: dict[str, Any] = dict(
+        seeds=seeds,
+        budgets=budgets,
+        ladder=ladder,
+        tune_trials=tune_trials,
+        tune_seeds=tune_seeds,
+        tune_widen=tune_widen,
+        processes=processes,
+    )
+    for *_, point in points:
+        check_experiment(point, **settings)
     experiment = {
         "kind": "scaling",
         "optimizers": [spec.canonical(o) for o in optimizers],
@@ -140,20 +141,7 @@ def run_scaling(
         write_json(experiment, out / "experiment.json")
         for i, (name, *_, params, point) in enumerate(points, 1):
             say(f"=== scaling point {i}/{len(points)}: {name}, {params:,} params, {point.steps} steps")
-            run_experiment(
-                "compare",
-                point,
-                optimizers,
-                seeds=seeds,
-                budgets=budgets,
-                ladder=ladder,
-                tune_trials=tune_trials,
-                tune_seeds=tune_seeds,
-                tune_widen=tune_widen,
-                resume=resume,
-                processes=processes,
-                say=say,
-            )
+            run_experiment("compare", point, optimizers, resume=resume, say=say, **settings)
         return summarize_scaling(out, experiment)
 
 
